@@ -1,0 +1,127 @@
+"""Safe, resumable extraction of the original ILSVRC2012 archives.
+
+The ImageNet archives hold only flat regular files (`n01440764.tar` inside the train
+tar, `ILSVRC2012_val_00000001.JPEG` inside the val tar). Anything else (a `../` or
+absolute name, a folder, a symlink or hardlink, a device) is refused before a
+byte is written, so nothing can land outside the target. Each file is written
+under a temporary name and renamed; each class folder is built as `.nXXX.partial`
+and renamed when complete, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+from pathlib import Path
+from typing import IO
+
+from tqdm import tqdm
+
+from prep.classes import is_wnid
+from prep.errors import PrepError
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
+_CHUNK = 1 << 20
+
+
+def _check_member(archive: str, m: tarfile.TarInfo) -> str:
+    """The member's file name if it is a plain, flat, regular file; else a clear error."""
+    if not m.isfile():
+        kind = ("symlink" if m.issym() else "hardlink" if m.islnk() else "directory"
+                if m.isdir() else "device or special file")
+        raise PrepError(f"{archive}: member {m.name!r} is a {kind}; ImageNet archives hold "
+                        "only plain files, refusing to extract (nothing was written for it)")
+    if not _SAFE_NAME.fullmatch(m.name) or m.name in (".", ".."):
+        raise PrepError(f"{archive}: member name {m.name!r} is not a plain file name "
+                        "(absolute path, '..' or a folder); refusing to extract")
+    return m.name
+
+
+def _write_member(src: IO[bytes], size: int, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+    if tmp.stat().st_size != size:
+        tmp.unlink()
+        raise PrepError(f"{path}: archive member is truncated ({size} bytes expected)")
+    os.replace(tmp, path)
+
+
+def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: tqdm) -> int:
+    """Extract a stream of flat members into `target`; skip files already complete."""
+    count = 0
+    for m in tar:
+        name = _check_member(archive, m)
+        path = target / name
+        if path.is_file() and path.stat().st_size == m.size:
+            bar.update(m.size)
+        else:
+            _write_member(tar.extractfile(m), m.size, path)
+            bar.update(m.size)
+        count += 1
+    return count
+
+
+def _open(archive: Path, mode: str = "r:") -> tarfile.TarFile:
+    try:
+        return tarfile.open(archive, mode)
+    except (tarfile.TarError, OSError) as exc:
+        raise PrepError(f"{archive}: cannot open as a tar archive ({exc})") from exc
+
+
+def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
+    """Val or test tar -> `dest` (flat); built as `.NAME.partial` and renamed when complete."""
+    if dest.is_dir():
+        return dest  # finished by an earlier run
+    partial = dest.with_name(f".{dest.name}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
+               desc=f"extract {archive.name}", disable=not progress)
+    try:
+        with _open(archive) as tar:
+            _extract_flat(tar, str(archive), partial, bar)
+    except (tarfile.TarError, EOFError) as exc:
+        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, "
+                        "then rerun: finished files are kept") from exc
+    finally:
+        bar.close()
+    os.replace(partial, dest)
+    return dest
+
+
+def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
+    """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
+               desc=f"extract {archive.name}", disable=not progress)
+    try:
+        with _open(archive) as outer:
+            for m in outer:
+                name = _check_member(str(archive), m)
+                wnid = name[:-4] if name.endswith(".tar") else ""
+                if not is_wnid(wnid):
+                    raise PrepError(f"{archive}: member {name!r} is not a class tar "
+                                    "(expected nXXXXXXXX.tar)")
+                if (dest / wnid).is_dir():
+                    bar.update(m.size)  # finished by an earlier run
+                    continue
+                partial = dest / f".{wnid}.partial"
+                partial.mkdir(exist_ok=True)
+                inner_name = f"{archive}:{name}"
+                with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
+                    _extract_flat(inner, inner_name, partial, _NullBar())
+                os.replace(partial, dest / wnid)
+                bar.update(m.size)
+    except (tarfile.TarError, EOFError) as exc:
+        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, "
+                        "then rerun: finished classes are kept") from exc
+    finally:
+        bar.close()
+    return dest
+
+
+class _NullBar:
+    def update(self, n: int) -> None:
+        pass

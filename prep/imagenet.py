@@ -1,0 +1,275 @@
+"""`prep imagenet`: any ILSVRC copy -> a correct, linked, indexed dataset view.
+
+Steps: detect the layout, (extract archives), list the splits, read every val
+label source and cross-check them, validate classes and counts, then plan and
+apply the links and meta/ files. Labels are the sorted-WNID index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prep import __version__
+from prep.classes import NUM_CLASSES, ClassInfo, build_class_table, read_map_clsloc
+from prep.errors import PrepError
+from prep.extract import extract_flat_archive, extract_train_archive
+from prep.labels import (
+    LabelSource,
+    cross_check,
+    read_devkit,
+    read_loc_val_csv,
+    read_xml_archive,
+    read_xml_dir,
+)
+from prep.layout import Layout, detect_layout, require_splits
+from prep.link import Changes, Outputs, apply_outputs, check_link_dir
+from prep.scan import Problems, check_images, list_images, scan_class_split
+
+SRC_VAL = ".src-val"  # DIR/imagenet/.src-val -> the source's val dir
+EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
+
+
+@dataclass
+class PrepReport:
+    layout: str
+    src: Path
+    link_dir: Path
+    classes: list[ClassInfo]
+    counts: dict[str, int]
+    label_sources: list[str]
+    problems: Problems
+    changes: Changes
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_workers() -> int:
+    return max(1, min(8, len(os.sched_getaffinity(0))))
+
+
+def _rel(path: Path, root: Path) -> str:
+    """How problems name a file: relative to SRC, or the split name for extracted archives."""
+    return os.path.relpath(path, root) if path.is_relative_to(root) else path.name
+
+
+def _extract(lay: Layout, extract_to: Path | None, progress: bool) -> Layout:
+    if extract_to is None:
+        raise PrepError(f"--src {lay.src}: holds the original ILSVRC2012 archives; pass "
+                        "--extract-to DIR (outside the source, ~150 GB free) to unpack them")
+    dest = check_link_dir(extract_to, lay.src)  # same rule: never inside the source
+    lay.train_dir = extract_train_archive(lay.archives["train"], dest / "train", progress)
+    lay.val_dir = extract_flat_archive(lay.archives["val"], dest / "val", progress)
+    if "test" in lay.archives:
+        lay.test_dir = extract_flat_archive(lay.archives["test"], dest / "test", progress)
+    require_splits(lay)
+    lay.name = "ilsvrc2012-tar"
+    return lay
+
+
+@dataclass
+class SourceScan:
+    """Everything read from the source: listings, label sources, problems."""
+
+    train: dict[str, list[str]]  # wnid -> sorted file names
+    val_files: dict[str, str]  # val stem -> path relative to the val dir
+    test: list[str]
+    sources: list[LabelSource]
+    ids: dict[str, int] | None  # WNID -> ILSVRC2012_ID from the copy's own devkit
+    problems: Problems
+
+
+def read_source(lay: Layout, check: str, workers: int, progress: bool) -> SourceScan:
+    """List every split and read every val label source. One process pool serves both the
+    train listing and the XML parsing, submitted from two threads so they overlap while
+    this process lists val and test."""
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        with ThreadPoolExecutor(2) as threads:
+            train_rel = _rel(lay.train_dir, lay.src)
+            train_job = threads.submit(scan_class_split, lay.train_dir, train_rel, pool,
+                                       progress, check != "fast")
+            xml_job = threads.submit(read_xml_dir, lay.val_xml_dir, pool) \
+                if lay.val_xml_dir else None
+            val_files, val_folders, probs = _scan_val(lay, pool)
+            test = []
+            if lay.test_dir:
+                test, tprobs = list_images(str(lay.test_dir), _rel(lay.test_dir, lay.src))
+                probs.merge(tprobs)
+            sources, ids = _other_label_sources(lay, val_folders)
+            if xml_job:
+                sources.insert(0, xml_job.result())
+            train, tprobs = train_job.result()
+        probs.merge(tprobs)
+        if check == "full":
+            rels = [f"{w}/{n}" for w in train for n in train[w]]
+            probs.merge(_prefixed(check_images(lay.train_dir, rels, pool, progress), train_rel))
+            vrel = [val_files[s] for s in sorted(val_files)]
+            vprobs = check_images(lay.val_dir, vrel, pool, progress)
+            probs.merge(_prefixed(vprobs, _rel(lay.val_dir, lay.src)))
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return SourceScan(train, val_files, test, sources, ids, probs)
+
+
+def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
+                         ) -> tuple[list[LabelSource], dict[str, int] | None]:
+    sources, ids = [], None
+    if lay.val_xml_archive:
+        sources.append(read_xml_archive(lay.val_xml_archive))
+    if lay.loc_val_csv:
+        sources.append(read_loc_val_csv(lay.loc_val_csv))
+    if lay.devkit:
+        gt, ids = read_devkit(lay.devkit)
+        if gt:
+            sources.append(gt)
+    if val_folders is not None:
+        labels = {n.rsplit(".", 1)[0]: w for w, names in val_folders.items() for n in names}
+        sources.append(LabelSource("val class folders", lay.val_dir, labels))
+    if ids is None and lay.map_clsloc:
+        ids = read_map_clsloc(lay.map_clsloc)
+    return sources, ids
+
+
+def _scan_val(lay: Layout, pool: Executor | None) -> tuple[dict[str, str], dict | None, Problems]:
+    """{stem: path relative to val dir} plus the class folders when val has them."""
+    rel = _rel(lay.val_dir, lay.src)
+    if lay.val_in_folders:
+        folders, probs = scan_class_split(lay.val_dir, rel, pool)
+        files = {n.rsplit(".", 1)[0]: f"{w}/{n}" for w, names in folders.items() for n in names}
+        return files, folders, probs
+    names, probs = list_images(str(lay.val_dir), rel)
+    return {n.rsplit(".", 1)[0]: n for n in names}, None, probs
+
+
+def _check_counts(counts: dict[str, int], n_classes: int, notes: list[str]) -> None:
+    if n_classes != NUM_CLASSES:
+        notes.append(f"subset: {n_classes} of {NUM_CLASSES} classes")
+    for split, n in counts.items():
+        if n and n != EXPECTED[split] and n_classes == NUM_CLASSES:
+            what = "subset" if n < EXPECTED[split] else "MORE than ImageNet has"
+            notes.append(f"{split}: {n:,} images, ImageNet has {EXPECTED[split]:,} ({what})")
+
+
+def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
+                 train: dict[str, list[str]], val_files: dict[str, str],
+                 val_labels: dict[str, str], test: list[str], provenance: dict) -> Outputs:
+    index = {c.wnid: c.index for c in classes}
+    out = Outputs()
+    own = link_dir / lay.src.name
+    if os.path.realpath(own) != os.path.realpath(lay.src):  # src may itself live in DIR
+        out.links[lay.src.name] = str(lay.src)
+    out.links["imagenet/train"] = str(lay.train_dir)
+    if test:
+        out.links["imagenet/test"] = str(lay.test_dir)
+    # Val links are relative and short (`../../.src-val/FILE`, < 60 bytes) through one link
+    # to the source's val dir: ext4 keeps such targets inside the inode; a longer absolute
+    # target costs a 4 KB block and ~0.4 ms per link here (50,000 links: 200 MB, 20 s).
+    out.links[f"imagenet/{SRC_VAL}"] = str(lay.val_dir)
+    val_lines = []
+    for stem in sorted(val_files):
+        wnid, name = val_labels[stem], os.path.basename(val_files[stem])
+        out.val_links[f"{wnid}/{name}"] = f"../../{SRC_VAL}/{val_files[stem]}"
+        val_lines.append(f"{wnid}/{name} {index[wnid]}\n")
+    # One str.join per class: 1.28 M lines in ~0.1 s instead of ~0.6 s with f-strings.
+    train_lines = [f"{w}/" + f" {index[w]}\n{w}/".join(train[w]) + f" {index[w]}\n"
+                   for w in sorted(train) if train[w]]
+    meta = {
+        "prep.json": json.dumps(provenance, indent=2) + "\n",
+        "train.txt": "".join(train_lines),
+        "val.txt": "".join(val_lines),
+        "synsets.txt": "".join(f"{c.wnid}\n" for c in classes),
+        "synset_words.txt": "".join(f"{c.wnid} {c.words}\n" for c in classes),
+        "classes.csv": _classes_csv(classes),
+    }
+    if test:
+        meta["test.txt"] = "".join(f"{n}\n" for n in test)
+    out.meta = {k: v.encode() for k, v in meta.items()}
+    return out
+
+
+def _classes_csv(classes: list[ClassInfo]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "wnid", "ilsvrc2012_id", "words"])
+    for c in classes:
+        w.writerow([c.index, c.wnid, c.ilsvrc2012_id or "", c.words])
+    return buf.getvalue()
+
+
+def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
+                     extract_to: str | os.PathLike | None = None, check: str = "fast",
+                     force: bool = False, workers: int | None = None,
+                     progress: bool = True) -> PrepReport:
+    """Detect, validate and link an ImageNet copy; see the module docstring."""
+    t0 = time.perf_counter()
+    lay = detect_layout(src)
+    link = check_link_dir(Path(link_dir), lay.src)
+    if lay.name == "ilsvrc2012-tar":
+        lay = _extract(lay, Path(extract_to) if extract_to else None, progress)
+    scan = read_source(lay, check, workers or default_workers(), progress)
+    if scan.problems.broken_links:
+        links = scan.problems.broken_links
+        raise PrepError(f"{len(links)} broken symlink(s) in {lay.src}: "
+                        + ", ".join(links[:5]) + "; the copy is incomplete: restore the "
+                        "targets or remove the links, then rerun")
+    val_labels = cross_check(scan.sources, scan.val_files)
+    _check_val_classes(val_labels, scan.train, lay)
+    classes = build_class_table(scan.train, scan.ids)
+    _check_known(classes, lay)
+    counts = {"train": sum(map(len, scan.train.values())), "val": len(scan.val_files),
+              "test": len(scan.test)}
+    notes: list[str] = []
+    _check_counts(counts, len(classes), notes)
+    provenance = {
+        "tool": f"prep {__version__}", "layout": lay.name, "src": str(lay.src),
+        "train_dir": str(lay.train_dir), "val_dir": str(lay.val_dir),
+        "label_sources": [f"{s.name}: {s.path}" for s in scan.sources],
+        "classes": len(classes), "counts": counts, "label_space": "sorted-WNID index",
+    }
+    outputs = plan_outputs(lay, link, classes, scan.train, scan.val_files, val_labels,
+                           scan.test, provenance)
+    changes = apply_outputs(link, outputs, force,
+                            report={"problems.txt": _problems_text(scan.problems)})
+    return PrepReport(lay.describe(), lay.src, link, classes, counts,
+                      [s.name for s in scan.sources], scan.problems, changes, notes,
+                      time.perf_counter() - t0)
+
+
+def _check_val_classes(val_labels: dict[str, str], train: dict[str, list[str]],
+                       lay: Layout) -> None:
+    unknown = sorted({w for w in val_labels.values() if w not in train})
+    if unknown:
+        stem = next(s for s, w in val_labels.items() if w == unknown[0])
+        raise PrepError(f"val image {stem} is labelled {unknown[0]}, which has no train folder "
+                        f"in {lay.train_dir} ({len(unknown)} such class(es)); the annotations "
+                        "and the train split do not belong together")
+
+
+def _check_known(classes: list[ClassInfo], lay: Layout) -> None:
+    unknown = [c.wnid for c in classes if c.ilsvrc2012_id is None]
+    if unknown:
+        raise PrepError(f"{lay.train_dir / unknown[0]}: {unknown[0]} is not one of the 1000 "
+                        f"ILSVRC CLS-LOC classes ({len(unknown)} such folder(s))")
+
+
+def _prefixed(p: Problems, prefix: str) -> Problems:
+    p.undecodable = [f"{prefix}/{x}" for x in p.undecodable]
+    p.notes = {k: [f"{prefix}/{x}" for x in v] for k, v in p.notes.items()}
+    return p
+
+
+def _problems_text(p: Problems) -> str:
+    lines = []
+    for kind, items in (("empty", p.empty), ("not-an-image", p.extra),
+                        ("broken-link", p.broken_links), ("undecodable", p.undecodable)):
+        lines += [f"{kind}\t{x}\n" for x in items]
+    return "".join(lines)

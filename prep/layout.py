@@ -1,0 +1,146 @@
+"""Recognise which ImageNet layout a directory holds and where each piece lives.
+
+Only looks: never creates, changes or deletes anything under the source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prep.classes import is_wnid
+from prep.errors import PrepError
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+BBOX_VAL_TGZ = "ILSVRC2012_bbox_val_v3.tgz"
+
+
+@dataclass
+class Layout:
+    name: str  # ilsvrc2017 | kaggle | ilsvrc2012 | ilsvrc2012-tar | imagefolder
+    src: Path  # absolute source root, as given (not symlink-resolved)
+    train_dir: Path | None = None
+    val_dir: Path | None = None
+    test_dir: Path | None = None
+    val_in_folders: bool = False
+    # Val label sources; whichever exist are all read and cross-checked.
+    val_xml_dir: Path | None = None
+    val_xml_archive: Path | None = None
+    loc_val_csv: Path | None = None
+    devkit: Path | None = None  # ILSVRC2012_devkit_t12 directory or .tar.gz
+    map_clsloc: Path | None = None
+    archives: dict[str, Path] = field(default_factory=dict)  # split -> original tar
+
+    def describe(self) -> str:
+        val = "val in class folders" if self.val_in_folders else "flat val"
+        return f"{self.name} ({val})" if self.val_dir else self.name
+
+
+def _dir(p: Path) -> Path | None:
+    return p if p.is_dir() else None
+
+
+def _file(p: Path) -> Path | None:
+    return p if p.is_file() else None
+
+
+def check_source(src: str | os.PathLike) -> Path:
+    """The absolute source path, or a clear error when it cannot be an ImageNet copy."""
+    path = Path(os.path.abspath(src))
+    if not path.exists():
+        hint = " (a broken symlink)" if path.is_symlink() else ""
+        raise PrepError(f"--src {path}: does not exist{hint}; give the root of your ImageNet copy")
+    if not path.is_dir():
+        raise PrepError(
+            f"--src {path}: is a file, expected the directory that holds the ImageNet copy "
+            "(for the original archives, give the directory that holds the .tar files)"
+        )
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PrepError(f"--src {path}: cannot be read (permission denied)")
+    return path
+
+
+def val_has_class_folders(val_dir: Path) -> bool:
+    """True when val holds WNID folders (after valprep.sh), False when it is flat."""
+    dirs = files = 0
+    with os.scandir(val_dir) as it:
+        for entry in it:
+            if entry.is_dir():
+                dirs += 1
+                if not is_wnid(entry.name):
+                    raise PrepError(
+                        f"{entry.path}: val folder name is not a WNID (expected nXXXXXXXX)"
+                    )
+            elif entry.name.upper().endswith((".JPEG", ".JPG", ".PNG")):
+                files += 1
+            if dirs and files:
+                raise PrepError(
+                    f"{val_dir}: holds both class folders and loose images; "
+                    "expected either a flat val or one folder per class"
+                )
+    return dirs > 0
+
+
+def detect_layout(src: str | os.PathLike) -> Layout:
+    """Find the layout of `src` and the paths of its splits and label sources."""
+    src = check_source(src)
+    if _dir(src / "Data" / "CLS-LOC"):
+        lay = _clsloc(src, src, "ilsvrc2017")
+    elif _dir(src / "ILSVRC" / "Data" / "CLS-LOC"):
+        lay = _clsloc(src, src / "ILSVRC", "kaggle")
+    elif _file(src / TRAIN_TAR) or _file(src / VAL_TAR):
+        lay = Layout("ilsvrc2012-tar", src)
+        for split, name in (("train", TRAIN_TAR), ("val", VAL_TAR)):
+            if _file(src / name):
+                lay.archives[split] = src / name
+        tests = sorted(src.glob("ILSVRC2012_img_test*.tar"))
+        if tests:
+            lay.archives["test"] = tests[0]
+        for split in ("train", "val"):
+            if split not in lay.archives:
+                raise PrepError(f"{src}: found the ILSVRC2012 archives but not "
+                                f"{TRAIN_TAR if split == 'train' else VAL_TAR}")
+    elif _dir(src / "train") or _dir(src / "val"):
+        lay = Layout("ilsvrc2012", src, _dir(src / "train"), _dir(src / "val"), _dir(src / "test"))
+    else:
+        raise PrepError(
+            f"--src {src}: no ImageNet layout found. Looked for Data/CLS-LOC/ (ILSVRC2017), "
+            f"ILSVRC/Data/CLS-LOC/ (Kaggle), {TRAIN_TAR} + {VAL_TAR} (ILSVRC2012 archives) "
+            "and train/ + val/ (extracted ILSVRC2012 or class folders)"
+        )
+    _find_label_files(lay)
+    if lay.name != "ilsvrc2012-tar":
+        require_splits(lay)
+    return lay
+
+
+def require_splits(lay: Layout) -> None:
+    """Both train and val must exist; then note whether val is already in class folders."""
+    for split in ("train", "val"):
+        if getattr(lay, f"{split}_dir") is None:
+            raise PrepError(
+                f"--src {lay.src}: {lay.name} layout without a {split} split; "
+                f"expected a {split}/ directory there"
+            )
+    lay.val_in_folders = val_has_class_folders(lay.val_dir)
+    if lay.val_in_folders and lay.name == "ilsvrc2012":
+        lay.name = "imagefolder"
+
+
+def _clsloc(src: Path, base: Path, name: str) -> Layout:
+    data = base / "Data" / "CLS-LOC"
+    return Layout(
+        name, src, _dir(data / "train"), _dir(data / "val"), _dir(data / "test"),
+        val_xml_dir=_dir(base / "Annotations" / "CLS-LOC" / "val"),
+    )
+
+
+def _find_label_files(lay: Layout) -> None:
+    src = lay.src
+    lay.loc_val_csv = _file(src / "LOC_val_solution.csv")
+    lay.map_clsloc = _file(src / "devkit" / "data" / "map_clsloc.txt")
+    lay.devkit = _dir(src / DEVKIT_DIR) or _file(src / f"{DEVKIT_DIR}.tar.gz")
+    lay.val_xml_archive = _file(src / BBOX_VAL_TGZ)

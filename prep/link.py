@@ -1,0 +1,173 @@
+"""Write the dataset view under `--link DIR`: links to the source and the meta/ files.
+
+The whole output is planned first (`Outputs`), then compared with what is on
+disk, then applied. That gives idempotence (a second run finds nothing to do),
+refusal of conflicts without `--force`, and a guarantee that only paths prep
+made are ever replaced: `--force` swaps links and prep's own meta files, and
+never deletes a file it did not make. Nothing is written through a link into
+the source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prep.errors import PrepError
+
+MARKER = "meta/prep.json"  # written first: marks DIR/imagenet as made by prep
+
+
+@dataclass
+class Outputs:
+    links: dict[str, str] = field(default_factory=dict)  # path under DIR -> absolute target
+    val_links: dict[str, str] = field(default_factory=dict)  # "wnid/file" -> absolute target
+    meta: dict[str, bytes] = field(default_factory=dict)  # file name in imagenet/meta -> content
+
+
+@dataclass
+class Changes:
+    created: int = 0
+    replaced: int = 0
+    removed: int = 0
+    unchanged: int = 0
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (self.created or self.replaced or self.removed)
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def check_link_dir(link_dir: Path, src: Path) -> Path:
+    """Absolute `--link` dir; refuses one inside SRC (prep never writes into the source)."""
+    link_dir = Path(os.path.abspath(link_dir))
+    if link_dir.exists() and not link_dir.is_dir():
+        raise PrepError(f"--link {link_dir}: is a file, expected a directory (made if missing)")
+    if _inside(Path(os.path.realpath(link_dir)), Path(os.path.realpath(src))):
+        raise PrepError(f"--link {link_dir}: is inside --src {src}; prep never writes into the "
+                        "source. Choose a directory outside it, e.g. ./data")
+    return link_dir
+
+
+def _check_owned(imagenet: Path) -> None:
+    if imagenet.is_symlink() or (imagenet.exists() and not imagenet.is_dir()):
+        raise PrepError(f"{imagenet}: exists and is not a directory made by prep; "
+                        "move it away or choose another --link")
+    if imagenet.is_dir() and not (imagenet / MARKER).is_file():
+        stray = sorted(p.name for p in imagenet.iterdir())
+        if stray:
+            raise PrepError(
+                f"{imagenet}: holds files not made by prep ({', '.join(stray[:5])}); "
+                "prep will not mix its output with them: choose another --link or move them"
+            )
+
+
+def _plan_link(path: Path, target: str, conflicts: list, todo: list, ch: Changes) -> None:
+    if os.path.islink(path):
+        if os.readlink(path) == target:
+            ch.unchanged += 1
+            return
+        conflicts.append(f"{path} -> {os.readlink(path)} (prep wants -> {target})")
+        todo.append((path, target))
+    elif os.path.lexists(path):
+        raise PrepError(f"{path}: exists and is not a link made by prep; prep will not replace "
+                        "it even with --force: move it away or choose another --link")
+    else:
+        todo.append((path, target))
+
+
+def _stale_val_links(val: Path, wanted: dict[str, str]) -> list[Path]:
+    stale = []
+    if not val.is_dir():
+        return stale
+    for cls in os.scandir(val):
+        if not cls.is_dir(follow_symlinks=False):
+            raise PrepError(f"{cls.path}: not made by prep; move it away or choose another --link")
+        for e in os.scandir(cls.path):
+            if f"{cls.name}/{e.name}" in wanted:
+                continue
+            if not e.is_symlink():
+                raise PrepError(f"{e.path}: a file not made by prep inside its val folders; "
+                                "move it away or choose another --link")
+            stale.append(Path(e.path))
+    return stale
+
+
+def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
+                  report: dict[str, str] | None = None) -> Changes:
+    """Make `link_dir` hold exactly `out`; see the module docstring for the rules.
+    `report` files (meta/problems.txt) describe this run, so they are rewritten
+    without counting as a conflict or a change."""
+    imagenet = link_dir / "imagenet"
+    _check_owned(imagenet)
+    ch, conflicts, todo = Changes(), [], []
+    for rel, target in out.links.items():
+        _plan_link(link_dir / rel, target, conflicts, todo, ch)
+    val = imagenet / "val"
+    fresh_val = not val.exists()  # common first run: skip 50,000 readlink calls
+    if fresh_val:
+        base = str(val)
+        todo += [(os.path.join(base, rel), t) for rel, t in out.val_links.items()]
+    else:
+        for rel, target in out.val_links.items():
+            _plan_link(val / rel, target, conflicts, todo, ch)
+    stale = _stale_val_links(val, out.val_links)
+    conflicts += [f"{p} (no longer in the source's val)" for p in stale]
+    meta_todo = []
+    for name, data in out.meta.items():
+        path = imagenet / "meta" / name
+        if path.is_file() and path.read_bytes() == data:
+            ch.unchanged += 1
+        else:
+            if path.exists():
+                conflicts.append(f"{path} (content differs)")
+            meta_todo.append((path, data))
+    if conflicts and not force:
+        head = "\n  ".join(conflicts[:10])
+        more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
+        raise PrepError(f"{len(conflicts)} existing path(s) under {link_dir} differ from what "
+                        f"prep would write:\n  {head}{more}\n"
+                        "Rerun with --force to replace them (only links and prep's own files).")
+    _write(imagenet, meta_todo, todo, stale, ch)
+    for name, text in (report or {}).items():
+        path = imagenet / "meta" / name
+        if not path.is_file() or path.read_text() != text:
+            path.with_name(f".{name}.tmp").write_text(text)
+            os.replace(path.with_name(f".{name}.tmp"), path)
+    return ch
+
+
+def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes) -> None:
+    (imagenet / "meta").mkdir(parents=True, exist_ok=True)
+    meta_todo.sort(key=lambda pd: pd[0].name != "prep.json")  # the ownership marker first
+    for path, data in meta_todo:
+        existed = path.exists()
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        ch.replaced += existed
+        ch.created += not existed
+    made: set[str] = set()
+    for path, target in todo:
+        path = str(path)
+        parent = os.path.dirname(path)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        try:
+            os.symlink(target, path)
+            ch.created += 1
+        except FileExistsError:  # --force: swap atomically, never a moment without a link
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp")
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+            os.symlink(target, tmp)
+            os.replace(tmp, path)
+            ch.replaced += 1
+    for path in stale:
+        os.unlink(path)
+        ch.removed += 1

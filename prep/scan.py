@@ -1,0 +1,174 @@
+"""List the images of each split quickly and find what is wrong with them.
+
+Check levels (measured on 1.28 M train files, warm cache, 2 cores):
+- fast (default): directory entries only (names, extensions, file types from
+  `d_type`: broken symlinks, stray folders), plus sizes of val/test files. About
+  the cost of `find -type f`.
+- sizes: also `stat` every train file to find zero-byte files. The kernel's stat
+  alone costs ~4 s per 1.28 M files here (`find -empty` takes 4.4 s).
+- full: also decode every image with Pillow.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from prep.classes import is_wnid
+from prep.errors import PrepError
+
+IMAGE_EXTS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
+
+
+@dataclass
+class Problems:
+    """Files that will not become samples or need attention, as paths relative to SRC."""
+
+    empty: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # not an image by name
+    broken_links: list[str] = field(default_factory=list)
+    undecodable: list[str] = field(default_factory=list)  # --check full
+    notes: dict[str, list[str]] = field(default_factory=dict)  # CMYK, PNG, grayscale ...
+
+    def merge(self, other: Problems) -> None:
+        self.empty += other.empty
+        self.extra += other.extra
+        self.broken_links += other.broken_links
+        self.undecodable += other.undecodable
+        for k, v in other.notes.items():
+            self.notes.setdefault(k, []).extend(v)
+
+
+def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str], Problems]:
+    """Sorted image names in one directory; `rel` prefixes the paths in the problems.
+    `sizes` stats each image to find zero-byte files (the only per-file syscall)."""
+    with os.scandir(directory) as it:
+        entries = list(it)
+    # Fast path: is_file() answers from d_type without a syscall for regular files.
+    names = [e.name for e in entries if e.is_file() and e.name.endswith(IMAGE_EXTS)]
+    probs = Problems()
+    if len(names) != len(entries):
+        _classify_odd(entries, rel, probs)
+    if sizes:
+        probs.empty = sorted(f"{rel}/{e.name}" for e in entries
+                             if e.is_file() and e.stat().st_size == 0)
+    names.sort()
+    return names, probs
+
+
+def _classify_odd(entries: list[os.DirEntry], rel: str, probs: Problems) -> None:
+    for e in entries:
+        if e.is_dir():  # follows links: a linked class dir is fine, a sub-folder is not
+            probs.extra.append(f"{rel}/{e.name}/")
+        elif not e.is_file():
+            (probs.broken_links if e.is_symlink() else probs.extra).append(f"{rel}/{e.name}")
+        elif not e.name.endswith(IMAGE_EXTS):
+            probs.extra.append(f"{rel}/{e.name}")
+
+
+def _list_classes(jobs: list[tuple[str, str, bool]]) -> list[tuple[str, Problems]]:
+    """Worker task: names joined by newlines (one string pickles ~3x faster than a list)."""
+    out = []
+    for job in jobs:
+        names, probs = list_images(*job)
+        out.append(("\n".join(names), probs))
+    return out
+
+
+def class_dirs(split_dir: Path, rel: str) -> tuple[list[str], Problems]:
+    """Sorted WNID folder names of a class-folder split; any other folder is an error."""
+    wnids, probs = [], Problems()
+    with os.scandir(split_dir) as it:
+        for e in it:
+            if e.is_dir():
+                if not is_wnid(e.name):
+                    raise PrepError(
+                        f"{e.path}: class folder name is not a WNID (expected nXXXXXXXX, "
+                        "e.g. n01440764); move it out of the split or rename it"
+                    )
+                wnids.append(e.name)
+            elif e.is_symlink() and not e.is_file():
+                probs.broken_links.append(f"{rel}/{e.name}")
+            else:
+                probs.extra.append(f"{rel}/{e.name}")
+    if not wnids:
+        raise PrepError(f"{split_dir}: no class folders (expected one nXXXXXXXX folder per class)")
+    return sorted(wnids), probs
+
+
+def scan_class_split(
+    split_dir: Path, rel: str, pool: Executor | None = None, progress: bool = False,
+    sizes: bool = True,
+) -> tuple[dict[str, list[str]], Problems]:
+    """{wnid: sorted image names} for a split stored as class folders (train, or sorted val)."""
+    wnids, probs = class_dirs(split_dir, rel)
+    jobs = [(os.path.join(split_dir, w), f"{rel}/{w}", sizes) for w in wnids]
+    chunks = [jobs[i : i + 25] for i in range(0, len(jobs), 25)]
+    bar = tqdm(total=len(jobs), unit="class", desc=f"scan {rel}", disable=not progress)
+    results = []
+    for part in run_chunks(pool, _list_classes, chunks):
+        results += part
+        bar.update(len(part))
+    bar.close()
+    classes = {}
+    for w, (joined, p) in zip(wnids, results):
+        classes[w] = joined.split("\n") if joined else []
+        probs.merge(p)
+    return classes, probs
+
+
+def run_chunks(pool: Executor | None, fn: Callable, chunks: list) -> Iterator:
+    """`fn(chunk)` for each chunk, in order: in `pool` when given, else here."""
+    if pool is None:
+        yield from map(fn, chunks)
+        return
+    futures = [pool.submit(fn, c) for c in chunks]
+    for f in futures:
+        yield f.result()
+
+
+def _check_one(path: str) -> tuple[str, str | None]:
+    """('ok'|'cmyk'|'png'|'grayscale'|'undecodable', detail) for one image file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.format != "JPEG":
+                return f"{im.format or 'unknown'} named as JPEG".lower(), None
+            if im.mode == "CMYK":
+                return "cmyk", None
+            if im.mode in ("L", "LA", "1"):
+                return "grayscale", None
+        return "ok", None
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ...
+        return "undecodable", f"{type(exc).__name__}: {exc}"
+
+
+def _check_chunk(paths: list[str]) -> list[tuple[str, str | None]]:
+    return [_check_one(p) for p in paths]
+
+
+def check_images(
+    root: Path, rel_paths: Iterable[str], pool: Executor | None = None, progress: bool = True
+) -> Problems:
+    """Decode every image (the full check); list undecodable ones and the ones needing repair."""
+    rels = list(rel_paths)
+    chunks = [rels[i : i + 256] for i in range(0, len(rels), 256)]
+    probs = Problems()
+    bar = tqdm(total=len(rels), unit="img", desc="decode check", disable=not progress)
+    full = [[str(root / r) for r in c] for c in chunks]
+    for chunk, res in zip(chunks, run_chunks(pool, _check_chunk, full)):
+        for rel, (kind, detail) in zip(chunk, res):
+            if kind == "undecodable":
+                probs.undecodable.append(f"{rel} ({detail})")
+            elif kind != "ok":
+                probs.notes.setdefault(kind, []).append(rel)
+        bar.update(len(chunk))
+    bar.close()
+    return probs

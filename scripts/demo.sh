@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole pipeline on a synthetic sample (today: prep sample -> prep imagenet).
+# Usage: scripts/demo.sh [DEMO_DIR]   (default ./demo; rerun-safe).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEMO=${1:-demo}
+PREP=${PREP:-.venv/bin/prep}
+if [ ! -d "$DEMO/ILSVRC2017" ]; then
+  echo "== prep sample: a synthetic, learnable ILSVRC2017 tree (10 classes)"
+  "$PREP" sample "$DEMO/ILSVRC2017" --layout ilsvrc2017 --classes 10 --train-per-class 60 \
+    --val-per-class 10 --test-images 20 --size 96
+fi
+echo "== prep imagenet: detect, validate, rebuild val class folders, write meta/"
+"$PREP" imagenet --src "$DEMO/ILSVRC2017" --link "$DEMO/data"
+echo "== result"
+ls -l "$DEMO/data" "$DEMO/data/imagenet"
+head -3 "$DEMO/data/imagenet/meta/val.txt"

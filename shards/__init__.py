@@ -1,0 +1,1 @@
+"""Write, verify and stream WebDataset tar shards (see the `prep shard` issue)."""

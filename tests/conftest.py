@@ -1,0 +1,50 @@
+"""Shared fixtures: synthetic ILSVRC trees and a hash of a whole tree (to prove SRC untouched)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from prep.sample import SamplePlan, SampleSpec, write_sample
+
+SHARED_META = Path(__file__).resolve().parents[1] / ".." / "shared" / "imagenet-meta"
+SMALL = SampleSpec(classes=5, train_per_class=4, val_per_class=3, test_images=2, size=32)
+
+
+def tree_hash(root: Path) -> str:
+    """Names, types, modes, link targets and contents of everything under root."""
+    h = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            h.update(f"{os.path.relpath(p, root)}|{st.st_mode}|{st.st_mtime_ns}".encode())
+            if os.path.islink(p):
+                h.update(os.readlink(p).encode())
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def make_sample(tmp_path):
+    """make_sample(layout, **spec overrides) -> (src path, plan)."""
+
+    def make(layout: str = "ilsvrc2017", name: str | None = None, **overrides):
+        spec = SampleSpec(**{**SMALL.__dict__, **overrides})
+        src = tmp_path / (name or f"src-{layout}")
+        plan: SamplePlan = write_sample(src, layout, spec, progress=False)
+        return src, plan
+
+    return make
+
+
+def expected_val_lines(plan: SamplePlan) -> list[str]:
+    """What Caffe's val.txt (with class folders) says for a sample: computed from the plan."""
+    index = {w: i for i, w in enumerate(plan.wnids)}
+    return [f"{w}/{s}.JPEG {index[w]}" for s, w in sorted(plan.val.items())]

@@ -1,0 +1,41 @@
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from prep.cli import main
+
+
+@pytest.mark.parametrize("command", sorted(main.commands))
+def test_every_command_has_help(command):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 5
+
+
+def test_sample_then_imagenet_prints_summary_and_is_idempotent(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["sample", str(tmp_path / "src"), "--layout", "kaggle",
+                             "--classes", "3", "--train-per-class", "2", "--val-per-class", "2",
+                             "--bad-files"])
+    assert r.exit_code == 0, r.output
+    assert "3 classes, 6 train, 6 val" in r.output and "planted cmyk" in r.output
+    args = ["imagenet", "-q", "--src", str(tmp_path / "src"), "--link", str(tmp_path / "data")]
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "kaggle (flat val)" in r.output
+    assert "val XML annotations + LOC_val_solution.csv (all agree)" in r.output
+    r = runner.invoke(main, args)
+    assert r.exit_code == 0 and "up to date, nothing changed" in r.output
+
+
+def test_sample_rejects_bad_class_count(tmp_path):
+    r = CliRunner().invoke(main, ["sample", str(tmp_path / "x"), "--classes", "1001"])
+    assert r.exit_code != 0 and "--classes must be 1..1000" in r.output
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "prep.cli", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("prep, version")

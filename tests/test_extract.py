@@ -1,0 +1,98 @@
+import io
+import os
+import tarfile
+
+import pytest
+
+from prep.errors import PrepError
+from prep.extract import extract_flat_archive, extract_train_archive
+
+
+def _tar(path, members):
+    """members: list of (TarInfo-like kwargs, data)."""
+    where = {"fileobj": path} if isinstance(path, io.BytesIO) else {"name": path}
+    with tarfile.open(mode="w", format=tarfile.GNU_FORMAT, **where) as t:
+        for kw, data in members:
+            info = tarfile.TarInfo(kw.pop("name"))
+            for k, v in kw.items():
+                setattr(info, k, v)
+            info.size = len(data) if info.isfile() else 0
+            t.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return path
+
+
+HOSTILE = {
+    "dotdot": {"name": "../escape.JPEG"},
+    "absolute": {"name": "/tmp/escape.JPEG"},
+    "nested": {"name": "sub/dir.JPEG"},
+    "symlink": {"name": "link.JPEG", "type": tarfile.SYMTYPE, "linkname": "/etc/passwd"},
+    "hardlink": {"name": "hard.JPEG", "type": tarfile.LNKTYPE, "linkname": "../../x"},
+    "device": {"name": "dev.JPEG", "type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_members_are_refused_and_nothing_escapes(tmp_path, kind):
+    target = tmp_path / "out" / "val"
+    archive = _tar(tmp_path / "val.tar", [({"name": "ok.JPEG"}, b"ok"),
+                                          (dict(HOSTILE[kind]), b"evil")])
+    with pytest.raises(PrepError, match=r"val.tar: member"):
+        extract_flat_archive(archive, target, progress=False)
+    assert not target.exists()  # never renamed to its final name
+    assert not (tmp_path / "escape.JPEG").exists() and not (tmp_path / "out/escape.JPEG").exists()
+    written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    assert "evil" not in [p.read_text() for p in tmp_path.rglob("*.JPEG") if p.is_file()]
+    assert sorted(written) == ["ok.JPEG", "val.tar"]
+
+
+def test_hostile_member_inside_a_class_tar(tmp_path):
+    inner = io.BytesIO()
+    _tar(inner, [({"name": "../../../pwn.JPEG"}, b"evil")])
+    archive = _tar(tmp_path / "train.tar", [({"name": "n01440764.tar"}, inner.getvalue())])
+    with pytest.raises(PrepError, match=r"n01440764.tar: member name '../../../pwn.JPEG'"):
+        extract_train_archive(archive, tmp_path / "out" / "train", progress=False)
+    assert not list(tmp_path.rglob("pwn.JPEG"))
+
+
+def test_train_member_that_is_not_a_class_tar(tmp_path):
+    archive = _tar(tmp_path / "train.tar", [({"name": "readme.txt"}, b"x")])
+    with pytest.raises(PrepError, match="not a class tar"):
+        extract_train_archive(archive, tmp_path / "train", progress=False)
+
+
+def test_truncated_archive_is_a_clear_error_and_resume_completes(tmp_path):
+    members = [({"name": f"ILSVRC2012_val_{i:08d}.JPEG"}, os.urandom(3000)) for i in range(1, 6)]
+    good = _tar(tmp_path / "good.tar", [(dict(kw), d) for kw, d in members])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(good.read_bytes()[:8192])  # members take 3,584 B: stops inside the 3rd
+    target = tmp_path / "val"
+    with pytest.raises(PrepError, match="cut.tar: truncated or corrupt"):
+        extract_flat_archive(cut, target, progress=False)
+    partial = tmp_path / ".val.partial"
+    done = sorted(p.name for p in partial.iterdir() if not p.name.startswith("."))
+    assert done == ["ILSVRC2012_val_00000001.JPEG", "ILSVRC2012_val_00000002.JPEG"]
+    assert not target.exists()
+    extract_flat_archive(good, target, progress=False)  # the rerun, with a good download
+    assert sorted(p.name for p in target.iterdir()) == [kw["name"] for kw, _ in members]
+    for kw, data in members:
+        assert (target / kw["name"]).read_bytes() == data
+
+
+def test_interrupted_class_is_redone_finished_classes_kept(tmp_path):
+    def class_tar(n):
+        b = io.BytesIO()
+        _tar(b, [({"name": f"n0144076{n}_{i}.JPEG"}, b"img%d" % i) for i in range(3)])
+        return b.getvalue()
+
+    archive = _tar(tmp_path / "train.tar",
+                   [({"name": f"n0144076{n}.tar"}, class_tar(n)) for n in (4, 5)])
+    dest = tmp_path / "train"
+    (dest / "n01440764").mkdir(parents=True)  # finished earlier: must be kept as is
+    (dest / "n01440764" / "marker").write_text("kept")
+    (dest / ".n01440765.partial").mkdir()  # interrupted earlier
+    (dest / ".n01440765.partial" / "n01440765_0.JPEG").write_bytes(b"im")  # half written
+    extract_train_archive(archive, dest, progress=False)
+    assert (dest / "n01440764" / "marker").read_text() == "kept"
+    assert sorted(p.name for p in (dest / "n01440765").iterdir()) == [
+        f"n01440765_{i}.JPEG" for i in range(3)]
+    assert (dest / "n01440765" / "n01440765_0.JPEG").read_bytes() == b"img0"

@@ -1,0 +1,39 @@
+"""Full-scale labels: 1000 classes and the 50,000 real val labels, every layout.
+
+meta/val.txt must equal what Caffe's val.txt + valprep.sh give, built here independently
+from ../shared/imagenet-meta (LOC_val_solution.csv + LOC_synset_mapping.txt).
+"""
+
+import pytest
+
+from prep.imagenet import prepare_imagenet
+from prep.sample import SampleSpec, write_sample
+from tests.conftest import SHARED_META
+
+FULL = SampleSpec(classes=1000, train_per_class=1, val_per_class=50, empty_files=True)
+
+
+@pytest.fixture(scope="module")
+def caffe_val_txt():
+    if not SHARED_META.is_dir():
+        pytest.skip("../shared/imagenet-meta not present")
+    sorted_wnids = [ln.split()[0] for ln in
+                    (SHARED_META / "LOC_synset_mapping.txt").read_text().splitlines()]
+    index = {w: i for i, w in enumerate(sorted_wnids)}
+    rows = (SHARED_META / "LOC_val_solution.csv").read_text().splitlines()[1:]
+    labels = {img: pred.split()[0] for img, pred in (r.split(",", 1) for r in rows)}
+    return [f"{labels[s]}/{s}.JPEG {index[labels[s]]}" for s in sorted(labels)]
+
+
+@pytest.mark.parametrize("layout", ["ilsvrc2017", "kaggle", "ilsvrc2012", "imagefolder",
+                                    "ilsvrc2012-tar"])
+def test_full_scale_val_txt_equals_caffe(tmp_path, caffe_val_txt, layout):
+    src = tmp_path / "src"
+    write_sample(src, layout, FULL, progress=False)
+    prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                     workers=2)
+    lines = (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines()
+    assert lines[0] == "n01751748/ILSVRC2012_val_00000001.JPEG 65"
+    assert lines == caffe_val_txt
+    table = (tmp_path / "data/imagenet/meta/classes.csv").read_text().splitlines()
+    assert len(table) == 1001 and table[66].startswith("65,n01751748,490,")

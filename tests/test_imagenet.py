@@ -1,0 +1,162 @@
+import json
+import os
+
+import pytest
+
+from prep.errors import PrepError
+from prep.imagenet import prepare_imagenet
+from tests.conftest import expected_val_lines, tree_hash
+
+LAYOUT_LABELS = {
+    "ilsvrc2017": ["val XML annotations"],
+    "kaggle": ["val XML annotations", "LOC_val_solution.csv"],
+    "ilsvrc2012": ["devkit ground truth (meta.mat IDs)"],
+    "imagefolder": ["val class folders"],
+}
+
+
+def _prep(src, link, **kw):
+    return prepare_imagenet(src, link, progress=False, workers=kw.pop("workers", 1), **kw)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUT_LABELS))
+def test_every_layout_gives_the_same_correct_view(make_sample, tmp_path, layout):
+    src, plan = make_sample(layout)
+    before = tree_hash(src)
+    r = _prep(src, tmp_path / "data")
+    assert r.label_sources == LAYOUT_LABELS[layout]
+    meta = tmp_path / "data/imagenet/meta"
+    assert (meta / "val.txt").read_text().splitlines() == expected_val_lines(plan)
+    index = {w: i for i, w in enumerate(plan.wnids)}
+    train = [f"{w}/{s}.JPEG {index[w]}" for w in plan.wnids for s in sorted(
+        plan.train[w], key=lambda s: f"{s}.JPEG")]
+    assert (meta / "train.txt").read_text().splitlines() == train
+    assert (meta / "synsets.txt").read_text().split() == plan.wnids
+    assert r.counts == {"train": 20, "val": 15, "test": 0 if layout == "imagefolder" else 2}
+    assert tree_hash(src) == before  # the source is never touched
+
+
+def test_links_and_files(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    data = tmp_path / "data"
+    _prep(src, data)
+    assert os.readlink(data / src.name) == str(src)  # Pet convention, absolute target
+    assert os.readlink(data / "imagenet/train") == str(src / "Data/CLS-LOC/train")
+    assert os.readlink(data / "imagenet/test") == str(src / "Data/CLS-LOC/test")
+    stem, wnid = next(iter(sorted(plan.val.items())))
+    link = data / "imagenet/val" / wnid / f"{stem}.JPEG"
+    assert link.is_symlink() and len(os.readlink(link)) < 60  # fits in an ext4 inode
+    assert link.resolve() == (src / "Data/CLS-LOC/val" / f"{stem}.JPEG").resolve()
+    assert link.read_bytes() == (src / "Data/CLS-LOC/val" / f"{stem}.JPEG").read_bytes()
+    meta = data / "imagenet/meta"
+    assert (meta / "test.txt").read_text().split() == [f"{s}.JPEG" for s in plan.test]
+    words = (meta / "synset_words.txt").read_text().splitlines()
+    assert words[0].split(" ", 1)[0] == plan.wnids[0] and len(words) == 5
+    rows = (meta / "classes.csv").read_text().splitlines()
+    assert rows[0] == "index,wnid,ilsvrc2012_id,words"
+    prov = json.loads((meta / "prep.json").read_text())
+    assert prov["layout"] == "ilsvrc2017" and prov["counts"]["val"] == 15
+
+
+def test_relative_src_links_to_absolute_path(make_sample, tmp_path, monkeypatch):
+    src, _ = make_sample("ilsvrc2017")
+    monkeypatch.chdir(tmp_path)
+    _prep(os.path.relpath(src, tmp_path), "data")
+    assert os.readlink(tmp_path / "data" / src.name) == str(src)
+
+
+def test_second_run_changes_nothing(make_sample, tmp_path):
+    src, _ = make_sample("kaggle")
+    first = _prep(src, tmp_path / "data")
+    assert first.changes.created > 0
+    out_hash = tree_hash(tmp_path / "data")
+    second = _prep(src, tmp_path / "data")
+    assert second.changes.nothing_to_do
+    assert tree_hash(tmp_path / "data") == out_hash
+
+
+def test_parallel_equals_serial(make_sample, tmp_path):
+    src, _ = make_sample("ilsvrc2017", classes=12)
+    _prep(src, tmp_path / "a", workers=1)
+    _prep(src, tmp_path / "b", workers=2)
+    for name in ("train.txt", "val.txt", "classes.csv"):
+        assert ((tmp_path / "a/imagenet/meta" / name).read_bytes()
+                == (tmp_path / "b/imagenet/meta" / name).read_bytes())
+
+
+def test_conflict_needs_force_and_force_only_touches_prep_paths(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    data = tmp_path / "data"
+    _prep(src, data)
+    val_txt = data / "imagenet/meta/val.txt"
+    val_txt.write_text("edited by hand\n")
+    with pytest.raises(PrepError, match="--force"):
+        _prep(src, data)
+    assert val_txt.read_text() == "edited by hand\n"  # refused: untouched
+    r = _prep(src, data, force=True)
+    assert r.changes.replaced == 1
+    assert val_txt.read_text().splitlines() == expected_val_lines(plan)
+
+
+def test_stale_val_link_is_a_conflict(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    data = tmp_path / "data"
+    _prep(src, data)
+    stray = data / "imagenet/val" / plan.wnids[0] / "ILSVRC2012_val_99999999.JPEG"
+    os.symlink("../../.src-val/nothing.JPEG", stray)
+    with pytest.raises(PrepError, match="no longer in the source"):
+        _prep(src, data)
+    assert _prep(src, data, force=True).changes.removed == 1
+    assert not os.path.lexists(stray)
+
+
+def test_tar_layout_extracts_and_links(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2012-tar")
+    before = tree_hash(src)
+    r = _prep(src, tmp_path / "data", extract_to=tmp_path / "extracted")
+    assert r.layout.startswith("ilsvrc2012-tar")
+    assert (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines() == \
+        expected_val_lines(plan)
+    assert os.readlink(tmp_path / "data/imagenet/train") == str(tmp_path / "extracted/train")
+    assert tree_hash(src) == before
+    again = _prep(src, tmp_path / "data", extract_to=tmp_path / "extracted")
+    assert again.changes.nothing_to_do
+
+
+def test_val_already_in_class_folders_inside_clsloc(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    val = src / "Data/CLS-LOC/val"  # what running valprep.sh in place leaves
+    for stem, wnid in plan.val.items():
+        (val / wnid).mkdir(exist_ok=True)
+        os.rename(val / f"{stem}.JPEG", val / wnid / f"{stem}.JPEG")
+    r = _prep(src, tmp_path / "data")
+    assert r.label_sources == ["val XML annotations", "val class folders"]
+    assert "class folders" in r.layout
+    assert (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines() == \
+        expected_val_lines(plan)
+
+
+def test_full_check_reports_bad_files(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2012", bad_files=True)
+    r = _prep(src, tmp_path / "data", check="full")
+    bad = {k: s for s, k in plan.bad.items()}
+    assert len(r.problems.undecodable) == 1 and bad["truncated"] in r.problems.undecodable[0]
+    assert [bad["cmyk"] in p for p in r.problems.notes["cmyk"]] == [True]
+    assert bad["png"] in r.problems.notes["png named as jpeg"][0]
+    assert bad["gray"] in r.problems.notes["grayscale"][0]
+    text = (tmp_path / "data/imagenet/meta/problems.txt").read_text()
+    assert f"undecodable\ttrain/{bad['truncated'].split('_')[0]}/{bad['truncated']}" in text
+
+
+def test_empty_files_found_by_sizes_check_not_by_fast(make_sample, tmp_path):
+    src, _ = make_sample("ilsvrc2017", empty_files=True)
+    fast = _prep(src, tmp_path / "a")
+    assert len(fast.problems.empty) == 15 + 2  # val and test sizes are always checked
+    sizes = _prep(src, tmp_path / "b", check="sizes")
+    assert len(sizes.problems.empty) == 20 + 15 + 2
+
+
+def test_subset_counts_are_noted(make_sample, tmp_path):
+    src, _ = make_sample("ilsvrc2017")
+    r = _prep(src, tmp_path / "data")
+    assert any("5 of 1000 classes" in n for n in r.notes)

@@ -1,0 +1,1 @@
+"""DDP trainer and evaluator streaming the shards (see the trainer issue)."""
