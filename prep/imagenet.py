@@ -28,7 +28,13 @@ from prep.labels import (
 )
 from prep.layout import Layout, detect_layout, require_splits
 from prep.link import Changes, Outputs, apply_outputs, check_link_dir
-from prep.scan import Problems, check_images, list_images, scan_class_split
+from prep.scan import (
+    Problems,
+    check_images,
+    compare_with_list,
+    list_images,
+    scan_class_split,
+)
 
 SRC_VAL = ".src-val"  # DIR/imagenet/.src-val -> the source's val dir
 EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
@@ -105,6 +111,8 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
                 sources.insert(0, xml_job.result())
             train, tprobs = train_job.result()
         probs.merge(tprobs)
+        if check != "fast" and lay.train_list:
+            probs.merge(compare_with_list(train, lay.train_list, train_rel))
         if check == "full":
             rels = [f"{w}/{n}" for w in train for n in train[w]]
             probs.merge(_prefixed(check_images(lay.train_dir, rels, pool, progress), train_rel))
@@ -222,6 +230,7 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
                         + ", ".join(links[:5]) + "; the copy is incomplete: restore the "
                         "targets or remove the links, then rerun")
     val_labels = cross_check(scan.sources, scan.val_files)
+    scan.problems.missing += _missing_val(scan.sources, scan.val_files, lay)
     _check_val_classes(val_labels, scan.train, lay)
     classes = build_class_table(scan.train, scan.ids)
     _check_known(classes, lay)
@@ -254,6 +263,15 @@ def _check_val_classes(val_labels: dict[str, str], train: dict[str, list[str]],
                         "and the train split do not belong together")
 
 
+def _missing_val(sources: list[LabelSource], val_files: dict[str, str], lay: Layout) -> list:
+    """Val images some source annotates but the val dir lacks. The devkit ground truth
+    always has 50,000 lines, so it only counts when it is the sole source."""
+    per_file = [s for s in sources if not s.name.startswith("devkit")] or sources
+    annotated = set().union(*(s.labels.keys() for s in per_file))
+    rel = _rel(lay.val_dir, lay.src)
+    return sorted(f"{rel}/{stem}.JPEG" for stem in annotated - val_files.keys())
+
+
 def _check_known(classes: list[ClassInfo], lay: Layout) -> None:
     unknown = [c.wnid for c in classes if c.ilsvrc2012_id is None]
     if unknown:
@@ -270,6 +288,7 @@ def _prefixed(p: Problems, prefix: str) -> Problems:
 def _problems_text(p: Problems) -> str:
     lines = []
     for kind, items in (("empty", p.empty), ("not-an-image", p.extra),
+                        ("missing", p.missing), ("unlisted", p.unlisted),
                         ("broken-link", p.broken_links), ("undecodable", p.undecodable)):
         lines += [f"{kind}\t{x}\n" for x in items]
     return "".join(lines)

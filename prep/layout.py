@@ -32,6 +32,7 @@ class Layout:
     loc_val_csv: Path | None = None
     devkit: Path | None = None  # ILSVRC2012_devkit_t12 directory or .tar.gz
     map_clsloc: Path | None = None
+    train_list: Path | None = None  # ImageSets/CLS-LOC/train_cls.txt
     archives: dict[str, Path] = field(default_factory=dict)  # split -> original tar
 
     def describe(self) -> str:
@@ -135,6 +136,7 @@ def _clsloc(src: Path, base: Path, name: str) -> Layout:
     return Layout(
         name, src, _dir(data / "train"), _dir(data / "val"), _dir(data / "test"),
         val_xml_dir=_dir(base / "Annotations" / "CLS-LOC" / "val"),
+        train_list=_file(base / "ImageSets" / "CLS-LOC" / "train_cls.txt"),
     )
 
 

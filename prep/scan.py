@@ -33,6 +33,8 @@ class Problems:
     extra: list[str] = field(default_factory=list)  # not an image by name
     broken_links: list[str] = field(default_factory=list)
     undecodable: list[str] = field(default_factory=list)  # --check full
+    missing: list[str] = field(default_factory=list)  # listed or annotated, not on disk
+    unlisted: list[str] = field(default_factory=list)  # on disk, not in ImageSets
     notes: dict[str, list[str]] = field(default_factory=dict)  # CMYK, PNG, grayscale ...
 
     def merge(self, other: Problems) -> None:
@@ -40,6 +42,8 @@ class Problems:
         self.extra += other.extra
         self.broken_links += other.broken_links
         self.undecodable += other.undecodable
+        self.missing += other.missing
+        self.unlisted += other.unlisted
         for k, v in other.notes.items():
             self.notes.setdefault(k, []).extend(v)
 
@@ -130,6 +134,25 @@ def run_chunks(pool: Executor | None, fn: Callable, chunks: list) -> Iterator:
     futures = [pool.submit(fn, c) for c in chunks]
     for f in futures:
         yield f.result()
+
+
+def compare_with_list(train: dict[str, list[str]], list_file: Path, rel: str) -> Problems:
+    """Train files vs `ImageSets/CLS-LOC/train_cls.txt` (`n01440764/n01440764_10026 1`)."""
+    listed = set()
+    with open(list_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2 or "/" not in parts[0]:
+                raise PrepError(f"{list_file}:{lineno}: expected 'nXXXXXXXX/name N', "
+                                f"got {line.strip()[:80]!r}")
+            listed.add(parts[0])
+    present = {f"{w}/{n.rsplit('.', 1)[0]}": f"{w}/{n}" for w in train for n in train[w]}
+    probs = Problems()
+    probs.missing = sorted(f"{rel}/{k}.JPEG" for k in listed - present.keys())
+    probs.unlisted = sorted(f"{rel}/{present[k]}" for k in present.keys() - listed)
+    return probs
 
 
 def _check_one(path: str) -> tuple[str, str | None]:

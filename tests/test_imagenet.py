@@ -160,3 +160,26 @@ def test_subset_counts_are_noted(make_sample, tmp_path):
     src, _ = make_sample("ilsvrc2017")
     r = _prep(src, tmp_path / "data")
     assert any("5 of 1000 classes" in n for n in r.notes)
+
+
+def test_missing_val_image_is_reported(make_sample, tmp_path):
+    src, _ = make_sample("ilsvrc2017")
+    (src / "Data/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG").unlink()
+    r = _prep(src, tmp_path / "data")
+    assert r.problems.missing == ["Data/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG"]
+    assert r.counts["val"] == 14
+    assert "missing\tData/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG" in \
+        (tmp_path / "data/imagenet/meta/problems.txt").read_text()
+
+
+def test_train_compared_with_imagesets_list(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    w = plan.wnids[2]
+    gone = src / f"Data/CLS-LOC/train/{w}/{plan.train[w][0]}.JPEG"
+    gone.unlink()
+    (src / f"Data/CLS-LOC/train/{w}/{w}_99999.JPEG").write_bytes(gone.parent.joinpath(
+        f"{plan.train[w][1]}.JPEG").read_bytes())
+    assert _prep(src, tmp_path / "a").problems.missing == []  # fast: not compared
+    r = _prep(src, tmp_path / "b", check="sizes")
+    assert r.problems.missing == [f"Data/CLS-LOC/train/{w}/{plan.train[w][0]}.JPEG"]
+    assert r.problems.unlisted == [f"Data/CLS-LOC/train/{w}/{w}_99999.JPEG"]
