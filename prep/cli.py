@@ -85,5 +85,117 @@ def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, for
     click.echo(format_report(report))
 
 
+def _shard_range(value: str | None) -> tuple[int, int]:
+    """`i/N` from --shard-range, else a SLURM job array's task id/count, else the whole job."""
+    import os
+
+    if value is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        value = (f"{int(os.environ['SLURM_ARRAY_TASK_ID']) - first}/"
+                 f"{os.environ['SLURM_ARRAY_TASK_COUNT']}")
+    if value is None:
+        return 0, 1
+    i, _, n = value.partition("/")
+    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+        raise click.BadParameter(f"expected i/N with 0 <= i < N, got {value!r}",
+                                 param_hint="--shard-range")
+    return int(i), int(n)
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="The imagenet/ dir `prep imagenet` made (holds train/, val/, meta/).")
+@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Directory for the shards and manifest (made if missing).")
+@click.option("--samples-per-shard", type=click.IntRange(1), default=None,
+              help="Samples per shard (default: ~1250, shard count rounded to a power of 2).")
+@click.option("--num-shards", type=click.IntRange(1), default=None,
+              help="Shards per split (overrides --samples-per-shard).")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Processes writing shards (default: CPU count).")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train permutation.")
+@click.option("--max-size", type=click.IntRange(16), default=None,
+              help="Pre-resize: longer side at most PX (FFCV-style; default: keep sizes).")
+@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
+              help="JPEG quality of resized images.")
+@click.option("--splits", default="train,val,test", show_default=True,
+              help="Comma-separated splits (test only when meta/test.txt exists).")
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+              show_default=True, help="Undecodable image: stop, or leave it out and list it.")
+@click.option("--shard-range", default=None,
+              help="i/N: write only part i of N (several machines); default from "
+                   "SLURM_ARRAY_TASK_ID/COUNT when set.")
+@click.option("--finalize", is_flag=True,
+              help="Only merge the manifests of a --shard-range run (all parts finished).")
+@click.option("--force", is_flag=True,
+              help="Replace shards in --out made from other input or options.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int | None,
+          workers: int | None, seed: int, max_size: int | None, quality: int, splits: str,
+          on_error: str, shard_range: str | None, finalize: bool, force: bool,
+          quiet: bool) -> None:
+    """Write reproducible WebDataset tar shards and their manifest (resumable)."""
+    import os
+
+    from shards.build import ShardSettings, shard_dataset
+
+    settings = ShardSettings(tuple(s.strip() for s in splits.split(",") if s.strip()),
+                             num_shards, samples_per_shard, seed, max_size, quality, on_error)
+    try:
+        r = shard_dataset(data, out, settings, workers=workers or len(os.sched_getaffinity(0)),
+                          shard_range=_shard_range(shard_range), force=force,
+                          finalize_only=finalize, progress=not quiet)
+    except PrepError as exc:
+        _fail(exc)
+    n = sum(x.num_samples for x in r.written)
+    mb = sum(x.filesize for x in r.written) / 1e6
+    rate = f", {n / r.seconds:,.0f} img/s, {mb / r.seconds:,.1f} MB/s" if r.written else ""
+    click.echo(f"{out}: wrote {len(r.written)} shards ({n:,} samples, {mb:,.1f} MB) in "
+               f"{r.seconds:.1f} s{rate}; kept {r.kept} finished earlier")
+    if r.pending:
+        click.echo(f"  {r.pending} shards belong to other --shard-range parts; "
+                   "the last part to finish (or `prep shard --finalize`) writes the manifest")
+    if r.info:
+        for split, s in r.info["splits"].items():
+            lens = s["shard_lengths"]
+            click.echo(f"  {split:<5} {s['num_samples']:>9,} samples in {len(lens):>5} shards "
+                       f"({min(lens)}..{max(lens)} per shard)")
+        prep = r.info["prep"]
+        if prep["repairs"]:
+            click.echo("  repaired: " + ", ".join(f"{k} {v}" for k, v in prep["repairs"].items()))
+        if prep["skipped"]:
+            click.echo(f"  skipped {len(prep['skipped'])} undecodable: "
+                       + "; ".join(prep["skipped"][:3]))
+        click.echo(f"  manifest: {out}/_info.json, index.parquet, SHA256SUMS, "
+                   "<split>.shardindex.json")
+
+
+@main.command()
+@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--deep", is_flag=True, help="Also decode every image.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Processes (default: CPU count).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify(out: Path, deep: bool, workers: int | None, quiet: bool) -> None:
+    """Check shards against the manifest: counts, checksums, members, keys, labels."""
+    import os
+
+    from shards.verify import verify_shards
+
+    try:
+        r = verify_shards(out, deep, workers or len(os.sched_getaffinity(0)), not quiet)
+    except PrepError as exc:
+        _fail(exc)
+    for p in r.problems[:50]:
+        click.echo(f"  problem: {p}")
+    if len(r.problems) > 50:
+        click.echo(f"  ... and {len(r.problems) - 50} more")
+    verdict = "OK" if r.ok else f"{len(r.problems)} problem(s)"
+    click.echo(f"{out}: {r.shards} shards, {r.samples:,} samples"
+               f"{', images decoded' if deep else ''}: {verdict}")
+    if not r.ok:
+        raise SystemExit(1)
+
+
 if __name__ == "__main__":
     main()

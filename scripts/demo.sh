@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole pipeline on a synthetic sample (today: prep sample -> prep imagenet).
+# The whole pipeline on a synthetic sample (today: prep sample -> prep imagenet -> prep shard
+# -> prep verify; the trainer comes with its issue).
 # Usage: scripts/demo.sh [DEMO_DIR]   (default ./demo; rerun-safe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,9 @@ if [ ! -d "$DEMO/ILSVRC2017" ]; then
 fi
 echo "== prep imagenet: detect, validate, rebuild val class folders, write meta/"
 "$PREP" imagenet --src "$DEMO/ILSVRC2017" --link "$DEMO/data"
-echo "== result"
 ls -l "$DEMO/data" "$DEMO/data/imagenet"
 head -3 "$DEMO/data/imagenet/meta/val.txt"
+echo "== prep shard: reproducible WebDataset shards + manifest (rerun: nothing to do)"
+"$PREP" shard --data "$DEMO/data/imagenet" --out "$DEMO/shards" -q
+echo "== prep verify --deep"
+"$PREP" verify "$DEMO/shards" --deep -q

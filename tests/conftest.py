@@ -48,3 +48,20 @@ def expected_val_lines(plan: SamplePlan) -> list[str]:
     """What Caffe's val.txt (with class folders) says for a sample: computed from the plan."""
     index = {w: i for i, w in enumerate(plan.wnids)}
     return [f"{w}/{s}.JPEG {index[w]}" for s, w in sorted(plan.val.items())]
+
+
+@pytest.fixture
+def prepared(make_sample, tmp_path):
+    """prepared(layout, **spec) -> (DATA/imagenet, plan): a sample run through prep imagenet."""
+    from prep.imagenet import prepare_imagenet
+
+    def make(layout: str = "ilsvrc2017", **overrides):
+        src, plan = make_sample(layout, **overrides)
+        prepare_imagenet(src, tmp_path / "data", progress=False, workers=1)
+        return tmp_path / "data" / "imagenet", plan
+
+    return make
+
+
+def sha256_files(paths) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}

@@ -1,0 +1,83 @@
+"""What goes into a shard's `jpg`: the original bytes when they are a good RGB JPEG that
+needs no resize, otherwise an RGB JPEG re-encoded once.
+
+Repairs (IMAGENET.md): CMYK JPEG, PNG named .JPEG, grayscale -> RGB JPEG. Pre-resizing
+(FFCV-style, `max_size`): shrink so the longer side is at most max_size, keep aspect,
+never upscale; JPEGs are decoded at a reduced DCT scale (PIL draft) when shrinking by 2x
+or more, which skips most of the decode work.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+from PIL import Image
+
+REPAIR_QUALITY = 95  # re-encoding a repaired image: keep it close to the original
+
+
+class UndecodableImage(Exception):
+    """The file is not an image Pillow can decode (truncated, corrupt, empty)."""
+
+
+@dataclass
+class ImageInfo:
+    format: str  # original format: JPEG, PNG, ...
+    mode: str  # original mode: RGB, CMYK, L, ...
+    width: int  # stored image size
+    height: int
+    orig_width: int
+    orig_height: int
+    repaired: str | None  # why it was converted: "cmyk", "png", "grayscale", ...
+    resized: bool
+
+
+def _repair_reason(fmt: str, mode: str) -> str | None:
+    if fmt != "JPEG":
+        return (fmt or "unknown").lower()
+    if mode == "CMYK":
+        return "cmyk"
+    if mode in ("L", "1", "LA"):
+        return "grayscale"
+    if mode != "RGB":
+        return mode.lower()
+    return None
+
+
+def _complete_jpeg(data: bytes) -> bool:
+    """A JPEG ends with the EOI marker; truncated downloads do not. Cheap (no decode)."""
+    return data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9"
+
+
+def target_size(w: int, h: int, max_size: int) -> tuple[int, int]:
+    scale = max_size / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
+                 ) -> tuple[bytes, ImageInfo]:
+    """(bytes to store, what was done). Raises UndecodableImage for broken files."""
+    try:
+        im = Image.open(io.BytesIO(data))  # reads the header only
+        fmt, mode, (w, h) = im.format or "", im.mode, im.size
+    except Exception as exc:
+        raise UndecodableImage(f"not an image ({type(exc).__name__}: {exc})") from exc
+    repair = _repair_reason(fmt, mode)
+    shrink = bool(max_size) and max(w, h) > max_size
+    if not repair and not shrink and _complete_jpeg(data):
+        return data, ImageInfo(fmt, mode, w, h, w, h, None, False)
+    try:
+        if shrink and fmt == "JPEG":
+            tw, th = target_size(w, h, max_size)
+            im.draft("RGB", (tw, th))  # DCT scaling 1/2, 1/4, 1/8 when >= 2x smaller
+        im = im.convert("RGB")  # decodes; raises on truncated data
+    except Exception as exc:
+        raise UndecodableImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
+    if shrink:
+        im = im.resize(target_size(w, h, max_size), Image.Resampling.LANCZOS)
+    elif not repair:  # a good JPEG that only lacked its end marker: keep it as it was
+        return data, ImageInfo(fmt, mode, w, h, w, h, None, False)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality if shrink else REPAIR_QUALITY)
+    return buf.getvalue(), ImageInfo(fmt, mode, im.width, im.height, w, h, repair, shrink)

@@ -1,0 +1,47 @@
+"""Which sample goes into which shard: decided once, before any writing, so the result does
+not depend on worker count or completion order."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shards.source import Sample
+
+TARGET_SAMPLES = 1250  # ~140 MB of ImageNet JPEGs (avg ~110 KB): within 100 MB .. 1 GB
+
+
+@dataclass
+class ShardPlan:
+    split: str
+    index: int
+    samples: list[Sample]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+def default_num_shards(n: int) -> int:
+    """n / 1250 rounded to the nearest power of two, at least 8 (so shards divide evenly
+    among any power-of-two world_size x workers up to that count; ImageNet: 1024 train,
+    64 val, like timm's published shards), at least 64 once that leaves >= 256 samples per
+    shard, never more shards than samples."""
+    raw = max(n / TARGET_SAMPLES, 1)
+    shards = 2 ** round(math.log2(raw))
+    shards = max(shards, 8, 64 if n >= 64 * 256 else 0)
+    return max(1, min(shards, n))
+
+
+def assign(split: str, samples: list[Sample], num_shards: int, seed: int) -> list[ShardPlan]:
+    """Train: a seeded global permutation dealt round-robin (shard sizes differ by at most
+    one). Other splits keep file order in contiguous, equally sized shards."""
+    n = len(samples)
+    if split == "train":
+        order = np.random.default_rng(seed).permutation(n)
+        groups = [order[i::num_shards] for i in range(num_shards)]
+    else:
+        groups = np.array_split(np.arange(n), num_shards)
+    return [ShardPlan(split, i, [samples[j] for j in g]) for i, g in enumerate(groups)]

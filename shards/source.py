@@ -1,0 +1,79 @@
+"""Read the dataset `prep imagenet` prepared (DIR/imagenet with meta/*.txt) as sample lists."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from prep.errors import PrepError
+
+
+@dataclass(frozen=True)
+class Sample:
+    key: str  # file stem: unique within its split, no dots (webdataset splits at the first)
+    path: str  # relative to DATA/<split>, as in meta/<split>.txt
+    label: int  # sorted-WNID index; -1 for unlabelled test
+    wnid: str  # "" for test
+    line: int  # line in meta/<split>.txt, for error messages
+
+
+def read_classes(data: Path) -> list[str]:
+    """WNIDs in label order from meta/classes.csv (or meta/synsets.txt)."""
+    meta = data / "meta"
+    table = meta / "classes.csv"
+    if table.is_file():
+        with open(table, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or any(int(r["index"]) != i for i, r in enumerate(rows)):
+            raise PrepError(f"{table}: expected rows index,wnid,... numbered 0..N-1")
+        return [r["wnid"] for r in rows]
+    synsets = meta / "synsets.txt"
+    if synsets.is_file():
+        return synsets.read_text().split()
+    raise PrepError(f"{meta}: no classes.csv or synsets.txt; run `prep imagenet` first "
+                    "(--data is the imagenet/ dir it made, e.g. data/imagenet)")
+
+
+def read_split(data: Path, split: str, wnids: list[str]) -> list[Sample]:
+    """Samples of meta/<split>.txt; labels checked against the class table and folders."""
+    ann = data / "meta" / f"{split}.txt"
+    if not ann.is_file():
+        raise PrepError(f"{ann}: missing; `prep imagenet` writes it (or drop {split} "
+                        "from --splits)")
+    index = {w: i for i, w in enumerate(wnids)}
+    samples, keys = [], {}
+    with open(ann, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            text = line.strip()
+            if not text:
+                continue
+            if split == "test":
+                path, label, wnid = text, -1, ""
+            else:
+                path, _, lab = text.rpartition(" ")
+                if not path or not lab.lstrip("-").isdigit():
+                    raise PrepError(f"{ann}:{n}: expected 'path label', got {text[:80]!r}")
+                label, wnid = int(lab), path.split("/", 1)[0]
+                if not 0 <= label < len(wnids):
+                    raise PrepError(f"{ann}:{n}: label {label} out of range 0..{len(wnids) - 1}")
+                if index.get(wnid) != label:
+                    raise PrepError(f"{ann}:{n}: label {label} but folder {wnid} is class "
+                                    f"{index.get(wnid, 'unknown')} in meta/classes.csv")
+            key = path.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
+            if key in keys:
+                raise PrepError(f"{ann}:{n}: sample key {key!r} repeats line {keys[key]}")
+            keys[key] = n
+            samples.append(Sample(key, path, label, wnid, n))
+    if not samples:
+        raise PrepError(f"{ann}: no samples")
+    return samples
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()

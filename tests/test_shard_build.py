@@ -1,0 +1,222 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from prep.cli import main
+from prep.errors import PrepError
+from shards.build import ShardSettings, shard_dataset
+from tests.conftest import sha256_files
+
+
+def _shard(data, out, workers=1, **kw):
+    rng = kw.pop("shard_range", (0, 1))
+    force = kw.pop("force", False)
+    return shard_dataset(data, out, ShardSettings(**kw), workers=workers, shard_range=rng,
+                         force=force, progress=False)
+
+
+def test_manifest_and_samples(prepared, tmp_path):
+    data, plan = prepared()
+    r = _shard(data, tmp_path / "shards", num_shards=3)
+    out = tmp_path / "shards"
+    info = json.loads((out / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 20
+    assert info["splits"]["train"]["filenames"] == [f"train-00000{i}.tar" for i in range(3)]
+    assert sum(info["splits"]["val"]["shard_lengths"]) == 15
+    assert info["splits"]["test"]["num_samples"] == 2
+    assert info["prep"]["settings"]["num_shards"] == 3 and info["prep"]["tool"]
+    sums = (out / "SHA256SUMS").read_text().splitlines()
+    assert info["splits"]["test"]["filenames"] == ["test-000000.tar", "test-000001.tar"]
+    assert len(sums) == 8 and all(len(line.split("  ")[0]) == 64 for line in sums)
+    wids = json.loads((out / "train.shardindex.json").read_text())
+    assert wids["__kind__"] == "wids-shard-index-v1"
+    assert [s["nsamples"] for s in wids["shardlist"]] == info["splits"]["train"]["shard_lengths"]
+    assert len(r.written) == 8  # 3 train + 3 val + 2 test (never an empty shard)
+    with tarfile.open(out / "val-000000.tar") as t:
+        members = t.getmembers()
+        names = [m.name for m in members]
+        first = sorted(plan.val)[0]
+        assert names[:3] == [f"{first}.cls", f"{first}.jpg", f"{first}.json"]
+        assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(1335830400, 0, 0, 0o444)}
+        meta = json.loads(t.extractfile(names[2]).read())
+        assert meta["wnid"] == plan.val[first] and meta["source"] == f"val/{plan.val[first]}/" \
+            f"{first}.JPEG"
+        src_bytes = (data / "val" / plan.val[first] / f"{first}.JPEG").read_bytes()
+        assert t.extractfile(names[1]).read() == src_bytes  # stored byte for byte
+
+
+def test_parquet_index_points_at_members(prepared, tmp_path):
+    import pyarrow.parquet as pq
+
+    data, _ = prepared()
+    out = tmp_path / "s"
+    _shard(data, out, num_shards=2)
+    rows = pq.read_table(out / "index.parquet").to_pylist()
+    assert len(rows) == 20 + 15 + 2
+    row = next(r for r in rows if r["split"] == "train")
+    with open(out / row["shard"], "rb") as f:
+        f.seek(row["offset"])
+        header = f.read(512)
+    assert header[:100].rstrip(b"\0").decode() == f"{row['key']}.cls"
+    assert {r["repaired"] for r in rows} == {""}
+
+
+def test_byte_identical_whatever_the_worker_count(prepared, tmp_path):
+    data, _ = prepared(classes=6)
+    _shard(data, tmp_path / "a", workers=1, num_shards=4)
+    _shard(data, tmp_path / "b", workers=2, num_shards=4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert sha256_files(a.glob("*.tar")) == sha256_files(b.glob("*.tar"))
+    for name in ("SHA256SUMS", "train.shardindex.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+
+
+def test_rerun_does_nothing_and_resume_after_loss(prepared, tmp_path):
+    data, _ = prepared()
+    out = tmp_path / "s"
+    _shard(data, out, num_shards=3)
+    before = sha256_files(out.glob("*.tar"))
+    again = _shard(data, out, num_shards=3)
+    assert again.written == [] and again.kept == 8
+    # what a kill leaves: a .partial, a shard without its record, a record without a shard
+    (out / "train-000001.tar").rename(out / "train-000001.tar.partial")
+    (out / ".prep-shard/parts/val-000002.tar.json").unlink()
+    (out / "test-000000.tar").unlink()
+    r = _shard(data, out, num_shards=3)
+    assert sorted(x.name for x in r.written) == ["test-000000.tar", "train-000001.tar",
+                                                  "val-000002.tar"]
+    assert sha256_files(out.glob("*.tar")) == before
+    assert not list(out.glob("*.partial"))
+
+
+def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
+    from prep.imagenet import prepare_imagenet
+
+    src, _ = make_sample("ilsvrc2017", classes=8, train_per_class=60, size=96)
+    prepare_imagenet(src, tmp_path / "data", progress=False, workers=1)
+    data = tmp_path / "data/imagenet"
+    ref = tmp_path / "ref"
+    _shard(data, ref, num_shards=16)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "prep.cli", "shard", "-q", "--data", str(data), "--out",
+           str(out), "--num-shards", "16", "--workers", "1"]
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 3:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pool workers too
+    proc.wait()
+    assert not (out / "_info.json").exists()  # never looks finished
+    subprocess.run(cmd, check=True)
+    assert sha256_files(out.glob("*.tar")) == sha256_files(ref.glob("*.tar"))
+    assert (out / "SHA256SUMS").read_bytes() == (ref / "SHA256SUMS").read_bytes()
+
+
+def test_shard_range_parts_then_finalize_equal_one_run(prepared, tmp_path):
+    data, _ = prepared()
+    _shard(data, tmp_path / "one", num_shards=3)
+    parts = tmp_path / "parts"
+    r0 = _shard(data, parts, num_shards=3, shard_range=(0, 2))
+    assert r0.pending > 0 and r0.info is None and not (parts / "_info.json").exists()
+    r1 = _shard(data, parts, num_shards=3, shard_range=(1, 2))
+    assert r1.pending == 0 and r1.info is not None
+    for name in ("SHA256SUMS", "_info.json", "train.shardindex.json"):
+        assert (parts / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    fin = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out", str(parts),
+                                    "--num-shards", "3", "--finalize"])
+    assert fin.exit_code == 0, fin.output
+
+
+def test_finalize_refuses_unfinished(prepared, tmp_path):
+    data, _ = prepared()
+    _shard(data, tmp_path / "p", num_shards=3, shard_range=(0, 3))
+    r = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out",
+                                  str(tmp_path / "p"), "--num-shards", "3", "--finalize"])
+    assert r.exit_code != 0 and "not finished yet" in r.output
+
+
+def test_other_options_refused_unless_force(prepared, tmp_path):
+    data, _ = prepared()
+    out = tmp_path / "s"
+    _shard(data, out, num_shards=3)
+    before = sha256_files(out.glob("*.tar"))
+    with pytest.raises(PrepError, match="differs .input or options"):
+        _shard(data, out, num_shards=2)
+    assert sha256_files(out.glob("*.tar")) == before
+    _shard(data, out, num_shards=2, force=True)
+    assert len(list(out.glob("train-*.tar"))) == 2
+
+
+def test_foreign_tars_refused(prepared, tmp_path):
+    data, _ = prepared()
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "mine.tar").write_bytes(b"x")
+    with pytest.raises(PrepError, match="not made by prep shard"):
+        _shard(data, out)
+    assert (out / "mine.tar").read_bytes() == b"x"
+
+
+def test_repairs_and_errors(prepared, tmp_path):
+    data, plan = prepared("ilsvrc2012", bad_files=True)
+    bad = {k: s for s, k in plan.bad.items()}
+    with pytest.raises(PrepError, match=rf"{bad['truncated']}.JPEG: (cannot decode|not an "
+                       r"image).*--on-error skip"):
+        _shard(data, tmp_path / "fail", num_shards=2)
+    assert not list((tmp_path / "fail").glob("*.partial"))
+    r = _shard(data, tmp_path / "skip", num_shards=2, on_error="skip")
+    prep = r.info["prep"]
+    assert prep["repairs"] == {"cmyk": 1, "grayscale": 1, "png": 1}
+    assert len(prep["skipped"]) == 1 and bad["truncated"] in prep["skipped"][0]
+    assert r.info["splits"]["train"]["num_samples"] == 19
+
+
+def test_missing_image_named_with_meta_line(prepared, tmp_path):
+    data, plan = prepared()
+    w = plan.wnids[0]
+    victim = sorted((data / "train" / w).iterdir())[0]
+    victim.unlink()  # (the sample tree is the test's own copy)
+    with pytest.raises(PrepError, match=r"meta/train.txt:1: .* does not exist"):
+        _shard(data, tmp_path / "s")
+
+
+def test_disk_error_leaves_no_partial(prepared, tmp_path, monkeypatch):
+    import errno
+
+    import shards.write as w
+    from shards.plan import assign
+    from shards.source import read_classes, read_split
+
+    data, _ = prepared()
+    real = w._HashingFile.write
+
+    def full(self, b):  # the disk fills up after 4 KB
+        if self.size > 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, b)
+
+    monkeypatch.setattr(w._HashingFile, "write", full)
+    plan = assign("train", read_split(data, "train", read_classes(data)), 1, 0)[0]
+    out = tmp_path / "s"
+    out.mkdir()
+    with pytest.raises(PrepError, match="No space left on device.*no partial shard"):
+        w.write_shard(plan, data, out, w.ShardOptions())
+    assert list(out.iterdir()) == []
+
+
+def test_cli_summary(prepared, tmp_path):
+    data, _ = prepared()
+    r = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out",
+                                  str(tmp_path / "s"), "--samples-per-shard", "8"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 6 shards" in r.output
+    assert re.search(r"train +20 samples in +3 shards \(6\.\.7 per shard\)", r.output)
+    assert r.output.index(" train ") < r.output.index(" val ") < r.output.index(" test ")

@@ -1,0 +1,55 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from prep.synth import bad_file_bytes, encode_jpeg, render
+from shards.image import UndecodableImage, encode_image
+
+
+def _photo(w=500, h=375):
+    rng = np.random.default_rng(0)
+    return render(3, 10, rng, max(w, h)).resize((w, h))
+
+
+def test_good_jpeg_is_stored_byte_for_byte():
+    data = encode_jpeg(_photo())
+    out, info = encode_image(data)
+    assert out is data and info.repaired is None and not info.resized
+    out, info = encode_image(data, max_size=512)  # already small enough: no re-encode
+    assert out is data
+
+
+@pytest.mark.parametrize("kind,reason", [("cmyk", "cmyk"), ("png", "png"),
+                                         ("gray", "grayscale")])
+def test_repairs_become_rgb_jpeg(kind, reason):
+    out, info = encode_image(bad_file_bytes(kind, _photo()))
+    im = Image.open(io.BytesIO(out))
+    assert im.format == "JPEG" and im.mode == "RGB" and im.size == (500, 375)
+    assert info.repaired == reason
+
+
+def test_truncated_and_garbage_are_undecodable():
+    with pytest.raises(UndecodableImage, match="cannot decode"):
+        encode_image(bad_file_bytes("truncated", _photo()))
+    with pytest.raises(UndecodableImage, match="not an image"):
+        encode_image(b"")
+    with pytest.raises(UndecodableImage):
+        encode_image(b"<html>404</html>")
+
+
+@pytest.mark.parametrize("w,h,max_size,expected", [
+    (500, 375, 384, (384, 288)), (375, 500, 384, (288, 384)),
+    (1600, 1200, 384, (384, 288)),  # >= 2x: decoded at reduced DCT scale first
+    (300, 200, 384, (300, 200)),  # never upscaled
+])
+def test_max_size_keeps_aspect_and_never_upscales(w, h, max_size, expected):
+    src = _photo(w, h)
+    out, info = encode_image(encode_jpeg(src), max_size=max_size, quality=90)
+    im = Image.open(io.BytesIO(out))
+    assert im.size == expected and (info.width, info.height) == expected
+    assert info.resized == (expected != (w, h))
+    if info.resized:  # same picture: small mean error against a plain resize
+        ref = np.asarray(src.resize(expected, Image.Resampling.LANCZOS), dtype=np.float32)
+        assert np.abs(np.asarray(im, dtype=np.float32) - ref).mean() < 8
