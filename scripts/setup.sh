@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-.venv}
 PYTHON=${PYTHON:-python3}
-quiet() { grep -v -e "is ignored: it is neither" -e "^$" || true; }  # this site's pip mirror chatter
+quiet() { grep -v -e "is ignored: it is neither" -e "^WARNING: Skipping" -e "^$" || true; }  # this site's pip mirror chatter
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 PIP="$VENV/bin/pip"
@@ -14,19 +14,24 @@ PIP="$VENV/bin/pip"
 # any other version downloads several GB.
 "$PIP" install -q torch==2.14.1 torchvision==0.29.1 -e ".[test]" 2>&1 | quiet
 
-# Pillow-SIMD last: a later install that pulls `pillow` silently undoes it (measured here:
-# 1.5x faster decode+crop+resize than Pillow). PIL.__version__ ends in .postN when active.
-if ! "$VENV/bin/python" -c "import PIL, sys; sys.exit('.post' not in PIL.__version__)" 2>/dev/null; then
+# Pillow-SIMD last (measured here: 1.5x faster decode+crop+resize than Pillow). Any install
+# that resolves torchvision's `pillow` requirement puts Pillow back over Pillow-SIMD's files,
+# so every run ends by removing both and installing the AVX2 wheel, built once (~50 s) and
+# kept in $VENV/wheels. PIL.__version__ ends in .postN when Pillow-SIMD is active.
+is_simd() { "$VENV/bin/python" -c "import PIL.Image, sys; sys.exit('.post' not in PIL.__version__)" 2>/dev/null; }
+if ! is_simd; then
+  WHEELS="$VENV/wheels"
   if grep -q avx2 /proc/cpuinfo 2>/dev/null; then
-    "$PIP" uninstall -y -q pillow 2>&1 | quiet
-    if ! CC="cc -mavx2" "$PIP" install -q --no-cache-dir pillow-simd 2>&1 | quiet \
-       || ! "$VENV/bin/python" -c "import PIL.Image" 2>/dev/null; then
-      echo "setup: Pillow-SIMD did not build; falling back to Pillow" >&2
-      "$PIP" uninstall -y -q pillow-simd 2>&1 | quiet
-      "$PIP" install -q pillow 2>&1 | quiet
+    if ! ls "$WHEELS"/pillow_simd-*.whl >/dev/null 2>&1; then
+      CC="cc -mavx2" "$PIP" wheel -q --no-deps --no-cache-dir pillow-simd -w "$WHEELS" 2>&1 | quiet || true
     fi
-  else
-    echo "setup: this CPU has no AVX2; keeping Pillow" >&2
+    "$PIP" uninstall -y -q pillow pillow-simd 2>&1 | quiet
+    "$PIP" install -q --no-deps "$WHEELS"/pillow_simd-*.whl 2>&1 | quiet || true
+  fi
+  if ! is_simd; then
+    echo "setup: Pillow-SIMD is not available here (no AVX2 or the build failed); using Pillow" >&2
+    "$PIP" uninstall -y -q pillow-simd 2>&1 | quiet
+    "$PIP" install -q --force-reinstall pillow 2>&1 | quiet
   fi
 fi
 "$VENV/bin/python" - <<'PY'

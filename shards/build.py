@@ -21,13 +21,14 @@ from tqdm import tqdm
 
 from prep import __version__
 from prep.errors import PrepError
+from shards.image import keep_image_buffers_in_heap
 from shards.manifest import INFO, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.source import read_classes, read_split
 from shards.write import ShardOptions, ShardRecord, write_shard
 
 STATE = ".prep-shard"
-FORMAT = 1  # bump when the bytes written for the same plan change
+FORMAT = 3  # bump when the bytes written for the same plan change
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     total = sum(len(p.samples) for p in todo)
     bar = tqdm(total=total, unit="img", desc="shard", disable=not progress or not todo)
     nbytes, t0 = 0, time.perf_counter()
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
         futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
         while futures:
             done, futures = wait(futures, return_when=FIRST_EXCEPTION)

@@ -17,6 +17,26 @@ from PIL import Image
 REPAIR_QUALITY = 95  # re-encoding a repaired image: keep it close to the original
 
 
+def keep_image_buffers_in_heap() -> bool:
+    """Stop glibc from returning Pillow's freed image buffers to the OS after every image.
+
+    Pillow mallocs and frees a ~0.75 MB buffer per 500x375 image; with other allocations in
+    between (the file's bytes), glibc mmaps and unmaps it each time and every image pays
+    fresh page faults: measured 222-306 img/s for decode+resize+encode here, 382-473 img/s
+    with this (mmap threshold 16 MB, trim threshold 64 MB). Call once per worker process;
+    returns False where it does not apply (not glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+        return bool(libc.mallopt(m_mmap_threshold, 16 << 20)
+                    and libc.mallopt(m_trim_threshold, 64 << 20))
+    except (OSError, AttributeError):
+        return False
+
+
 class UndecodableImage(Exception):
     """The file is not an image Pillow can decode (truncated, corrupt, empty)."""
 
@@ -47,7 +67,35 @@ def _repair_reason(fmt: str, mode: str) -> str | None:
 
 def _complete_jpeg(data: bytes) -> bool:
     """A JPEG ends with the EOI marker; truncated downloads do not. Cheap (no decode)."""
-    return data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9"
+    return data.endswith(b"\xff\xd9") or data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9"
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from an 8-bit JPEG's SOF marker, or None when the data
+    is anything else. Walking the marker segments takes a few µs; PIL's header parser
+    takes ~86 µs here, which is most of the per-image cost of pass-through sharding."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF:
+            if data[i + 4] != 8:  # 12-bit JPEGs: let PIL decide
+                return None
+            h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return w, h, data[i + 9]
+        if marker == 0xDA:  # start of scan before any SOF: malformed
+            return None
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
 
 
 def target_size(w: int, h: int, max_size: int) -> tuple[int, int]:
@@ -58,6 +106,11 @@ def target_size(w: int, h: int, max_size: int) -> tuple[int, int]:
 def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
                  ) -> tuple[bytes, ImageInfo]:
     """(bytes to store, what was done). Raises UndecodableImage for broken files."""
+    sof = jpeg_sof(data)
+    if sof and sof[2] == 3 and _complete_jpeg(data):  # the common case: no PIL at all
+        w, h, _ = sof
+        if not max_size or max(w, h) <= max_size:
+            return data, ImageInfo("JPEG", "RGB", w, h, w, h, None, False)
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
         fmt, mode, (w, h) = im.format or "", im.mode, im.size
@@ -68,14 +121,16 @@ def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
     if not repair and not shrink and _complete_jpeg(data):
         return data, ImageInfo(fmt, mode, w, h, w, h, None, False)
     try:
-        if shrink and fmt == "JPEG":
-            tw, th = target_size(w, h, max_size)
-            im.draft("RGB", (tw, th))  # DCT scaling 1/2, 1/4, 1/8 when >= 2x smaller
+        if shrink and fmt == "JPEG" and max(w, h) >= 2 * max_size:
+            # DCT scaling 1/2, 1/4, 1/8. Only when it applies: a draft() that cannot scale
+            # still changes the decode path and measured ~1.5x slower for a 1.3x shrink.
+            im.draft("RGB", target_size(w, h, max_size))
         im = im.convert("RGB")  # decodes; raises on truncated data
     except Exception as exc:
         raise UndecodableImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
     if shrink:
-        im = im.resize(target_size(w, h, max_size), Image.Resampling.LANCZOS)
+        # BICUBIC, as Image.thumbnail: 1.2x faster than LANCZOS here with Pillow-SIMD
+        im = im.resize(target_size(w, h, max_size), Image.Resampling.BICUBIC)
     elif not repair:  # a good JPEG that only lacked its end marker: keep it as it was
         return data, ImageInfo(fmt, mode, w, h, w, h, None, False)
     buf = io.BytesIO()

@@ -53,7 +53,7 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
     for split, recs in splits.items():
         wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split,
                 "shardlist": [{"url": r.name, "nsamples": r.num_samples,
-                               "filesize": r.filesize, "md5sum": r.md5} for r in recs]}
+                               "filesize": r.filesize} for r in recs]}  # md5sum: optional
         _atomic_write(out / f"{split}.shardindex.json", json.dumps(wids, indent=1).encode())
     _atomic_write(out / INFO, (json.dumps(info, indent=1) + "\n").encode())  # last: "done"
     return info

@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from prep.errors import PrepError
+from shards.image import keep_image_buffers_in_heap
 from shards.manifest import INFO, SUMS
 
 
@@ -126,7 +127,7 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
     seen: dict[str, dict[str, str]] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
         for job, split, (problems, keys) in zip(jobs, splits_of, pool.map(_check_job, jobs)):
             report.problems += problems
             report.shards += 1

@@ -1,7 +1,8 @@
 """Write one shard: a reproducible, uncompressed WebDataset tar, atomically.
 
 Byte-reproducible: members in sample order, each sample's members sorted by extension
-(`cls`, `jpg`, `json`, webdataset's TarWriter order), fixed mtime, owner and mode. The tar
+(`cls`, `jpg`, `json`, as webdataset's TarWriter orders them), fixed mtime, owner and mode
+(shards/tario.py). The tar
 is written as `NAME.partial`, fsynced, then renamed: a killed run never leaves a file
 that looks finished.
 """
@@ -11,16 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import webdataset as wds
 
 from prep.errors import PrepError
 from shards.image import UndecodableImage, encode_image
 from shards.plan import ShardPlan
-
-MTIME = 1335830400  # 2012-05-01, the ILSVRC2012 release: any fixed value makes tars reproducible
+from shards.tario import FdSink, TarStream
 
 
 @dataclass
@@ -39,45 +37,31 @@ class ShardRecord:
     num_samples: int
     filesize: int
     sha256: str
-    md5: str
     rows: list[dict] = field(default_factory=list)  # the per-sample index
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-
-class _HashingFile:
-    """Write-through file object that hashes as it goes (no second read of the shard)."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.md5, self.size = f, hashlib.sha256(), hashlib.md5(), 0
-
-    def write(self, b) -> int:
-        self.sha.update(b)
-        self.md5.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-    def tell(self) -> int:
-        return self.size
+        # vars(), not dataclasses.asdict: asdict deep-copies every row (1.5 s per 12k rows)
+        return json.dumps(vars(self), separators=(",", ":"))
 
 
 def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> ShardRecord:
     """Write `out/plan.name` from the images under `data/<split>/`; returns its record."""
     final = out / plan.name
     partial = out / f"{plan.name}.partial"
-    rec = ShardRecord(plan.name, plan.split, 0, 0, "", "")
+    rec = ShardRecord(plan.name, plan.split, 0, 0, "")
     try:
-        with open(partial, "wb") as raw:
-            hf = _HashingFile(raw)
-            with wds.TarWriter(hf, user="", group="", mode=0o444, encoder=False,
-                               mtime=MTIME) as tw:
-                for s in plan.samples:
-                    _write_sample(tw, s, data, plan, opts, rec)
-            raw.flush()
-            os.fsync(raw.fileno())
-        rec.filesize, rec.sha256, rec.md5 = hf.size, hf.sha.hexdigest(), hf.md5.hexdigest()
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            sha = hashlib.sha256()
+            tar = TarStream(FdSink(fd, sha))
+            for s in plan.samples:
+                _write_sample(tar, s, data, plan, opts, rec)
+            tar.close()
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        rec.filesize, rec.sha256 = tar.offset, sha.hexdigest()
         os.replace(partial, final)
     except OSError as exc:
         _remove(partial)
@@ -90,11 +74,11 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
     return rec
 
 
-def _write_sample(tw: wds.TarWriter, s, data: Path, plan: ShardPlan, opts: ShardOptions,
+def _write_sample(tar: TarStream, s, data: Path, plan: ShardPlan, opts: ShardOptions,
                   rec: ShardRecord) -> None:
     src = data / plan.split / s.path
     try:
-        raw = src.read_bytes()
+        raw = read_file(src)
     except FileNotFoundError as exc:
         raise PrepError(f"{data}/meta/{plan.split}.txt:{s.line}: {src} does not exist; "
                         "rerun `prep imagenet` to refresh meta/") from exc
@@ -109,17 +93,31 @@ def _write_sample(tw: wds.TarWriter, s, data: Path, plan: ShardPlan, opts: Shard
     meta = {"key": s.key, "wnid": s.wnid, "label": s.label, "source": f"{plan.split}/{s.path}",
             "width": info.width, "height": info.height, "format": info.format,
             "mode": info.mode, "repaired": info.repaired, "resized": info.resized}
-    sample = {"__key__": s.key, "jpg": jpg,
-              "json": json.dumps(meta, sort_keys=True).encode()}
-    if s.label >= 0:
-        sample["cls"] = str(s.label).encode()
-    offset = tw.tarstream.offset
-    tw.write(sample)
+    offset = tar.offset
+    members = [(f"{s.key}.cls", str(s.label).encode())] if s.label >= 0 else []
+    members += [(f"{s.key}.jpg", jpg), (f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())]
+    tar.add_many(members)
     rec.num_samples += 1
     rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name, "offset": offset,
                      "jpg_bytes": len(jpg), "label": s.label, "wnid": s.wnid,
                      "width": info.width, "height": info.height,
                      "repaired": info.repaired or "", "source": f"{plan.split}/{s.path}"})
+
+
+def read_file(path: Path) -> bytes:
+    """The whole file in one read of its known size (Path.read_bytes: ~1.6x slower here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        data = os.read(fd, size + 1)
+        while len(data) <= size:  # short read (network file systems): keep going
+            more = os.read(fd, size + 1 - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
 
 
 def _remove(path: Path) -> None:

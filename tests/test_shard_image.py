@@ -51,5 +51,27 @@ def test_max_size_keeps_aspect_and_never_upscales(w, h, max_size, expected):
     assert im.size == expected and (info.width, info.height) == expected
     assert info.resized == (expected != (w, h))
     if info.resized:  # same picture: small mean error against a plain resize
-        ref = np.asarray(src.resize(expected, Image.Resampling.LANCZOS), dtype=np.float32)
+        ref = np.asarray(src.resize(expected, Image.Resampling.BICUBIC), dtype=np.float32)
         assert np.abs(np.asarray(im, dtype=np.float32) - ref).mean() < 8
+
+
+@pytest.mark.parametrize("kind,comps", [(None, 3), ("cmyk", 4), ("gray", 1)])
+def test_jpeg_sof_scan_agrees_with_pil(kind, comps):
+    from shards.image import jpeg_sof
+
+    img = _photo(320, 200)
+    data = bad_file_bytes(kind, img) if kind else encode_jpeg(img)
+    assert jpeg_sof(data) == (320, 200, comps)
+    progressive = io.BytesIO()
+    img.save(progressive, "JPEG", progressive=True, quality=80)
+    assert jpeg_sof(progressive.getvalue()) == (320, 200, 3)
+    assert jpeg_sof(bad_file_bytes("png", img)) is None and jpeg_sof(b"") is None
+
+
+def test_allocator_tuning_applies_on_glibc():
+    import platform
+
+    from shards.image import keep_image_buffers_in_heap
+
+    ok = keep_image_buffers_in_heap()
+    assert ok == (platform.libc_ver()[0] == "glibc")
