@@ -1,0 +1,94 @@
+"""Real torchrun, 2 processes, gloo on CPU: exact eval count, checkpoints, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shards.build import ShardSettings, shard_dataset
+from train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["arch=resnet18", "num_classes=6", "image_size=32", "val_resize=36", "val_crop=32",
+        "batch_size=8", "workers=1", "shuffle_buffer=50", "lr=0.4", "lr_schedule=cosine",
+        "log_every=2"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from prep.imagenet import prepare_imagenet
+    from prep.sample import SampleSpec, write_sample
+
+    tmp = tmp_path_factory.mktemp("torchrun")
+    write_sample(tmp / "src", "ilsvrc2017", SampleSpec(classes=6, train_per_class=16,
+                                                       val_per_class=4, size=40),
+                 progress=False)
+    prepare_imagenet(tmp / "src", tmp / "data", progress=False, workers=1)
+    shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=4),
+                  workers=1, progress=False)
+    return tmp / "shards"
+
+
+def command(shards, out, epochs, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train/main.py"), "--data", str(shards), "--output-dir", str(out),
+           "--device", "cpu", "--set", f"epochs={epochs}", *[a for s in TINY for a in
+                                                             ("--set", s)], *extra]
+
+
+def torchrun(shards, out, epochs, *extra):
+    r = subprocess.run(command(shards, out, epochs, *extra), capture_output=True, text=True,
+                       timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout + r.stderr
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_evaluate_and_resume(shards, tmp_path):
+    full = tmp_path / "full"
+    torchrun(shards, full, 2)
+    m = metrics(full)
+    assert [x["epoch"] for x in m] == [0, 1]
+    assert all(x["val_samples"] == 24 for x in m)  # every val sample once over 2 ranks
+    config = json.loads((full / "config.json").read_text())
+    assert config["world_size"] == 2 and config["steps_per_epoch"] == 96 // 16
+    state = ckpt.load(full / "checkpoint.pt")  # weights_only=True
+    assert state["epoch"] == 1 and state["scheduler"]["last_epoch"] == 12
+    assert (full / "best.pt").is_file() and (full / "curves.png").stat().st_size > 1000
+
+    part = tmp_path / "part"  # preempted (SIGKILL) once epoch 0 is saved, then resumed
+    proc = subprocess.Popen(command(shards, part, 2), cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (part / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    # torchrun starts its workers in their own sessions: kill every process of this run,
+    # as a scheduler's preemption does, and wait until none is left
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while subprocess.run(["pkill", "-KILL", "-f", str(part)]).returncode == 0:
+        time.sleep(0.1)
+    assert len(metrics(part)) == 1
+    log = torchrun(shards, part, 2, "--resume", "auto")
+    assert "resumed from" in log and "epoch 1, step 6" in log
+    resumed = metrics(part)
+    assert [x["epoch"] for x in resumed] == [0, 1]
+    for a, b in zip(resumed, m):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["top1"] == pytest.approx(b["top1"], abs=1 / 24 + 1e-9)
+
+
+def test_evaluate_only_from_checkpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    torchrun(shards, out, 1)
+    log = torchrun(shards, out, 1, "--evaluate", "--checkpoint", str(out / "checkpoint.pt"))
+    result = json.loads([line for line in log.splitlines() if line.startswith('{"top1"')][-1])
+    assert result["val_samples"] == 24

@@ -1,0 +1,98 @@
+"""Training settings: each declared once, with its default and unit; recipes override them.
+
+A recipe is a small YAML mapping of these names. Unknown names and wrongly typed values are
+errors (nanoGPT-style), so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet50"  # torchvision.models name
+    num_classes: int = 1000
+    image_size: int = 224  # px, train crop side
+    val_resize: int = 256  # px, shorter side before the val center crop
+    val_crop: int = 224  # px
+    min_scale: float = 0.08  # RandomResizedCrop smallest area fraction
+    hflip: bool = True
+    batch_size: int = 256  # images per process
+    workers: int = 8  # data-loading processes per rank
+    shuffle_buffer: int = 5000  # samples held for shuffling, before decode
+    epochs: int = 90
+    lr: float = 0.1  # for a global batch of 256; scaled linearly with the global batch
+    lr_schedule: str = "step"  # step | cosine | linear (FFCV: ramp up, then down to 0)
+    lr_steps: list = (30, 60, 80)  # epochs where step divides the LR by 1/lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0  # linear warmup from 0, in epochs
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    no_wd_norm_bias: bool = False  # no weight decay on norm layers and biases
+    label_smoothing: float = 0.0
+    amp: str = "none"  # none | bf16 | fp16 (GradScaler)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model
+    max_skip_rate: float = 0.001  # abort when more samples than this fraction fail to decode
+    seed: int = 0
+    log_every: int = 20  # steps between progress updates
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lr_steps"] = list(d["lr_steps"])
+        return d
+
+
+CHOICES = {"lr_schedule": ("step", "cosine", "linear"), "amp": ("none", "bf16", "fp16")}
+
+
+def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value)
+        value = list(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+    if name in CHOICES and value not in CHOICES[name]:
+        raise ValueError(f"{where}: {name} must be one of {CHOICES[name]}, got {value!r}")
+    return value
+
+
+def apply(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfig:
+    known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    for name, value in overrides.items():
+        setattr(cfg, name, _coerce(name, value, known[name], where))
+    return cfg
+
+
+def load_config(recipe: str | Path | None, sets: list[str] = ()) -> TrainConfig:
+    """Defaults, then the recipe file, then `--set name=value` overrides (YAML values)."""
+    cfg = TrainConfig()
+    if recipe:
+        doc = yaml.safe_load(Path(recipe).read_text()) or {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{recipe}: expected a mapping of settings")
+        apply(cfg, doc, str(recipe))
+    for item in sets:
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--set {item!r}: expected name=value")
+        apply(cfg, {name.strip(): yaml.safe_load(value)}, f"--set {item}")
+    return cfg

@@ -1,0 +1,115 @@
+"""One training epoch and one exact evaluation, with data-wait vs compute timing."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from train.data import MEAN, STD
+
+
+class Normalize:
+    """uint8 NCHW batch on the host -> normalized float on the device (non-blocking copy)."""
+
+    def __init__(self, device: torch.device, channels_last: bool):
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.device, self.channels_last = device, channels_last
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class LossNotFinite(RuntimeError):
+    pass
+
+
+def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, scaler,
+                    criterion, norm: Normalize, cfg, epoch: int, show: bool) -> dict:
+    model.train()
+    loss_sum = torch.zeros((), device=norm.device)
+    seen = correct = 0
+    wait = compute = 0.0
+    t_epoch = t = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show, unit="step")
+    for step, (images, labels) in enumerate(loader):
+        t_data = time.perf_counter()
+        wait += t_data - t
+        x, y = norm(images), labels.to(norm.device, non_blocking=True)
+        with autocast(norm.device, cfg.amp):
+            out = model(x)
+            loss = criterion(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)
+        seen += len(y)
+        if step % cfg.log_every == 0 or step == steps - 1:
+            value = loss.item()  # syncs the device: only every log_every steps
+            if not math.isfinite(value):
+                raise LossNotFinite(f"loss is {value} at epoch {epoch} step {step}")
+            correct += (out.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
+                            img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
+        t = time.perf_counter()
+        compute += t - t_data
+        bar.update()
+    bar.close()
+    if seen != steps * cfg.batch_size:
+        raise RuntimeError(f"epoch {epoch}: {seen} samples, expected {steps} steps x "
+                           f"{cfg.batch_size}: the loader ended early")
+    total = reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=norm.device)]))
+    elapsed = time.perf_counter() - t_epoch
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {"train_loss": (total[0] / total[1]).item(), "train_img_s": seen * world / elapsed,
+            "data_wait": wait / max(elapsed, 1e-9), "epoch_s": elapsed}
+
+
+def reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: str,
+             num_classes: int, show: bool, tta_flip: bool = False) -> dict:
+    """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
+    all-reduced count is not the manifest's num_samples."""
+    model.eval()
+    sums = torch.zeros(4, device=norm.device, dtype=torch.float64)  # c1, c5, loss, n
+    for images, labels, _keys in tqdm(loader, desc="eval", disable=not show, unit="batch"):
+        x, y = norm(images), labels.to(norm.device)
+        with autocast(norm.device, amp):
+            logits = model(x)
+            if tta_flip:
+                logits = logits + model(x.flip(3))
+        logits = logits.float()
+        top5 = logits.topk(min(5, num_classes), 1).indices
+        sums[0] += (top5[:, 0] == y).sum()
+        sums[1] += (top5 == y[:, None]).any(1).sum()
+        sums[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums[3] += len(y)
+    sums = reduce_sum(sums)
+    n = int(sums[3].item())
+    if n != num_samples:
+        raise RuntimeError(f"evaluated {n} samples across all ranks, the manifest has "
+                           f"{num_samples}: samples were dropped or counted twice")
+    return {"top1": (sums[0] / n).item(), "top5": (sums[1] / n).item(),
+            "val_loss": (sums[2] / n).item(), "val_samples": n}

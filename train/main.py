@@ -1,0 +1,198 @@
+"""Train (and evaluate) a torchvision classifier on `prep shard` WebDataset shards, with DDP.
+
+    python train/main.py --data shards/ --recipe train/recipes/cpu_demo.yaml --output-dir runs/demo
+    torchrun --nproc_per_node=8 train/main.py --data shards/ \\
+        --recipe train/recipes/resnet50.yaml --output-dir runs/rn50
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        train/main.py ...                                  (multi-node; see scripts/slurm_train.sh)
+    torchrun ... train/main.py --data shards/ --evaluate --checkpoint runs/rn50/checkpoint.pt
+
+Settings come from train/config.py defaults, then --recipe, then --set name=value. DDP is
+detected from torchrun's RANK/WORLD_SIZE; rank 0 does all the writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+import torchvision
+
+from train import checkpoint as ckpt
+from train.config import TrainConfig, load_config
+from train.data import SkipCounter, make_eval_loader, make_train_loader, read_split, train_steps
+from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
+from train.report import append_metrics, plot_metrics
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="shard directory from `prep shard`")
+    p.add_argument("--recipe", default=None, help="YAML settings file (default: none)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="override one setting, e.g. --set epochs=3 (default: none)")
+    p.add_argument("--output-dir", default="runs/default", help="(default: runs/default)")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (OUTPUT_DIR/checkpoint.pt if present) or a path (default: none)")
+    p.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint")
+    p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: none)")
+    p.add_argument("--split", default="val", help="split to evaluate (default: val)")
+    p.add_argument("--tta-flip", action="store_true", help="average with flipped images")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    return p.parse_args(argv)
+
+
+def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg == "cuda"
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    else:  # share the cores among the processes of this node
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    model = torchvision.models.get_model(cfg.arch, num_classes=cfg.num_classes).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, peak_lr: float):
+    decay, no_decay = [], []
+    for p in model.parameters():  # norm weights and biases are the 1-d parameters
+        (no_decay if cfg.no_wd_norm_bias and p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Multiplier of the peak LR at a step: linear warmup, then step / cosine / linear."""
+    e = step / steps_per_epoch
+    if e < cfg.warmup_epochs:
+        return e / cfg.warmup_epochs
+    if cfg.lr_schedule == "step":
+        return cfg.lr_gamma ** sum(e >= m for m in cfg.lr_steps)
+    progress = (e - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return max(0.0, 1.0 - progress)  # linear (FFCV): down to 0 at the last step
+
+
+def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    split = read_split(args.data, args.split)
+    model = build_model(cfg, device)
+    state = ckpt.load(Path(args.checkpoint))
+    model.load_state_dict(ckpt.strip_prefixes(state.get("model", state)))
+    loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda")
+    metrics = evaluate(model, loader, Normalize(device, cfg.channels_last), split.num_samples,
+                       cfg.amp, cfg.num_classes, rank == 0, args.tta_flip)
+    if rank == 0:
+        print(json.dumps(metrics))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.recipe, args.set)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        torch.manual_seed(cfg.seed + rank)
+        if args.evaluate:
+            return run_eval(args, cfg, rank, world, device)
+        return fit(args, cfg, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    out = Path(args.output_dir)
+    train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
+    if train_split.num_classes != cfg.num_classes:
+        raise ValueError(f"the shards have {train_split.num_classes} classes, the config "
+                         f"{cfg.num_classes}: --set num_classes={train_split.num_classes}")
+    steps = train_steps(train_split.num_samples, world, cfg.batch_size)
+    peak_lr = cfg.lr * world * cfg.batch_size / 256  # linear scaling rule (Goyal et al.)
+    model = build_model(cfg, device)
+    optimizer = build_optimizer(model, cfg, peak_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start, best, history = 0, 0.0, []
+    resume = out / "checkpoint.pt" if args.resume == "auto" else args.resume
+    if resume and Path(resume).is_file():
+        state = ckpt.load(Path(resume))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["epoch"] + 1, state["best_top1"], state["history"]
+        if rank == 0:
+            print(f"resumed from {resume}: epoch {start}, step {scheduler.last_epoch}")
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        net = torch.compile(net)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved = {"config": cfg.to_dict(), "argv": sys.argv, "world_size": world,
+                    "peak_lr": peak_lr, "steps_per_epoch": steps, "torch": torch.__version__}
+        (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+    norm = Normalize(device, cfg.channels_last)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    pin = device.type == "cuda"
+    metrics: dict = {}
+    for epoch in range(start, cfg.epochs):
+        loader = make_train_loader(train_split, cfg, rank, world, epoch,
+                                   SkipCounter(cfg.max_skip_rate), pin)
+        try:
+            metrics = train_one_epoch(net, loader, steps, optimizer, scheduler, scaler,
+                                      criterion, norm, cfg, epoch, rank == 0)
+        except LossNotFinite as exc:
+            raise SystemExit(f"{exc}: stopping. The last good checkpoint is "
+                             f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
+        val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin)
+        metrics |= evaluate(net, val_loader, norm, val_split.num_samples, cfg.amp,
+                            cfg.num_classes, rank == 0)
+        metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+        history.append(metrics)
+        if rank == 0:
+            save_epoch(out, model, optimizer, scheduler, scaler, cfg, epoch, history,
+                       max(best, metrics["top1"]), metrics["top1"] > best)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in metrics.items()}), flush=True)
+        best = max(best, metrics["top1"])
+    return metrics
+
+
+def save_epoch(out: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int,
+               history: list[dict], best: float, is_best: bool) -> None:
+    state = {"model": ckpt.model_state(model), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch, "best_top1": best, "history": history, "config": cfg.to_dict()}
+    ckpt.save(state, out / "checkpoint.pt")
+    if is_best:
+        ckpt.save(state, out / "best.pt")
+    append_metrics(out, history[-1])
+    plot_metrics(out, history)
+
+
+if __name__ == "__main__":
+    main()

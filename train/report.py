@@ -1,0 +1,50 @@
+"""Per-epoch metrics as JSONL and CSV, and a PNG of the loss and accuracy curves."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "top1", "top5", "train_img_s",
+           "data_wait", "epoch_s", "val_samples"]
+
+
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    new = not (out / "metrics.csv").exists()
+    with open(out / "metrics.csv", "a", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def plot_metrics(out: Path, history: list[dict]) -> Path | None:
+    """Loss (train, val) and top-1/top-5 per epoch, as out/curves.png."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        return None
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    a.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    b.plot(epochs, [100 * h["top1"] for h in history], "o-", label="top-1")
+    b.plot(epochs, [100 * h["top5"] for h in history], "o-", label="top-5")
+    b.set(xlabel="epoch", ylabel="val accuracy (%)", title="val accuracy", ylim=(0, 100))
+    b.legend()
+    for ax in (a, b):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    path = out / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
