@@ -85,6 +85,44 @@ def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, for
     click.echo(format_report(report))
 
 
+@main.command("export-preds")
+@click.argument("result", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.option("--format", "fmt", default="ilsvrc", show_default=True,
+              type=click.Choice(["ilsvrc", "kaggle", "mmcls", "txt", "csv", "parquet"]),
+              help="ilsvrc: official submission (top-5 ILSVRC2012_IDs, file-name order); "
+                   "kaggle: ImageId,PredictionString; mmcls: path label score; txt: top-k "
+                   "with names; csv/parquet: one row per sample.")
+@click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
+              help="Predictions per sample (ilsvrc always 5).")
+@click.option("--classes", "classes_csv", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="meta/classes.csv from prep imagenet (default: the shipped "
+                                 "1000-class ILSVRC table when the pickle has 1000 classes).")
+@click.option("--summary", "show_summary", is_flag=True,
+              help="Print accuracy and the most confused class pairs.")
+def export_preds(result: Path, out: Path | None, fmt: str, topk: int,
+                 classes_csv: Path | None, show_summary: bool) -> None:
+    """Turn a predictions pickle (this toolkit, mmpretrain 1.x, mmcls 0.x) into OUT.
+
+    The pickle is loaded with a restricted unpickler: one that tries to run code is refused.
+    """
+    from prep.export import load_classes, render, summary, write_export
+    from prep.preds import read_predictions
+
+    try:
+        preds = read_predictions(result)
+        classes = load_classes(classes_csv, preds.scores.shape[1])
+        if out is not None:
+            write_export(render(preds, fmt, topk, classes), out)
+            click.echo(f"wrote {out}: {len(preds.paths):,} samples, format {fmt}")
+        elif not show_summary:
+            raise PrepError("give OUT, or --summary")
+        if show_summary:
+            click.echo(summary(preds, classes))
+    except PrepError as exc:
+        _fail(exc)
+
+
 def _shard_range(value: str | None) -> tuple[int, int]:
     """`i/N` from --shard-range, else a SLURM job array's task id/count, else the whole job."""
     import os

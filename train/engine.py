@@ -89,27 +89,38 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: str,
-             num_classes: int, show: bool, tta_flip: bool = False) -> dict:
+             num_classes: int, show: bool, tta_flip: bool = False,
+             keep: dict | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
-    all-reduced count is not the manifest's num_samples."""
+    all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
+    softmax scores and labels are stored in it by sample key (for the predictions pickle).
+    Unlabelled samples (test, label -1) count toward n but not toward accuracy."""
     model.eval()
-    sums = torch.zeros(4, device=norm.device, dtype=torch.float64)  # c1, c5, loss, n
-    for images, labels, _keys in tqdm(loader, desc="eval", disable=not show, unit="batch"):
+    sums = torch.zeros(5, device=norm.device, dtype=torch.float64)  # c1, c5, loss, n, labelled
+    for images, labels, keys in tqdm(loader, desc="eval", disable=not show, unit="batch"):
         x, y = norm(images), labels.to(norm.device)
         with autocast(norm.device, amp):
             logits = model(x)
             if tta_flip:
-                logits = logits + model(x.flip(3))
+                logits = (logits + model(x.flip(3))) / 2
         logits = logits.float()
+        if keep is not None:
+            for k, score, label in zip(keys, logits.softmax(1).cpu(), labels.tolist()):
+                keep[k] = (score, label)
+        sums[3] += len(y)
+        labelled = y >= 0
+        if not labelled.all():
+            logits, y = logits[labelled], y[labelled]
         top5 = logits.topk(min(5, num_classes), 1).indices
         sums[0] += (top5[:, 0] == y).sum()
         sums[1] += (top5 == y[:, None]).any(1).sum()
-        sums[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
-        sums[3] += len(y)
+        if len(y):
+            sums[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
+        sums[4] += len(y)
     sums = reduce_sum(sums)
-    n = int(sums[3].item())
+    n, m = int(sums[3].item()), max(int(sums[4].item()), 1)
     if n != num_samples:
         raise RuntimeError(f"evaluated {n} samples across all ranks, the manifest has "
                            f"{num_samples}: samples were dropped or counted twice")
-    return {"top1": (sums[0] / n).item(), "top5": (sums[1] / n).item(),
-            "val_loss": (sums[2] / n).item(), "val_samples": n}
+    return {"top1": (sums[0] / m).item(), "top5": (sums[1] / m).item(),
+            "val_loss": (sums[2] / m).item(), "val_samples": n}

@@ -28,9 +28,10 @@ import torch.distributed as dist
 import torchvision
 
 from train import checkpoint as ckpt
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig, apply, load_config
 from train.data import SkipCounter, make_eval_loader, make_train_loader, read_split, train_steps
 from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
+from train.predictions import write_predictions
 from train.report import append_metrics, plot_metrics
 
 
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: none)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
     p.add_argument("--tta-flip", action="store_true", help="average with flipped images")
+    p.add_argument("--out", default=None,
+                   help="with --evaluate: write the predictions pickle here (default: none)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     return p.parse_args(argv)
 
@@ -99,12 +102,25 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     split = read_split(args.data, args.split)
-    model = build_model(cfg, device)
+    if not args.checkpoint:
+        raise SystemExit("--evaluate needs --checkpoint PATH")
     state = ckpt.load(Path(args.checkpoint))
+    if "config" in state and args.recipe is None:  # the run's own settings, then --set
+        cfg = apply(TrainConfig(), state["config"], str(args.checkpoint))
+        cfg = apply(cfg, load_config(None, args.set).to_dict() if args.set else {}, "--set")
+    model = build_model(cfg, device)
     model.load_state_dict(ckpt.strip_prefixes(state.get("model", state)))
     loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda")
+    kept: dict | None = {} if args.out else None
     metrics = evaluate(model, loader, Normalize(device, cfg.channels_last), split.num_samples,
-                       cfg.amp, cfg.num_classes, rank == 0, args.tta_flip)
+                       cfg.amp, cfg.num_classes, rank == 0, args.tta_flip, kept)
+    if args.out:
+        out = Path(args.out)
+        if not out.parent.is_dir():
+            raise SystemExit(f"--out {out}: directory {out.parent} does not exist")
+        write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank, world)
+        if rank == 0:
+            (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
     if rank == 0:
         print(json.dumps(metrics))
     return metrics

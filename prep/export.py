@@ -1,0 +1,137 @@
+"""`prep export-preds`: a predictions pickle -> the text formats people hand in.
+
+- ilsvrc: the official classification submission: one line per image in file-name order,
+  the top-5 ILSVRC2012_IDs (1..1000, devkit order), best first.
+- kaggle: `ImageId,PredictionString` with the top-k WNIDs, space separated.
+- mmcls: `path label score` per line (sorted-WNID labels, top-1), dataset order.
+- txt: tab-separated `path` then, for each of the top-k, `label score wnid words`.
+- csv / parquet: one row per sample: index, path, key, gt label, top-k labels/WNIDs/scores.
+The class table comes from `--classes DIR/imagenet/meta/classes.csv` (written by
+`prep imagenet`), or, for 1000 classes, from the shipped ILSVRC metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from prep.classes import ClassInfo, build_class_table, reference_words
+from prep.errors import PrepError
+from prep.preds import Predictions
+
+FORMATS = ("ilsvrc", "kaggle", "mmcls", "txt", "csv", "parquet")
+
+
+def load_classes(classes_csv: Path | None, num_classes: int) -> list[ClassInfo] | None:
+    if classes_csv is None:
+        return build_class_table(reference_words()) if num_classes == 1000 else None
+    try:
+        with open(classes_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        table = [ClassInfo(int(r["index"]), r["wnid"], r["words"],
+                           int(r["ilsvrc2012_id"]) if r["ilsvrc2012_id"] else None)
+                 for r in rows]
+    except (OSError, KeyError, ValueError) as exc:
+        raise PrepError(f"{classes_csv}: not a prep class table "
+                        f"(index,wnid,ilsvrc2012_id,words): {exc}") from exc
+    if len(table) != num_classes:
+        raise PrepError(f"{classes_csv}: {len(table)} classes, the predictions have "
+                        f"{num_classes}: they do not belong together")
+    return table
+
+
+def topk(p: Predictions, k: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(k, p.scores.shape[1])
+    idx = np.argsort(-p.scores, axis=1, kind="stable")[:, :k]
+    return idx, np.take_along_axis(p.scores, idx, axis=1)
+
+
+def _file_order(p: Predictions) -> list[int]:
+    return sorted(range(len(p.paths)), key=lambda i: Path(p.paths[i]).name)
+
+
+def render(p: Predictions, fmt: str, k: int, classes: list[ClassInfo] | None) -> bytes:
+    if fmt not in FORMATS:
+        raise PrepError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    needs = {"ilsvrc": "ILSVRC2012_IDs", "kaggle": "WNIDs", "txt": "WNIDs and names"}
+    if fmt in needs and classes is None:
+        raise PrepError(f"--format {fmt} needs the class table for {needs[fmt]}: pass "
+                        "--classes DIR/imagenet/meta/classes.csv (from prep imagenet)")
+    if classes is not None and len(classes) != p.scores.shape[1]:
+        raise PrepError(f"the class table has {len(classes)} classes, the predictions "
+                        f"{p.scores.shape[1]}")
+    idx, sc = topk(p, 5 if fmt == "ilsvrc" else k)
+    if fmt == "ilsvrc":
+        if any(c.ilsvrc2012_id is None for c in classes):
+            raise PrepError("--format ilsvrc: the class table lacks ILSVRC2012_IDs")
+        ids = np.array([c.ilsvrc2012_id for c in classes])
+        return "".join(" ".join(map(str, ids[idx[i]])) + "\n" for i in _file_order(p)).encode()
+    if fmt == "kaggle":
+        rows = [f"{p.keys[i]},{' '.join(classes[j].wnid for j in idx[i])}\n"
+                for i in _file_order(p)]
+        return ("ImageId,PredictionString\n" + "".join(rows)).encode()
+    if fmt == "mmcls":
+        return "".join(f"{p.paths[i]} {idx[i, 0]} {sc[i, 0]:.6f}\n"
+                       for i in range(len(p.paths))).encode()
+    if fmt == "txt":
+        return "".join("\t".join([p.paths[i]] + [f"{j}\t{s:.6f}\t{classes[j].wnid}\t"
+                                                  f"{classes[j].words}"
+                                                  for j, s in zip(idx[i], sc[i])]) + "\n"
+                       for i in range(len(p.paths))).encode()
+    return _table(p, idx, sc, classes, fmt)
+
+
+def _table(p, idx, sc, classes, fmt: str) -> bytes:
+    cols: dict[str, list] = {"sample_idx": list(range(len(p.paths))), "path": p.paths,
+                             "key": p.keys, "gt_label": p.labels.tolist()}
+    for r in range(idx.shape[1]):
+        cols[f"top{r + 1}_label"] = idx[:, r].tolist()
+        if classes is not None:
+            cols[f"top{r + 1}_wnid"] = [classes[j].wnid for j in idx[:, r]]
+        cols[f"top{r + 1}_score"] = sc[:, r].tolist()
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.table(cols), buf)
+        return buf.getvalue()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    w.writerows(zip(*cols.values()))
+    return buf.getvalue().encode()
+
+
+def write_export(data: bytes, out: Path) -> None:
+    if not out.parent.is_dir():
+        raise PrepError(f"{out}: directory {out.parent} does not exist; create it first")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+
+
+def summary(p: Predictions, classes: list[ClassInfo] | None, worst: int = 10) -> str:
+    labelled = p.labels >= 0
+    n = int(labelled.sum())
+    lines = [f"{len(p.paths):,} samples, {p.scores.shape[1]} classes"]
+    if not n:
+        return "\n".join(lines + ["no ground-truth labels: accuracy not computed"])
+    idx, _ = topk(p, 5)
+    y = p.labels[labelled]
+    top1 = float((idx[labelled, 0] == y).mean())
+    top5 = float((idx[labelled] == y[:, None]).any(1).mean())
+    lines.append(f"top-1 {100 * top1:.2f}%   top-5 {100 * top5:.2f}%   "
+                 f"(top-5 error {100 * (1 - top5):.2f}%) on {n:,} labelled samples")
+    pairs = Counter((int(t), int(q)) for t, q in zip(y, idx[labelled, 0]) if t != q)
+
+    def name(c: int) -> str:
+        return f"{c} {classes[c].wnid} {classes[c].words.split(',')[0]}" if classes else str(c)
+
+    for (t, q), count in pairs.most_common(worst):
+        lines.append(f"  {count:>5}x  true {name(t)}  ->  predicted {name(q)}")
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""Evaluator pickle -> prep export-preds, checked against the evaluator's own numbers."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from prep.cli import main as prep_main
+from shards.build import ShardSettings, shard_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["arch=resnet18", "num_classes=5", "image_size=32", "val_resize=36", "val_crop=32",
+        "batch_size=8", "workers=1", "epochs=1", "lr=0.2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2012-layout sample (devkit ground truth in ILSVRC2012_IDs), shards, a 1-epoch model,
+    and predictions pickles from 1 and from 2 processes."""
+    from prep.imagenet import prepare_imagenet
+    from prep.sample import SampleSpec, write_sample
+    from train.main import main as train_main
+
+    tmp = tmp_path_factory.mktemp("preds")
+    write_sample(tmp / "src", "ilsvrc2012", SampleSpec(classes=5, train_per_class=16,
+                                                       val_per_class=6, size=40),
+                 progress=False)
+    prepare_imagenet(tmp / "src", tmp / "data", progress=False, workers=1)
+    shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=4),
+                  workers=1, progress=False)
+    sets = [a for s in TINY for a in ("--set", s)]
+    train_main(["--data", str(tmp / "shards"), "--output-dir", str(tmp / "run"),
+                "--device", "cpu", *sets])
+    ck = str(tmp / "run/checkpoint.pt")
+    metrics = train_main(["--data", str(tmp / "shards"), "--evaluate", "--checkpoint", ck,
+                          "--device", "cpu", "--out", str(tmp / "one.pkl")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train/main.py"), "--data", str(tmp / "shards"), "--evaluate",
+           "--checkpoint", ck, "--device", "cpu", "--out", str(tmp / "two.pkl")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return tmp, metrics
+
+
+def _load(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_pickle_layout_and_world_size_independence(run):
+    tmp, metrics = run
+    one, two = _load(tmp / "one.pkl"), _load(tmp / "two.pkl")
+    assert len(one) == len(two) == 30 == metrics["val_samples"]
+    assert [d["sample_idx"] for d in one] == list(range(30))
+    assert [d["key"] for d in one] == [d["key"] for d in two]
+    assert [d["key"] for d in one] == sorted(d["key"] for d in one)  # val: file order
+    for a, b in zip(one, two):
+        assert a["img_path"].startswith("val/") and a["num_classes"] == 5
+        assert a["gt_label"].dtype == torch.long and a["gt_label"].shape == (1,)
+        assert a["pred_score"].shape == (5,) and abs(float(a["pred_score"].sum()) - 1) < 1e-4
+        assert torch.allclose(a["pred_score"], b["pred_score"], atol=1e-4)
+        assert int(a["pred_label"]) == int(a["pred_score"].argmax())
+    saved = json.loads((tmp / "one.metrics.json").read_text())
+    assert saved["top1"] == pytest.approx(metrics["top1"])
+
+
+def _export(tmp, fmt, *extra):
+    out = tmp / f"out.{fmt}"
+    r = CliRunner().invoke(prep_main, ["export-preds", str(tmp / "one.pkl"), str(out),
+                                       "--format", fmt, *extra])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_mmcls_export_reproduces_top1(run):
+    tmp, metrics = run
+    out = _export(tmp, "mmcls")
+    pred = [int(line.split()[1]) for line in out.read_text().splitlines()]
+    gt = [int(d["gt_label"]) for d in _load(tmp / "one.pkl")]
+    assert np.mean(np.array(pred) == np.array(gt)) == pytest.approx(metrics["top1"])
+
+
+def test_ilsvrc_file_scored_the_devkit_way_gives_top5(run):
+    tmp, metrics = run
+    out = _export(tmp, "ilsvrc", "--classes", str(tmp / "data/imagenet/meta/classes.csv"))
+    guesses = [list(map(int, line.split())) for line in out.read_text().splitlines()]
+    gt_file = tmp / "src/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"
+    truth = [int(x) for x in gt_file.read_text().split()]  # file-name order, ID space
+    assert all(len(g) == 5 and all(1 <= x <= 1000 for x in g) for g in guesses)
+    top5_error = np.mean([t not in g for g, t in zip(guesses, truth)])
+    assert 1 - top5_error == pytest.approx(metrics["top5"])
+
+
+def test_kaggle_csv_and_parquet(run):
+    import pyarrow.parquet as pq
+
+    tmp, _ = run
+    classes = str(tmp / "data/imagenet/meta/classes.csv")
+    rows = _export(tmp, "kaggle", "--classes", classes).read_text().splitlines()
+    assert rows[0] == "ImageId,PredictionString" and len(rows) == 31
+    assert rows[1].startswith("ILSVRC2012_val_00000001,n") and len(rows[1].split()) == 5
+    table = pq.read_table(_export(tmp, "parquet", "--classes", classes, "--topk", "3"))
+    assert table.num_rows == 30 and "top3_wnid" in table.column_names
+    csv_rows = _export(tmp, "csv").read_text().splitlines()
+    assert csv_rows[0].startswith("sample_idx,path,key,gt_label,top1_label")
+
+
+def test_summary(run):
+    tmp, metrics = run
+    r = CliRunner().invoke(prep_main, ["export-preds", str(tmp / "one.pkl"), "--summary"])
+    assert r.exit_code == 0 and f"top-1 {100 * metrics['top1']:.2f}%" in r.output
+
+
+def test_mmcls_0x_and_mmpretrain_pickles(tmp_path):
+    scores = np.random.default_rng(0).random((4, 1000)).astype(np.float32)
+    old = tmp_path / "old.pkl"
+    with open(old, "wb") as f:
+        pickle.dump({"class_scores": scores, "pred_score": scores.max(1),
+                     "pred_label": scores.argmax(1), "pred_class": ["x"] * 4}, f)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(old), str(tmp_path / "a.txt"),
+                                       "--format", "ilsvrc"])  # 1000 classes: shipped IDs
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "a.txt").read_text().splitlines()) == 4
+    new = tmp_path / "new.pkl"
+    with open(new, "wb") as f:  # what mmengine.dump writes: tensors inside plain pickle
+        pickle.dump([{"pred_score": torch.tensor(s), "gt_label": torch.tensor([1]),
+                      "img_path": f"v/{i}.JPEG", "sample_idx": i} for i, s in
+                     enumerate(scores)], f)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(new), "--summary"])
+    assert r.exit_code == 0 and "4 samples, 1000 classes" in r.output
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {EVIL_MARK}",))
+
+
+EVIL_MARK = Path("/tmp/prep-export-preds-pwned")
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    EVIL_MARK.unlink(missing_ok=True)
+    bad = tmp_path / "evil.pkl"
+    bad.write_bytes(pickle.dumps([{"pred_score": [0.5, 0.5], "x": Evil()}]))
+    r = CliRunner().invoke(prep_main, ["export-preds", str(bad), str(tmp_path / "o.txt"),
+                                       "--format", "mmcls"])
+    assert r.exit_code != 0 and "refused to load posix.system" in r.output
+    assert not EVIL_MARK.exists() and not (tmp_path / "o.txt").exists()
+
+
+@pytest.mark.parametrize("case,message", [
+    ("truncated", "truncated or not a predictions pickle"),
+    ("wrong_type", "expected a list of per-sample dicts"),
+    ("no_mapping", "needs the class table"),
+    ("mismatch", "5 classes, the predictions have 3"),
+    ("missing_dir", "does not exist; create it first"),
+])
+def test_bad_inputs(run, tmp_path, case, message):
+    tmp, _ = run
+    src, out, extra = tmp / "one.pkl", tmp_path / "o.txt", ["--format", "ilsvrc"]
+    if case == "truncated":
+        src = tmp_path / "t.pkl"
+        src.write_bytes((tmp / "one.pkl").read_bytes()[:500])
+    elif case == "wrong_type":
+        src = tmp_path / "w.pkl"
+        src.write_bytes(pickle.dumps("hello"))
+    elif case == "mismatch":
+        src = tmp_path / "m.pkl"
+        src.write_bytes(pickle.dumps([{"pred_score": [0.2, 0.3, 0.5]}]))
+        extra += ["--classes", str(tmp / "data/imagenet/meta/classes.csv")]
+    elif case == "missing_dir":
+        out = tmp_path / "nope" / "o.txt"
+        extra = ["--format", "mmcls"]
+    r = CliRunner().invoke(prep_main, ["export-preds", str(src), str(out), *extra])
+    assert r.exit_code != 0 and message in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()

@@ -1,0 +1,64 @@
+"""The predictions pickle: mmpretrain 1.x layout (`tools/test.py --out result.pkl`), a list
+of per-sample dicts in dataset (manifest) order, whatever the world size.
+
+Each rank saves its {key: (softmax scores, label)}; rank 0 merges them in the order of the
+manifest's Parquet index and writes one pickle: `sample_idx`, `img_path` (source path),
+`gt_label` (LongTensor (1,), labelled splits only), `pred_score` (FloatTensor (C,)),
+`pred_label` (LongTensor (1,)), `num_classes`, plus `key` and `wnid` (the predicted WNID)
+so that nothing depends on order alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
+    """(key, source path) of every sample of a split, in shard and member order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(data) / "index.parquet", columns=["key", "split", "source"])
+    rows = table.to_pylist()
+    return [(r["key"], r["source"]) for r in rows if r["split"] == split]
+
+
+def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes: int,
+                      rank: int, world: int) -> Path | None:
+    """Gather every rank's kept predictions on rank 0 (through files beside `out`: no 200 MB
+    object all-gather) and write the pickle there. Returns the path on rank 0."""
+    part = out.with_name(f".{out.name}.rank{rank}")
+    torch.save(kept, part)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    merged: dict = {}
+    for r in range(world):
+        p = out.with_name(f".{out.name}.rank{r}")
+        merged |= torch.load(p, weights_only=True)
+        p.unlink()
+    wnids = json.loads((Path(data) / "_info.json").read_text())["classes"]
+    results = []
+    for idx, (key, source) in enumerate(manifest_order(data, split)):
+        score, label = merged.pop(key)
+        score = score.float()
+        pred = int(score.argmax())
+        item = {"sample_idx": idx, "img_path": source, "key": key,
+                "pred_score": score, "pred_label": torch.tensor([pred]),
+                "num_classes": num_classes, "wnid": wnids[pred] if pred < len(wnids) else ""}
+        if label >= 0:
+            item["gt_label"] = torch.tensor([label])
+        results.append(item)
+    if merged:
+        raise RuntimeError(f"{len(merged)} predicted samples are not in the manifest")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with open(tmp, "wb") as f:
+        pickle.dump(results, f, protocol=4)
+    os.replace(tmp, out)
+    return out
