@@ -75,3 +75,29 @@ def test_rrc_box_stays_inside_and_respects_scale():
         x, y, w, h = rrc_box(500, 375, (0.35, 1.0), rng)
         assert 0 <= x and 0 <= y and x + w <= 500 and y + h <= 375
         assert w * h >= 0.3 * 500 * 375
+
+
+def test_progressive_resizing_schedule():
+    from train.data import train_size
+
+    cfg = TrainConfig(image_size=192, progressive_start=160, progressive_end_epoch=20)
+    # FFCV's rule: linear from 160 to 192 over epochs 0..20, rounded to multiples of 32
+    assert [train_size(cfg, e) for e in (0, 9, 10, 19, 20, 40)] == [160, 160, 192, 192, 192,
+                                                                    192]
+    assert train_size(TrainConfig(image_size=224), 0) == 224
+
+
+def test_rotation_and_color_jitter_change_pixels_not_shape():
+    import io
+
+    from PIL import Image
+
+    from train.data import train_decoder
+
+    buf = io.BytesIO()
+    Image.effect_mandelbrot((96, 72), (-2, -1.2, 1, 1.2), 64).convert("RGB").save(buf, "JPEG")
+    sample = {"jpg": buf.getvalue(), "cls": b"3"}
+    plain, label = train_decoder(48, 1.0, False, 0)(sample)
+    aug, _ = train_decoder(48, 1.0, False, 0, rotation=30, color_jitter=0.4)(sample)
+    assert plain.shape == aug.shape == (3, 48, 48) and plain.dtype == torch.uint8
+    assert label == 3 and not torch.equal(plain, aug)

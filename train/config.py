@@ -22,6 +22,10 @@ class TrainConfig:
     val_crop: int = 224  # px
     min_scale: float = 0.08  # RandomResizedCrop smallest area fraction
     hflip: bool = True
+    rotation: float = 0.0  # degrees: random rotation in [-r, r] (PKU tutorial); 0 = off
+    color_jitter: float = 0.0  # brightness/contrast/saturation factor in [1-j, 1+j]; 0 = off
+    progressive_start: int = 0  # px: FFCV progressive resizing from this train size; 0 = off
+    progressive_end_epoch: int = 0  # epoch where the train size reaches image_size
     batch_size: int = 256  # images per process
     workers: int = 8  # data-loading processes per rank
     shuffle_buffer: int = 5000  # samples held for shuffling, before decode

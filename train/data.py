@@ -145,7 +145,28 @@ def _to_uint8(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def train_decoder(size: int, min_scale: float, hflip: bool, seed: int):
+def train_size(cfg, epoch: int) -> int:
+    """Train crop size of an epoch: FFCV progressive resizing (e.g. 160 -> 192), in steps of
+    32 px, linear up to `progressive_end_epoch`; `image_size` when it is off."""
+    if not cfg.progressive_start or epoch >= cfg.progressive_end_epoch:
+        return cfg.image_size
+    frac = epoch / max(cfg.progressive_end_epoch, 1)
+    size = cfg.progressive_start + frac * (cfg.image_size - cfg.progressive_start)
+    return int(round(size / 32) * 32)
+
+
+def _jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    from PIL import ImageEnhance
+
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(enhancers)  # random order, as torchvision's ColorJitter
+    for enhancer in enhancers:
+        img = enhancer(img).enhance(rng.uniform(1 - strength, 1 + strength))
+    return img
+
+
+def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
+                  rotation: float = 0.0, color_jitter: float = 0.0):
     state: dict = {}
 
     def decode(sample: dict) -> tuple[torch.Tensor, int]:
@@ -159,6 +180,10 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int):
                                         box=(x, y, x + w, y + h))
         if hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if rotation:
+            img = img.rotate(rng.uniform(-rotation, rotation), Image.Resampling.BILINEAR)
+        if color_jitter:
+            img = _jitter(img, color_jitter, rng)
         return _to_uint8(img), int(sample["cls"])
 
     return decode
@@ -208,7 +233,8 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
         skips.count,
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 1000),
                     rng=random.Random(seed)),
-        wds.map(train_decoder(cfg.image_size, cfg.min_scale, cfg.hflip, seed), handler=skips),
+        wds.map(train_decoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed,
+                              cfg.rotation, cfg.color_jitter), handler=skips),
         wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
