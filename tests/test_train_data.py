@@ -101,3 +101,27 @@ def test_rotation_and_color_jitter_change_pixels_not_shape():
     aug, _ = train_decoder(48, 1.0, False, 0, rotation=30, color_jitter=0.4)(sample)
     assert plain.shape == aug.shape == (3, 48, 48) and plain.dtype == torch.uint8
     assert label == 3 and not torch.equal(plain, aug)
+
+
+@pytest.mark.parametrize("box", [(100, 80, 900, 700), (0, 0, 1200, 900), (300, 200, 500, 450)])
+def test_reduced_dct_decode_matches_full_decode(box):
+    """Same crop box: the draft (1/2, 1/4 DCT scale) path gives near-identical pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from prep.synth import render
+    from train.data import crop_resize
+
+    src = render(2, 10, np.random.default_rng(1), 1200).resize((1200, 900))
+    buf = io.BytesIO()
+    src.save(buf, "JPEG", quality=90)
+
+    def run(draft):
+        return np.asarray(crop_resize(Image.open(io.BytesIO(buf.getvalue())), box, 224,
+                                      draft=draft), dtype=np.float32)
+
+    fast, full = run(True), run(False)
+    assert fast.shape == full.shape == (224, 224, 3)
+    assert np.abs(fast - full).mean() < 4.0  # of 255; stripes and noise make this strict

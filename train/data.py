@@ -165,6 +165,28 @@ def _jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Imag
     return img
 
 
+def crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int,
+                draft: bool = True) -> Image.Image:
+    """The crop `box` (left, top, width, height) of a not-yet-decoded image, resized to
+    size x size. The box is chosen before decoding, so a JPEG whose crop is at least 2x the
+    output is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (PIL draft) and only then cropped
+    and resized: the same picture for a fraction of the decode work."""
+    x, y, w, h = box
+    W, H = img.size
+    if draft and img.format == "JPEG" and min(w, h) >= 2 * size:
+        img.draft("RGB", (math.ceil(W * size / w), math.ceil(H * size / h)))
+    sx, sy = img.size[0] / W, img.size[1] / H  # the scale draft chose (1 when none)
+    return img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR,
+                                     box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
+
+
+def worker_init(_: int) -> None:
+    """DataLoader workers: keep Pillow's image buffers in the heap (see shards.image)."""
+    from shards.image import keep_image_buffers_in_heap
+
+    keep_image_buffers_in_heap()
+
+
 def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
                   rotation: float = 0.0, color_jitter: float = 0.0):
     state: dict = {}
@@ -175,9 +197,8 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
             state["rng"] = random.Random(seed * 1_000_003 + worker)
         rng = state["rng"]
         img = Image.open(io.BytesIO(sample["jpg"]))
-        x, y, w, h = rrc_box(*img.size, (min_scale, 1.0), rng)
-        img = img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR,
-                                        box=(x, y, x + w, y + h))
+        box = rrc_box(*img.size, (min_scale, 1.0), rng)
+        img = crop_resize(img, box, size)
         if hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rotation:
@@ -238,7 +259,7 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
         wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                           pin_memory=pin, persistent_workers=False)
+                           pin_memory=pin, persistent_workers=False, worker_init_fn=worker_init)
     return loader.with_epoch(steps)
 
 
@@ -255,4 +276,5 @@ def make_eval_loader(split: SplitInfo, cfg, rank: int, world: int, batch_size: i
         wds.map(val_decoder(cfg.val_resize, cfg.val_crop)),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
+                         worker_init_fn=worker_init)
