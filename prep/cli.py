@@ -100,13 +100,15 @@ def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, for
                                  "1000-class ILSVRC table when the pickle has 1000 classes).")
 @click.option("--summary", "show_summary", is_flag=True,
               help="Print accuracy and the most confused class pairs.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="Write a PNG of per-class accuracy and confused pairs.")
 def export_preds(result: Path, out: Path | None, fmt: str, topk: int,
-                 classes_csv: Path | None, show_summary: bool) -> None:
+                 classes_csv: Path | None, show_summary: bool, plot_path: Path | None) -> None:
     """Turn a predictions pickle (this toolkit, mmpretrain 1.x, mmcls 0.x) into OUT.
 
     The pickle is loaded with a restricted unpickler: one that tries to run code is refused.
     """
-    from prep.export import load_classes, render, summary, write_export
+    from prep.export import load_classes, plot, render, summary, write_export
     from prep.preds import read_predictions
 
     try:
@@ -115,10 +117,12 @@ def export_preds(result: Path, out: Path | None, fmt: str, topk: int,
         if out is not None:
             write_export(render(preds, fmt, topk, classes), out)
             click.echo(f"wrote {out}: {len(preds.paths):,} samples, format {fmt}")
-        elif not show_summary:
-            raise PrepError("give OUT, or --summary")
+        elif not (show_summary or plot_path):
+            raise PrepError("give OUT, --summary or --plot")
         if show_summary:
             click.echo(summary(preds, classes))
+        if plot_path:
+            click.echo(f"wrote {plot(preds, classes, plot_path)}")
     except PrepError as exc:
         _fail(exc)
 

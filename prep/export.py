@@ -135,3 +135,35 @@ def summary(p: Predictions, classes: list[ClassInfo] | None, worst: int = 10) ->
     for (t, q), count in pairs.most_common(worst):
         lines.append(f"  {count:>5}x  true {name(t)}  ->  predicted {name(q)}")
     return "\n".join(lines)
+
+
+def plot(p: Predictions, classes: list[ClassInfo] | None, out: Path, worst: int = 15) -> Path:
+    """PNG: per-class top-1 accuracy (sorted) and the most confused (true -> predicted) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    labelled = p.labels >= 0
+    if not labelled.any():
+        raise PrepError("--plot needs ground-truth labels; these predictions have none")
+    y, pred = p.labels[labelled], p.scores[labelled].argmax(1)
+    acc = [(float((pred[y == c] == c).mean()), c) for c in np.unique(y)]
+    acc.sort()
+    pairs = Counter((int(t), int(q)) for t, q in zip(y, pred) if t != q).most_common(worst)
+    name = (lambda c: classes[c].words.split(",")[0]) if classes else str
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 5))
+    a.plot(range(len(acc)), [100 * v for v, _ in acc])
+    a.set(title=f"per-class top-1 ({len(acc)} classes, sorted)", xlabel="class rank",
+          ylabel="top-1 (%)", ylim=(0, 100))
+    b.barh([f"{name(t)} -> {name(q)}" for (t, q), _ in pairs][::-1],
+           [n for _, n in pairs][::-1])
+    b.set(title="most confused pairs (true -> predicted)", xlabel="images")
+    b.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    if not out.parent.is_dir():
+        raise PrepError(f"{out}: directory {out.parent} does not exist; create it first")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

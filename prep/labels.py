@@ -9,6 +9,7 @@ cover every val image and agree.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import tarfile
@@ -169,8 +170,6 @@ def _read_devkit_tar(devkit: Path) -> tuple[dict[str, int], list[str] | None, st
 
 
 def _member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> IO[bytes]:
-    import io
-
     return io.BytesIO(tar.extractfile(m).read())
 
 

@@ -65,3 +65,15 @@ def prepared(make_sample, tmp_path):
 
 def sha256_files(paths) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(paths)}
+
+
+def sharded_sample(tmp: Path, layout: str, num_shards: int, **spec) -> Path:
+    """A synthetic tree under tmp/src, prepared into tmp/data, sharded into tmp/shards."""
+    from prep.imagenet import prepare_imagenet
+    from shards.build import ShardSettings, shard_dataset
+
+    write_sample(tmp / "src", layout, SampleSpec(**spec), progress=False)
+    prepare_imagenet(tmp / "src", tmp / "data", progress=False, workers=1)
+    shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=num_shards),
+                  workers=1, progress=False)
+    return tmp / "shards"

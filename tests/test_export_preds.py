@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from prep.cli import main as prep_main
-from shards.build import ShardSettings, shard_dataset
+from tests.conftest import sharded_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["arch=resnet18", "num_classes=5", "image_size=32", "val_resize=36", "val_crop=32",
@@ -24,17 +24,11 @@ TINY = ["arch=resnet18", "num_classes=5", "image_size=32", "val_resize=36", "val
 def run(tmp_path_factory):
     """A 2012-layout sample (devkit ground truth in ILSVRC2012_IDs), shards, a 1-epoch model,
     and predictions pickles from 1 and from 2 processes."""
-    from prep.imagenet import prepare_imagenet
-    from prep.sample import SampleSpec, write_sample
     from train.main import main as train_main
 
     tmp = tmp_path_factory.mktemp("preds")
-    write_sample(tmp / "src", "ilsvrc2012", SampleSpec(classes=5, train_per_class=16,
-                                                       val_per_class=6, size=40),
-                 progress=False)
-    prepare_imagenet(tmp / "src", tmp / "data", progress=False, workers=1)
-    shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=4),
-                  workers=1, progress=False)
+    sharded_sample(tmp, "ilsvrc2012", 4, classes=5, train_per_class=16, val_per_class=6,
+                   test_images=7, size=40)
     sets = [a for s in TINY for a in ("--set", s)]
     train_main(["--data", str(tmp / "shards"), "--output-dir", str(tmp / "run"),
                 "--device", "cpu", *sets])
@@ -69,6 +63,43 @@ def test_pickle_layout_and_world_size_independence(run):
         assert int(a["pred_label"]) == int(a["pred_score"].argmax())
     saved = json.loads((tmp / "one.metrics.json").read_text())
     assert saved["top1"] == pytest.approx(metrics["top1"])
+    per_class = saved["per_class_top1"]  # 6 val images per class
+    assert len(per_class) == 5 and np.mean(per_class) == pytest.approx(metrics["top1"])
+
+
+def test_unlabelled_test_split(run):
+    from train.main import main as train_main
+
+    tmp, _ = run
+    out = tmp / "test.pkl"
+    train_main(["--data", str(tmp / "shards"), "--evaluate", "--split", "test", "--device",
+                "cpu", "--checkpoint", str(tmp / "run/checkpoint.pt"), "--out", str(out)])
+    items = _load(out)
+    assert [d["key"] for d in items] == [f"ILSVRC2012_test_{i:08d}" for i in range(1, 8)]
+    assert all("gt_label" not in d and d["pred_score"].shape == (5,) for d in items)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(out), "--summary"])
+    assert r.exit_code == 0 and "no ground-truth labels" in r.output
+
+
+def test_plain_torchvision_state_dict_with_module_prefix(run, tmp_path):
+    from train.main import main as train_main
+
+    tmp, metrics = run
+    state = torch.load(tmp / "run/checkpoint.pt", weights_only=True)["model"]
+    plain = tmp_path / "plain.pth"  # as a DDP user saves it: module.-prefixed, no config
+    torch.save({f"module.{k}": v for k, v in state.items()}, plain)
+    again = train_main(["--data", str(tmp / "shards"), "--evaluate", "--device", "cpu",
+                        "--checkpoint", str(plain), *[a for s in TINY for a in ("--set", s)]])
+    assert again["top1"] == pytest.approx(metrics["top1"])
+
+
+def test_plot(run, tmp_path):
+    tmp, _ = run
+    r = CliRunner().invoke(prep_main, ["export-preds", str(tmp / "one.pkl"), "--plot",
+                                       str(tmp_path / "p.png"), "--classes",
+                                       str(tmp / "data/imagenet/meta/classes.csv")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _export(tmp, fmt, *extra):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shards.build import ShardSettings, shard_dataset
+from tests.conftest import sharded_sample
 from train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,17 +21,8 @@ TINY = ["arch=resnet18", "num_classes=6", "image_size=32", "val_resize=36", "val
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from prep.imagenet import prepare_imagenet
-    from prep.sample import SampleSpec, write_sample
-
-    tmp = tmp_path_factory.mktemp("torchrun")
-    write_sample(tmp / "src", "ilsvrc2017", SampleSpec(classes=6, train_per_class=16,
-                                                       val_per_class=4, size=40),
-                 progress=False)
-    prepare_imagenet(tmp / "src", tmp / "data", progress=False, workers=1)
-    shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=4),
-                  workers=1, progress=False)
-    return tmp / "shards"
+    return sharded_sample(tmp_path_factory.mktemp("torchrun"), "ilsvrc2017", 4, classes=6,
+                          train_per_class=16, val_per_class=4, size=40)
 
 
 def command(shards, out, epochs, *extra):

@@ -196,9 +196,13 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
             worker, _ = _worker()
             state["rng"] = random.Random(seed * 1_000_003 + worker)
         rng = state["rng"]
-        img = Image.open(io.BytesIO(sample["jpg"]))
-        box = rrc_box(*img.size, (min_scale, 1.0), rng)
-        img = crop_resize(img, box, size)
+        try:
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            box = rrc_box(*img.size, (min_scale, 1.0), rng)
+            img = crop_resize(img, box, size)
+        except (OSError, SyntaxError, ValueError, KeyError) as exc:  # name shard + member
+            where = f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
+            raise ValueError(f"{where}: {type(exc).__name__}: {exc}") from exc
         if hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if rotation:

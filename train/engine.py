@@ -42,7 +42,7 @@ def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, 
                     criterion, norm: Normalize, cfg, epoch: int, show: bool) -> dict:
     model.train()
     loss_sum = torch.zeros((), device=norm.device)
-    seen = correct = 0
+    seen = 0
     wait = compute = 0.0
     t_epoch = t = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show, unit="step")
@@ -64,7 +64,6 @@ def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, 
             value = loss.item()  # syncs the device: only every log_every steps
             if not math.isfinite(value):
                 raise LossNotFinite(f"loss is {value} at epoch {epoch} step {step}")
-            correct += (out.argmax(1) == y).sum().item()
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
                             img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
         t = time.perf_counter()

@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from train import checkpoint as ckpt
 from train.config import TrainConfig, apply, load_config
 from train.data import SkipCounter, make_eval_loader, make_train_loader, read_split, train_steps
 from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
-from train.predictions import write_predictions
+from train.predictions import per_class_accuracy, write_predictions
 from train.report import append_metrics, plot_metrics
 
 
@@ -118,8 +119,10 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
         out = Path(args.out)
         if not out.parent.is_dir():
             raise SystemExit(f"--out {out}: directory {out.parent} does not exist")
-        write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank, world)
-        if rank == 0:
+        if write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank, world):
+            with open(out, "rb") as f:  # rank 0: the pickle it just wrote
+                results = pickle.load(f)
+            metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
     if rank == 0:
         print(json.dumps(metrics))

@@ -62,3 +62,14 @@ def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes:
         pickle.dump(results, f, protocol=4)
     os.replace(tmp, out)
     return out
+
+
+def per_class_accuracy(results: list[dict], num_classes: int) -> list[float | None]:
+    """Top-1 accuracy of each true class (None for classes without labelled samples)."""
+    hits, totals = [0] * num_classes, [0] * num_classes
+    for r in results:
+        if "gt_label" in r:
+            y = int(r["gt_label"])
+            totals[y] += 1
+            hits[y] += int(r["pred_label"]) == y
+    return [h / t if t else None for h, t in zip(hits, totals)]
