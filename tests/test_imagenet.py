@@ -183,3 +183,29 @@ def test_train_compared_with_imagesets_list(make_sample, tmp_path):
     r = _prep(src, tmp_path / "b", check="sizes")
     assert r.problems.missing == [f"Data/CLS-LOC/train/{w}/{plan.train[w][0]}.JPEG"]
     assert r.problems.unlisted == [f"Data/CLS-LOC/train/{w}/{w}_99999.JPEG"]
+
+
+def test_bbox_val_archive_is_a_cross_checked_label_source(make_sample, tmp_path):
+    import tarfile
+
+    from prep.sample import voc_xml
+
+    src, plan = make_sample("ilsvrc2012")
+    with tarfile.open(src / "ILSVRC2012_bbox_val_v3.tgz", "w:gz") as t:
+        for stem, wnid in plan.val.items():
+            path = tmp_path / f"{stem}.xml"
+            path.write_text(voc_xml(stem, wnid, "val", 32))
+            t.add(path, arcname=f"val/{stem}.xml")
+    r = _prep(src, tmp_path / "data")
+    assert r.label_sources == ["val XML archive", "devkit ground truth (meta.mat IDs)"]
+    assert (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines() == \
+        expected_val_lines(plan)
+    stem = sorted(plan.val)[2]  # now make the archive disagree with the devkit
+    other = next(w for w in plan.wnids if w != plan.val[stem])
+    with tarfile.open(src / "ILSVRC2012_bbox_val_v3.tgz", "w:gz") as t:
+        for s, wnid in plan.val.items():
+            path = tmp_path / f"{s}.xml"
+            path.write_text(voc_xml(s, other if s == stem else wnid, "val", 32))
+            t.add(path, arcname=f"val/{s}.xml")
+    with pytest.raises(PrepError, match=f"{stem}: {other} in .*bbox_val_v3.tgz"):
+        _prep(src, tmp_path / "data2")
