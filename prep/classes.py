@@ -22,8 +22,13 @@ from typing import IO
 
 from prep.errors import PrepError
 
-WNID_RE = re.compile(r"n\d{8}")
+WNID_RE = re.compile(r"n\d{8}", re.ASCII)  # \d alone matches any Unicode digit
 NUM_CLASSES = 1000
+
+
+def _is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²', which int() rejects."""
+    return text.isascii() and text.isdigit()
 
 
 def is_wnid(name: str) -> bool:
@@ -69,7 +74,7 @@ def read_map_clsloc(source: str | Path | IO[str]) -> dict[str, int]:
         parts = line.split()
         if not parts:
             continue
-        if len(parts) < 2 or not is_wnid(parts[0]) or not parts[1].isdigit():
+        if len(parts) < 2 or not is_wnid(parts[0]) or not _is_number(parts[1]):
             raise PrepError(f"{name}:{lineno}: expected 'nXXXXXXXX ID name', got {line[:80]!r}")
         ids[parts[0]] = int(parts[1])
     _check_ids(name, ids)
@@ -132,6 +137,13 @@ def reference_val_labels() -> dict[str, str]:
 def read_loc_csv(source: IO[str], name: str) -> dict[str, str]:
     """Parse Kaggle `LOC_*_solution.csv`: `ImageId,PredictionString` -> first WNID token."""
     reader = csv.reader(source)
+    try:
+        return _loc_rows(reader, name)
+    except csv.Error as exc:  # e.g. a bare carriage return inside a field
+        raise PrepError(f"{name}:{reader.line_num}: malformed CSV ({exc})") from exc
+
+
+def _loc_rows(reader, name: str) -> dict[str, str]:
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
         raise PrepError(f"{name}:1: expected header 'ImageId,PredictionString', got {header}")

@@ -138,7 +138,8 @@ def _shard_range(value: str | None) -> tuple[int, int]:
     if value is None:
         return 0, 1
     i, _, n = value.partition("/")
-    if not (i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
+    if not (i.isascii() and i.isdigit() and n.isascii() and n.isdigit()
+            and 0 <= int(i) < int(n)):
         raise click.BadParameter(f"expected i/N with 0 <= i < N, got {value!r}",
                                  param_hint="--shard-range")
     return int(i), int(n)

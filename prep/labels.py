@@ -129,7 +129,7 @@ def parse_ground_truth(lines: Iterable[str], id_to_wnid: dict[int, str], name: s
     labels = {}
     for n, line in enumerate(lines, 1):
         text = line.strip()
-        if not text.isdigit() or int(text) not in id_to_wnid:
+        if not (text.isascii() and text.isdigit()) or int(text) not in id_to_wnid:
             raise PrepError(f"{name}:{n}: expected an ILSVRC2012_ID 1..1000, got {text[:40]!r}")
         labels[f"ILSVRC2012_val_{n:08d}"] = id_to_wnid[int(text)]
     return labels

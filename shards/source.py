@@ -53,7 +53,8 @@ def read_split(data: Path, split: str, wnids: list[str]) -> list[Sample]:
                 path, label, wnid = text, -1, ""
             else:
                 path, _, lab = text.rpartition(" ")
-                if not path or not lab.lstrip("-").isdigit():
+                digits = lab.lstrip("-")
+                if not path or not (digits.isascii() and digits.isdigit()):
                     raise PrepError(f"{ann}:{n}: expected 'path label', got {text[:80]!r}")
                 label, wnid = int(lab), path.split("/", 1)[0]
                 if not 0 <= label < len(wnids):

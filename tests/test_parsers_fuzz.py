@@ -3,14 +3,16 @@ parse or raise the toolkit's clear error (PrepError / ValueError for recipes).""
 
 import io
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from prep.classes import read_loc_csv, read_map_clsloc, read_synset_words
 from prep.errors import PrepError
 from prep.labels import parse_annotation, parse_ground_truth
 
-FUZZ = settings(max_examples=100, deadline=None,
+# derandomize: CI runs the same cases every time (random runs found the CSV bug below and
+# can be repeated locally with --hypothesis-seed)
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 XMLISH = st.one_of(
     st.binary(max_size=300),
@@ -32,6 +34,13 @@ def test_annotation_xml(data):
         assert len(wnid) == 9 and wnid.startswith("n")
 
 
+def test_loc_csv_bare_carriage_return():  # found by hypothesis: csv.Error escaped
+    import pytest
+
+    with pytest.raises(PrepError, match=r"loc.csv:\d+: malformed CSV"):
+        read_loc_csv(io.StringIO("ImageId,PredictionString\nx,\"a\rb\"c\rd\n"), "loc.csv")
+
+
 @FUZZ
 @given(st.text(max_size=300))
 def test_loc_csv(text):
@@ -43,6 +52,8 @@ def test_loc_csv(text):
 
 @FUZZ
 @given(st.text(max_size=300))
+@example("n0144076\u0664 1 x\n")  # a non-ASCII digit in a WNID
+@example("n01440764 \u00b2 x\n")  # '²'.isdigit() is True, int('²') fails
 def test_synset_words_and_map_clsloc(text):
     for parser in (read_synset_words, read_map_clsloc):
         s = io.StringIO(text)
@@ -55,6 +66,7 @@ def test_synset_words_and_map_clsloc(text):
 
 @FUZZ
 @given(st.lists(st.text(max_size=8), max_size=20))
+@example(["\u00b2"])  # found by hypothesis: int() raised a ValueError
 def test_devkit_ground_truth(lines):
     try:
         parse_ground_truth(lines, {1: "n01440764", 2: "n01443537"}, "gt.txt")
@@ -64,6 +76,7 @@ def test_devkit_ground_truth(lines):
 
 @FUZZ
 @given(st.text(max_size=200))
+@example("n01440764/a.JPEG \u00b2\n")
 def test_meta_split_files(tmp_path_factory, text):
     from shards.source import read_split
 
