@@ -111,26 +111,27 @@ def _check_ids(name: str, ids: dict[str, int]) -> None:
         raise PrepError(f"{name}: the same ILSVRC2012_ID is given to two WNIDs")
 
 
-def _data(name: str) -> bytes:
+def package_data(name: str) -> bytes:
+    """Bytes of a file shipped in prep/data (the public ILSVRC metadata)."""
     return resources.files("prep").joinpath("data", name).read_bytes()
 
 
 @cache
 def reference_words() -> dict[str, str]:
     """The 1000 CLS-LOC classes in sorted order with their words (shipped LOC_synset_mapping)."""
-    return read_synset_words(io.StringIO(_data("LOC_synset_mapping.txt").decode()))
+    return read_synset_words(io.StringIO(package_data("LOC_synset_mapping.txt").decode()))
 
 
 @cache
 def reference_ids() -> dict[str, int]:
     """WNID -> ILSVRC2012_ID from the shipped devkit `map_clsloc.txt`."""
-    return read_map_clsloc(io.StringIO(_data("map_clsloc.txt").decode()))
+    return read_map_clsloc(io.StringIO(package_data("map_clsloc.txt").decode()))
 
 
 @cache
 def reference_val_labels() -> dict[str, str]:
     """The real ILSVRC2012 val labels: `ILSVRC2012_val_00000001` -> `n01751748` (50,000)."""
-    text = gzip.decompress(_data("LOC_val_solution.csv.gz")).decode()
+    text = gzip.decompress(package_data("LOC_val_solution.csv.gz")).decode()
     return read_loc_csv(io.StringIO(text), "LOC_val_solution.csv (shipped)")
 
 

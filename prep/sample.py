@@ -22,7 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from prep import __version__
-from prep.classes import NUM_CLASSES, reference_ids, reference_val_labels, reference_words
+from prep.classes import (
+    NUM_CLASSES,
+    package_data,
+    reference_ids,
+    reference_val_labels,
+    reference_words,
+)
 from prep.errors import PrepError
 from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
 
@@ -203,12 +209,12 @@ def _layout_files(plan: SamplePlan, layout: str) -> Iterator[tuple[str, bytes]]:
     rng = np.random.default_rng(plan.spec.seed + 1)
     if layout == "ilsvrc2017":
         yield from _clsloc_tree(plan)
-        yield "devkit/data/map_clsloc.txt", _resource_text("map_clsloc.txt")
+        yield "devkit/data/map_clsloc.txt", package_data("map_clsloc.txt")
         yield "Data/DET/README.txt", b"other ILSVRC tasks live beside CLS-LOC; prep ignores them\n"
     elif layout == "kaggle":
         for rel, data in _clsloc_tree(plan):
             yield f"ILSVRC/{rel}", data
-        yield "LOC_synset_mapping.txt", _resource_text("LOC_synset_mapping.txt")
+        yield "LOC_synset_mapping.txt", package_data("LOC_synset_mapping.txt")
         yield "LOC_val_solution.csv", _loc_csv(plan.val, plan.spec.size, rng).encode()
         yield "LOC_train_solution.csv", _loc_csv(_boxed_train(plan), plan.spec.size, rng).encode()
     elif layout == "ilsvrc2012":
@@ -221,12 +227,6 @@ def _layout_files(plan: SamplePlan, layout: str) -> Iterator[tuple[str, bytes]]:
                 yield f"{split}/{rel}", data
     else:
         raise PrepError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-
-
-def _resource_text(name: str) -> bytes:
-    from importlib import resources
-
-    return resources.files("prep").joinpath("data", name).read_bytes()
 
 
 def _total(plan: SamplePlan) -> int:
