@@ -164,7 +164,9 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
         _save(parts, rec)
         records[rec.name] = rec
         report.written.append(rec)
-    if report.pending == 0:
+    if report.pending == 0 and not report.written and (out / INFO).is_file():
+        report.info = json.loads((out / INFO).read_text())  # finished earlier: nothing to redo
+    elif report.pending == 0:
         prep = {"tool": f"prep {__version__}", "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
         report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep)

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import pickle
 import sys
 from pathlib import Path
 
@@ -119,9 +118,9 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
         out = Path(args.out)
         if not out.parent.is_dir():
             raise SystemExit(f"--out {out}: directory {out.parent} does not exist")
-        if write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank, world):
-            with open(out, "rb") as f:  # rank 0: the pickle it just wrote
-                results = pickle.load(f)
+        results = write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank,
+                                    world)
+        if results is not None:  # rank 0
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
     if rank == 0:

@@ -29,9 +29,9 @@ def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
 
 
 def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes: int,
-                      rank: int, world: int) -> Path | None:
+                      rank: int, world: int) -> list[dict] | None:
     """Gather every rank's kept predictions on rank 0 (through files beside `out`: no 200 MB
-    object all-gather) and write the pickle there. Returns the path on rank 0."""
+    object all-gather) and write the pickle there. Returns the written list on rank 0."""
     part = out.with_name(f".{out.name}.rank{rank}")
     torch.save(kept, part)
     if world > 1:
@@ -61,7 +61,7 @@ def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes:
     with open(tmp, "wb") as f:
         pickle.dump(results, f, protocol=4)
     os.replace(tmp, out)
-    return out
+    return results
 
 
 def per_class_accuracy(results: list[dict], num_classes: int) -> list[float | None]:
