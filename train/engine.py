@@ -15,7 +15,8 @@ from train.data import MEAN, STD
 
 
 class Normalize:
-    """uint8 NCHW batch on the host -> normalized float on the device (non-blocking copy)."""
+    """uint8 N x 3 x H x W batch (any layout) on the host -> normalized float on the
+    device (non-blocking copy)."""
 
     def __init__(self, device: torch.device, channels_last: bool):
         self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
@@ -24,7 +25,9 @@ class Normalize:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        # the loader's batches are N x 3 x H x W views of N x H x W x 3 memory (channels-last)
+        return x.contiguous(memory_format=torch.channels_last if self.channels_last
+                            else torch.contiguous_format)
 
 
 def autocast(device: torch.device, amp: str):

@@ -1,0 +1,111 @@
+"""Fast reading of WebDataset samples from local tar shards (a memory map, no tarfile).
+
+Why not webdataset's `tarfile_to_samples` (Python's tarfile) for local files: measured on
+the 500x375 photo shards, it spent ~0.85 ms per sample (header objects, buffered reads of
+three members), as much as decoding the JPEG. Here a shard is memory-mapped, each 512-byte
+header is checked (checksum) and parsed in a few microseconds, and only the members a
+caller asks for are copied out. Samples are grouped exactly as webdataset does: the key is
+the member path up to the first dot of its file name, the rest is the (lower-cased)
+extension; `__*__` metadata members are skipped (webdataset's rules). GNU long names and
+pax `path` records are honoured; any other member type is skipped. A truncated member or a
+damaged header raises `ShardError` naming the shard, the member and its offset; the samples
+read before it are kept.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (matched at the start)
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+
+
+class ShardError(ValueError):
+    pass
+
+
+def _number(field: bytes) -> int:
+    if field[0] & 0x80:  # GNU base-256 (sizes of 8 GiB and more)
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _pax_path(records: bytes) -> str | None:
+    pos = 0
+    while pos < len(records):
+        length, _, rest = records[pos:].partition(b" ")
+        n = int(length)
+        key, _, value = rest[: n - len(length) - 2].partition(b"=")
+        if key == b"path":
+            return value.decode("utf-8")
+        pos += n
+    return None
+
+
+def members(buf, url: str) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in the tar held by `buf`; the data
+    may run past the end of a truncated file (see `samples`)."""
+    end, pos, next_name = len(buf), 0, None
+    while pos + BLOCK <= end:
+        header = buf[pos : pos + BLOCK]
+        if not any(header):
+            return  # end-of-archive marker
+        stored = _number(header[148:156])
+        if stored != sum(header) - sum(header[148:156]) + 8 * 32:
+            raise ShardError(f"{url}: damaged tar header at offset {pos} (checksum)")
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345]:
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size, kind, start = _number(header[124:136]), header[156:157], pos + BLOCK
+        if start + size > end and kind not in (b"0", b"\0", b"7"):
+            raise ShardError(f"{url}: truncated at offset {pos}")
+        if kind in (b"0", b"\0", b"7"):  # (the caller checks that the data is all there)
+            yield (next_name or name.decode("utf-8")), start, size
+            next_name = None
+        elif kind == b"L":
+            next_name = bytes(buf[start : start + size]).rstrip(b"\0").decode("utf-8")
+        elif kind == b"x":
+            next_name = _pax_path(bytes(buf[start : start + size])) or next_name
+        pos = start + size + (-size % BLOCK)
+
+
+def samples(path: str, keep: Iterable[str] | None = None) -> Iterator[dict]:
+    """The samples of one local shard as webdataset dicts (`__key__`, `__url__`, one entry
+    per extension, bytes), keeping only the extensions in `keep` (all when None)."""
+    keep = set(keep) if keep is not None else None
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise ShardError(f"{path}: empty file")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        buf.madvise(mmap.MADV_SEQUENTIAL)
+        current: dict | None = None
+        for name, start, n in members(buf, path):
+            if _META.match(name) or not (m := _KEY_EXT.match(name)):
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            if current is None or current["__key__"] != key:
+                if current is not None:
+                    yield current
+                current = {"__key__": key, "__url__": path}
+            if start + n > len(buf):
+                raise ShardError(f"{path}: truncated: member {name} at offset {start - BLOCK} "
+                                 f"needs {n} bytes, {max(len(buf) - start, 0)} left")
+            if ext in current:
+                raise ShardError(f"{path}: member {name} appears twice in sample {key}")
+            if keep is None or ext in keep:
+                current[ext] = buf[start : start + n]
+        if current is not None:
+            yield current
+    finally:
+        buf.close()
+
+
+def is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")

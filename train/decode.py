@@ -1,0 +1,171 @@
+"""JPEG bytes -> H x W x 3 uint8 crops for training and evaluation, with the least work.
+
+The crop box is chosen from the JPEG header before decoding, so each image is resized once,
+from the crop region only (no full-size resize, no float tensors on the CPU):
+- RGB JPEGs are decoded by simplejpeg (libjpeg-turbo 3; measured 1.2-1.3x Pillow-SIMD's
+  decode on 500x375 photos, see docs/benchmarks.md), then the region is resized by Pillow
+  (antialiased bilinear, as torchvision's RandomResizedCrop on PIL images);
+- when the region is at least twice the output, Pillow decodes at 1/2, 1/4 or 1/8 DCT scale
+  (draft) instead: the same picture for a fraction of the work;
+- anything simplejpeg does not take (CMYK, PNG, damaged data) goes through Pillow, which
+  repairs what it can and raises a clear error otherwise.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+try:  # optional: the Pillow path gives the same pixels, slower
+    import simplejpeg
+except ImportError:  # pragma: no cover - simplejpeg is a dependency; kept for other installs
+    simplejpeg = None
+
+Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
+
+
+def worker_slot() -> tuple[int, int]:
+    """(this DataLoader worker's id, number of workers); (0, 1) outside workers."""
+    w = torch.utils.data.get_worker_info()
+    return (w.id, w.num_workers) if w else (0, 1)
+
+
+def rrc_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
+            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (torchvision's algorithm): (left, top, width, height)."""
+    area = w * h
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_r))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    in_ratio = w / h  # fallback: a central crop of clamped aspect
+    if in_ratio < ratio[0]:
+        cw, ch = w, round(w / ratio[0])
+    elif in_ratio > ratio[1]:
+        cw, ch = round(h * ratio[1]), h
+    else:
+        cw, ch = w, h
+    return (w - cw) // 2, (h - ch) // 2, cw, ch
+
+
+def center_box(w: int, h: int, resize: int, crop: int) -> Box:
+    """The region of a w x h image that "resize the shorter side to `resize`, then center
+    crop `crop`" keeps (torchvision's val transform), in source pixels."""
+    s = max(resize, crop) / min(w, h)
+    rw, rh = round(w * s), round(h * s)
+    sx, sy = rw / w, rh / h
+    left, top = (rw - crop) // 2, (rh - crop) // 2
+    return left / sx, top / sy, crop / sx, crop / sy
+
+
+def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Image.Image:
+    """The crop `box` of a not-yet-decoded Pillow image, resized to size x size. A JPEG whose
+    crop is at least 2x the output is decoded at reduced DCT scale (PIL draft) first."""
+    x, y, w, h = box
+    W, H = img.size
+    if draft and img.format == "JPEG" and min(w, h) >= 2 * size:
+        img.draft("RGB", (math.ceil(W * size / w), math.ceil(H * size / h)))
+    sx, sy = img.size[0] / W, img.size[1] / H  # the scale draft chose (1 when none)
+    if img.mode != "RGB":  # (an RGB JPEG is not copied by a no-op convert)
+        img = img.convert("RGB")
+    return img.resize((size, size), Image.Resampling.BILINEAR,
+                      box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) when simplejpeg can decode `data` to RGB, else None."""
+    if simplejpeg is None or data[:2] != b"\xff\xd8":
+        return None
+    try:
+        h, w, _, colorspace = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (w, h) if colorspace in ("YCbCr", "Gray", "RGB") else None
+
+
+def decode_crop(data: bytes, choose_box, size: int) -> Image.Image:
+    """Decode the region `choose_box(width, height)` of an encoded image, resized to
+    size x size (see the module docstring for which decoder runs)."""
+    wh = _jpeg_size(data)
+    if wh is not None:
+        box = choose_box(*wh)
+        if min(box[2], box[3]) < 2 * size:  # no DCT scaling applies: the faster full decode
+            try:
+                img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
+            except ValueError:  # damaged: let Pillow say what is wrong
+                img = None
+            if img is not None:
+                x, y, w, h = box
+                return img.resize((size, size), Image.Resampling.BILINEAR,
+                                  box=(x, y, x + w, y + h))
+    else:
+        box = None
+    img = Image.open(io.BytesIO(data))
+    return crop_resize(img, box or choose_box(*img.size), size)
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    """H x W x 3 uint8 (read-only: one copy out of Pillow; the batch collation copies it)."""
+    return np.asarray(img)
+
+
+def _jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(enhancers)  # random order, as torchvision's ColorJitter
+    for enhancer in enhancers:
+        img = enhancer(img).enhance(rng.uniform(1 - strength, 1 + strength))
+    return img
+
+
+def _where(sample: dict, exc: Exception) -> ValueError:
+    where = f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
+    return ValueError(f"{where}: {type(exc).__name__}: {exc}")
+
+
+def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
+                  rotation: float = 0.0, color_jitter: float = 0.0):
+    """sample -> (H x W x 3 uint8, label): RandomResizedCrop, flip (as a view), optional
+    rotation and colour jitter; a per-worker random stream seeded from `seed`."""
+    state: dict = {}
+
+    def decode(sample: dict) -> tuple[np.ndarray, int]:
+        if "rng" not in state:  # per worker, per epoch (workers are new each epoch)
+            state["rng"] = random.Random(seed * 1_000_003 + worker_slot()[0])
+        rng = state["rng"]
+        try:
+            img = decode_crop(sample["jpg"], lambda w, h: rrc_box(w, h, (min_scale, 1.0), rng),
+                              size)
+        except (OSError, SyntaxError, ValueError, KeyError) as exc:  # name shard + member
+            raise _where(sample, exc) from exc
+        flip = hflip and rng.random() < 0.5
+        if rotation:
+            img = img.rotate(rng.uniform(-rotation, rotation), Image.Resampling.BILINEAR)
+        if color_jitter:
+            img = _jitter(img, color_jitter, rng)
+        out = pixels(img)
+        return (out[:, ::-1] if flip else out), int(sample["cls"])
+
+    return decode
+
+
+def val_decoder(resize: int, crop: int):
+    """sample -> (crop x crop x 3 uint8, label or -1, key): the standard resize + center
+    crop, computed as one resize of the kept region."""
+
+    def decode(sample: dict) -> tuple[np.ndarray, int, str]:
+        try:
+            img = decode_crop(sample["jpg"], lambda w, h: center_box(w, h, resize, crop), crop)
+        except (OSError, SyntaxError, ValueError, KeyError) as exc:
+            raise _where(sample, exc) from exc
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return pixels(img), label, sample["__key__"]
+
+    return decode
