@@ -34,10 +34,16 @@ if ! is_simd; then
     "$PIP" install -q --force-reinstall pillow 2>&1 | quiet
   fi
 fi
+# The loader's region JPEG decoder (train/jpeg_region.c, ~1 s to build; needs jpeglib.h from
+# libjpeg-turbo, which the Pillow-SIMD build needs too). Without it the loader uses Pillow.
+[ train/_jpeg_region.so -nt train/jpeg_region.c ] || "$VENV/bin/python" -m train.jpeg_region \
+  || echo "setup: the region JPEG decoder did not build; the loader uses Pillow (slower)" >&2
 "$VENV/bin/python" - <<'PY'
 import PIL, torch, torchvision
+from train import jpeg_region
 flavour = "Pillow-SIMD" if ".post" in PIL.__version__ else "Pillow"
+region = "built" if jpeg_region.available() else "NOT built (Pillow fallback)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-      f"{flavour} {PIL.__version__}")
+      f"{flavour} {PIL.__version__}, region JPEG decoder {region}")
 PY
 touch "$VENV/.setup-done"

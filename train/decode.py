@@ -1,14 +1,12 @@
 """JPEG bytes -> H x W x 3 uint8 crops for training and evaluation, with the least work.
 
-The crop box is chosen from the JPEG header before decoding, so each image is resized once,
-from the crop region only (no full-size resize, no float tensors on the CPU):
-- RGB JPEGs are decoded by simplejpeg (libjpeg-turbo 3; measured 1.2-1.3x Pillow-SIMD's
-  decode on 500x375 photos, see docs/benchmarks.md), then the region is resized by Pillow
-  (antialiased bilinear, as torchvision's RandomResizedCrop on PIL images);
-- when the region is at least twice the output, Pillow decodes at 1/2, 1/4 or 1/8 DCT scale
-  (draft) instead: the same picture for a fraction of the work;
-- anything simplejpeg does not take (CMYK, PNG, damaged data) goes through Pillow, which
-  repairs what it can and raises a clear error otherwise.
+The crop box is chosen from the JPEG header (SOF marker) before anything is decoded; then
+only that region is decoded, at the smallest 1/2, 1/4 or 1/8 DCT scale that still covers
+the output, and resized once (antialiased bilinear, as torchvision's RandomResizedCrop on
+PIL images) by train/jpeg_region.py (libjpeg-turbo). Anything it declines (CMYK, PNG,
+damaged data) or a machine where it is not built goes through Pillow: full decode (DCT
+scaled by draft when the box is at least 2x the output), crop, resize; Pillow repairs what
+it can and raises a clear error otherwise. No float tensors on the CPU.
 """
 
 from __future__ import annotations
@@ -21,10 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-try:  # optional: the Pillow path gives the same pixels, slower
-    import simplejpeg
-except ImportError:  # pragma: no cover - simplejpeg is a dependency; kept for other installs
-    simplejpeg = None
+from shards.image import jpeg_sof
+from train import jpeg_region
 
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
 
@@ -80,40 +76,25 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Im
                       box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) when simplejpeg can decode `data` to RGB, else None."""
-    if simplejpeg is None or data[:2] != b"\xff\xd8":
-        return None
-    try:
-        h, w, _, colorspace = simplejpeg.decode_jpeg_header(data)
-    except ValueError:
-        return None
-    return (w, h) if colorspace in ("YCbCr", "Gray", "RGB") else None
-
-
 def decode_crop(data: bytes, choose_box, size: int) -> Image.Image:
-    """Decode the region `choose_box(width, height)` of an encoded image, resized to
-    size x size (see the module docstring for which decoder runs)."""
-    wh = _jpeg_size(data)
-    if wh is not None:
-        box = choose_box(*wh)
-        if min(box[2], box[3]) < 2 * size:  # no DCT scaling applies: the faster full decode
-            try:
-                img = Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB"))
-            except ValueError:  # damaged: let Pillow say what is wrong
-                img = None
-            if img is not None:
-                x, y, w, h = box
-                return img.resize((size, size), Image.Resampling.BILINEAR,
-                                  box=(x, y, x + w, y + h))
-    else:
-        box = None
+    """The region `choose_box(width, height)` of an encoded image, resized to size x size
+    (see the module docstring for which decoder runs)."""
+    sof = jpeg_sof(data) if jpeg_region.available() else None
+    box = None
+    # grayscale or colour 8-bit JPEG, complete (ends with EOI: the region decoder never reads
+    # past the region, so a truncated file would otherwise pass unnoticed when the crop fits)
+    if sof is not None and sof[2] in (1, 3) and data.endswith(b"\xff\xd9"):
+        box = choose_box(sof[0], sof[1])
+        img = jpeg_region.decode_region(data, box, size)
+        if img is not None:
+            return img
     img = Image.open(io.BytesIO(data))
     return crop_resize(img, box or choose_box(*img.size), size)
 
 
 def pixels(img: Image.Image) -> np.ndarray:
-    """H x W x 3 uint8 (read-only: one copy out of Pillow; the batch collation copies it)."""
+    """H x W x 3 uint8 (read-only: one copy out of Pillow; collation copies it into the
+    batch)."""
     return np.asarray(img)
 
 
