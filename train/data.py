@@ -26,6 +26,7 @@ import webdataset as wds
 
 from shards import tarread
 from train.decode import train_decoder, val_decoder, worker_slot
+from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
 
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet statistics, on the 0..255 scale
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -186,7 +187,10 @@ def train_steps(num_samples: int, world: int, batch_size: int) -> int:
 
 
 def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
-                      skips: SkipCounter, pin: bool = False) -> wds.WebLoader:
+                      skips: SkipCounter, pin: bool = False,
+                      decode: str = "cpu") -> wds.WebLoader:
+    """decode: "cpu" (region decoder, Pillow fallback), "pil" (Pillow only: the plain
+    reference path) or "gpu" (workers send JPEG bytes + boxes; train.device_decode)."""
     workers = max(cfg.workers, 1)
     if len(split.urls) < world * workers:
         raise ValueError(
@@ -204,17 +208,27 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
         skips.count,
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 1000),
                     rng=random.Random(seed)),
-        wds.map(train_decoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed,
-                              cfg.rotation, cfg.color_jitter), handler=skips),
-        wds.batched(cfg.batch_size, collation_fn=collate, partial=False),
+        wds.map(_train_map(cfg, epoch, seed, decode), handler=skips),
+        wds.batched(cfg.batch_size, collation_fn=collate_raw if decode == "gpu" else collate,
+                    partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
                            pin_memory=pin, persistent_workers=False, worker_init_fn=worker_init)
     return loader.with_epoch(steps)
 
 
+def _train_map(cfg, epoch: int, seed: int, decode: str):
+    if decode == "gpu":
+        if cfg.rotation or cfg.color_jitter:
+            raise ValueError("--decode gpu does not do rotation or color_jitter; use "
+                             "--decode cpu for recipes that set them")
+        return raw_train_decoder(cfg.min_scale, cfg.hflip, seed)
+    return train_decoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed, cfg.rotation,
+                         cfg.color_jitter, region=decode != "pil")
+
+
 def make_eval_loader(split: SplitInfo, cfg, rank: int, world: int, batch_size: int,
-                     pin: bool = False) -> wds.WebLoader:
+                     pin: bool = False, decode: str = "cpu") -> wds.WebLoader:
     workers = max(cfg.workers, 1)
     if len(split.urls) >= world * workers:
         stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read_shards()]
@@ -222,8 +236,10 @@ def make_eval_loader(split: SplitInfo, cfg, rank: int, world: int, batch_size: i
         stages = [AllShards(split.urls), read_shards(), keep_every(rank, world)]
     pipeline = wds.DataPipeline(
         *stages,
-        wds.map(val_decoder(cfg.val_resize, cfg.val_crop)),
-        wds.batched(batch_size, collation_fn=collate, partial=True),
+        wds.map(raw_val_decoder(cfg.val_resize, cfg.val_crop) if decode == "gpu"
+                else val_decoder(cfg.val_resize, cfg.val_crop, region=decode != "pil")),
+        wds.batched(batch_size, collation_fn=collate_raw if decode == "gpu" else collate,
+                    partial=True),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
                          worker_init_fn=worker_init)

@@ -76,10 +76,10 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Im
                       box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
 
 
-def decode_crop(data: bytes, choose_box, size: int) -> Image.Image:
+def decode_crop(data: bytes, choose_box, size: int, region: bool = True) -> Image.Image:
     """The region `choose_box(width, height)` of an encoded image, resized to size x size
     (see the module docstring for which decoder runs)."""
-    sof = jpeg_sof(data) if jpeg_region.available() else None
+    sof = jpeg_sof(data) if region and jpeg_region.available() else None
     box = None
     # grayscale or colour 8-bit JPEG, complete (ends with EOI: the region decoder never reads
     # past the region, so a truncated file would otherwise pass unnoticed when the crop fits)
@@ -112,7 +112,7 @@ def _where(sample: dict, exc: Exception) -> ValueError:
 
 
 def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
-                  rotation: float = 0.0, color_jitter: float = 0.0):
+                  rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True):
     """sample -> (H x W x 3 uint8, label): RandomResizedCrop, flip (as a view), optional
     rotation and colour jitter; a per-worker random stream seeded from `seed`."""
     state: dict = {}
@@ -123,7 +123,7 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
         rng = state["rng"]
         try:
             img = decode_crop(sample["jpg"], lambda w, h: rrc_box(w, h, (min_scale, 1.0), rng),
-                              size)
+                              size, region)
         except (OSError, SyntaxError, ValueError, KeyError) as exc:  # name shard + member
             raise _where(sample, exc) from exc
         flip = hflip and rng.random() < 0.5
@@ -137,13 +137,14 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
     return decode
 
 
-def val_decoder(resize: int, crop: int):
+def val_decoder(resize: int, crop: int, region: bool = True):
     """sample -> (crop x crop x 3 uint8, label or -1, key): the standard resize + center
     crop, computed as one resize of the kept region."""
 
     def decode(sample: dict) -> tuple[np.ndarray, int, str]:
         try:
-            img = decode_crop(sample["jpg"], lambda w, h: center_box(w, h, resize, crop), crop)
+            img = decode_crop(sample["jpg"], lambda w, h: center_box(w, h, resize, crop), crop,
+                              region)
         except (OSError, SyntaxError, ValueError, KeyError) as exc:
             raise _where(sample, exc) from exc
         label = int(sample["cls"]) if "cls" in sample else -1

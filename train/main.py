@@ -28,8 +28,17 @@ import torch.distributed as dist
 import torchvision
 
 from train import checkpoint as ckpt
+from train import jpeg_region
 from train.config import TrainConfig, apply, load_config
-from train.data import SkipCounter, make_eval_loader, make_train_loader, read_split, train_steps
+from train.data import (
+    SkipCounter,
+    make_eval_loader,
+    make_train_loader,
+    read_split,
+    train_size,
+    train_steps,
+)
+from train.device_decode import DecodeNormalize, DeviceDecoder, resolve_decode
 from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
 from train.predictions import per_class_accuracy, write_predictions
 from train.report import append_metrics, plot_metrics
@@ -51,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="with --evaluate: write the predictions pickle here (default: none)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu", "pil"),
+                   help="JPEG decoding: cpu (workers; region decoder), gpu (nvJPEG on the "
+                   "device, workers only read), pil (plain Pillow reference path), auto (gpu "
+                   "when nvJPEG works, else cpu) (default: auto)")
     return p.parse_args(argv)
 
 
@@ -100,6 +113,12 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress)  # linear (FFCV): down to 0 at the last step
 
 
+def make_norm(cfg: TrainConfig, device: torch.device, decode: str, size: int):
+    """uint8 batch -> normalized float on the device; with --decode gpu, decode first."""
+    norm = Normalize(device, cfg.channels_last)
+    return DecodeNormalize(DeviceDecoder(device, size), norm) if decode == "gpu" else norm
+
+
 def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     split = read_split(args.data, args.split)
     if not args.checkpoint:
@@ -110,10 +129,13 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
         cfg = apply(cfg, load_config(None, args.set).to_dict() if args.set else {}, "--set")
     model = build_model(cfg, device)
     model.load_state_dict(ckpt.strip_prefixes(state.get("model", state)))
-    loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda")
+    decode = resolve_decode(args.decode, device)
+    loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda",
+                              decode)
     kept: dict | None = {} if args.out else None
-    metrics = evaluate(model, loader, Normalize(device, cfg.channels_last), split.num_samples,
-                       cfg.amp, cfg.num_classes, rank == 0, args.tta_flip, kept)
+    metrics = evaluate(model, loader, make_norm(cfg, device, decode, cfg.val_crop),
+                       split.num_samples, cfg.amp, cfg.num_classes, rank == 0, args.tta_flip,
+                       kept)
     if args.out:
         out = Path(args.out)
         if not out.parent.is_dir():
@@ -173,21 +195,26 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
         resolved = {"config": cfg.to_dict(), "argv": sys.argv, "world_size": world,
                     "peak_lr": peak_lr, "steps_per_epoch": steps, "torch": torch.__version__}
         (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
-    norm = Normalize(device, cfg.channels_last)
+    decode = resolve_decode(args.decode, device)
+    if rank == 0:
+        print(f"decode: {decode}" + (" (region decoder)" if decode == "cpu" and
+                                     jpeg_region.available() else ""), flush=True)
+    val_norm = make_norm(cfg, device, decode, cfg.val_crop)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
     metrics: dict = {}
     for epoch in range(start, cfg.epochs):
         loader = make_train_loader(train_split, cfg, rank, world, epoch,
-                                   SkipCounter(cfg.max_skip_rate), pin)
+                                   SkipCounter(cfg.max_skip_rate), pin, decode)
+        norm = make_norm(cfg, device, decode, train_size(cfg, epoch))
         try:
             metrics = train_one_epoch(net, loader, steps, optimizer, scheduler, scaler,
                                       criterion, norm, cfg, epoch, rank == 0)
         except LossNotFinite as exc:
             raise SystemExit(f"{exc}: stopping. The last good checkpoint is "
                              f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
-        val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin)
-        metrics |= evaluate(net, val_loader, norm, val_split.num_samples, cfg.amp,
+        val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin, decode)
+        metrics |= evaluate(net, val_loader, val_norm, val_split.num_samples, cfg.amp,
                             cfg.num_classes, rank == 0)
         metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
         history.append(metrics)

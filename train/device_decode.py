@@ -1,0 +1,150 @@
+"""`--decode gpu`: whole batches of JPEGs decoded on the device (nvJPEG through
+`torchvision.io.decode_jpeg(list, device="cuda")`), crop + resize + flip there too.
+
+The CPU workers only read the tar bytes and draw the augmentation (crop box from the JPEG
+header, flip): the same random stream as the CPU path. On the device each image is cropped
+and resized (antialiased bilinear, as the CPU path) and written into a uint8 N x 3 x S x S
+batch, so the trainer's normalization is unchanged. An image nvJPEG refuses (CMYK, PNG, a
+damaged file) is decoded by Pillow on the CPU and copied over: one image, not the batch;
+one neither can decode stops the run with its shard and member named (the CPU path skips
+such samples up to max_skip_rate).
+
+The same code runs with device="cpu" (torchvision decodes on the CPU then): that is how
+the tests check it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from shards.image import jpeg_sof
+from train.decode import center_box, rrc_box, worker_slot
+
+
+def _size(data: bytes) -> tuple[int, int]:
+    sof = jpeg_sof(data)
+    return (sof[0], sof[1]) if sof else Image.open(io.BytesIO(data)).size
+
+
+def _name(sample: dict) -> str:
+    return f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
+
+
+def _raw(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def raw_train_decoder(min_scale: float, hflip: bool, seed: int):
+    """Worker side of the train path: sample -> (bytes tensor, box, flip, name, label)."""
+    state: dict = {}
+
+    def prepare(sample: dict) -> tuple:
+        if "rng" not in state:
+            state["rng"] = random.Random(seed * 1_000_003 + worker_slot()[0])
+        rng = state["rng"]
+        data = sample["jpg"]
+        box = rrc_box(*_size(data), (min_scale, 1.0), rng)
+        flip = hflip and rng.random() < 0.5
+        return _raw(data), box, flip, _name(sample), int(sample["cls"])
+
+    return prepare
+
+
+def raw_val_decoder(resize: int, crop: int):
+    """Worker side of the eval path: sample -> (bytes, box, False, name, label, key)."""
+
+    def prepare(sample: dict) -> tuple:
+        data = sample["jpg"]
+        label = int(sample["cls"]) if "cls" in sample else -1
+        return (_raw(data), center_box(*_size(data), resize, crop), False, _name(sample),
+                label, sample["__key__"])
+
+    return prepare
+
+
+def collate_raw(batch: list[tuple]) -> tuple:
+    """((byte tensors, boxes N x 4, flips N, names), labels, extra columns...)."""
+    cols = list(zip(*batch))
+    boxes = torch.tensor(cols[1], dtype=torch.float64)
+    flips = torch.tensor(cols[2], dtype=torch.bool)
+    return ((list(cols[0]), boxes, flips, list(cols[3])), torch.tensor(cols[4], dtype=torch.long),
+            *cols[5:])
+
+
+class DeviceDecoder:
+    """Raw batch -> uint8 N x 3 x size x size on `device`; counts the CPU fallbacks."""
+
+    def __init__(self, device: torch.device, size: int):
+        self.device, self.size, self.fallbacks = device, size, 0
+
+    def _one(self, data: torch.Tensor, name: str) -> torch.Tensor:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            self.fallbacks += 1
+        try:
+            img = Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB")
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"{name}: undecodable (nvJPEG and Pillow): {exc}. `prep verify "
+                             "--deep` lists such files; --decode cpu skips them") from exc
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).to(self.device)
+
+    def __call__(self, raw: tuple, size: int | None = None) -> torch.Tensor:
+        datas, boxes, flips, names = raw
+        size = size or self.size
+        try:
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:  # one bad image fails the batch call: decode one by one
+            images = [self._one(d, n) for d, n in zip(datas, names)]
+        out = torch.empty((len(datas), 3, size, size), dtype=torch.uint8, device=self.device)
+        for i, (img, (x, y, w, h), flip) in enumerate(zip(images, boxes.tolist(),
+                                                         flips.tolist())):
+            x0, y0 = int(x), int(y)
+            x1, y1 = min(int(-(-(x + w) // 1)), img.shape[2]), min(int(-(-(y + h) // 1)),
+                                                                  img.shape[1])
+            crop = img[:, y0:y1, x0:x1].unsqueeze(0).float()
+            r = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False)
+            r = r.round_().clamp_(0, 255).to(torch.uint8)[0]
+            out[i] = r.flip(2) if flip else r
+        return out
+
+
+def nvjpeg_works(device: torch.device) -> bool:
+    """True when torchvision can decode a JPEG on `device` (a CUDA build with nvJPEG)."""
+    if device.type != "cuda":
+        return False
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buf, "JPEG")
+    try:
+        decode_jpeg(_raw(buf.getvalue()), device=device)
+        return True
+    except RuntimeError:
+        return False
+
+
+class DecodeNormalize:
+    """The trainer's `norm` for --decode gpu: raw batch -> decoded -> normalized."""
+
+    def __init__(self, decoder: DeviceDecoder, norm):
+        self.decoder, self.norm, self.device = decoder, norm, norm.device
+
+    def __call__(self, raw: tuple) -> torch.Tensor:
+        return self.norm(self.decoder(raw))
+
+
+def resolve_decode(choice: str, device: torch.device) -> str:
+    """--decode auto|cpu|gpu|pil -> the path used; gpu needs CUDA with nvJPEG."""
+    if choice == "auto":
+        return "gpu" if nvjpeg_works(device) else "cpu"
+    if choice == "gpu" and not nvjpeg_works(device):
+        raise SystemExit(f"--decode gpu: no nvJPEG decode on {device} (needs a CUDA device "
+                         "and torchvision built with CUDA); use --decode cpu")
+    return choice
