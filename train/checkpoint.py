@@ -10,11 +10,18 @@ import torch
 
 
 def save(state: dict, path: Path) -> None:
+    """Write `state` to `path` atomically. On a write error (disk full, ...) the temp file is
+    removed and the error names the checkpoint; the previous one is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is intact" if path.exists() else "none was written before"
+        raise OSError(f"checkpoint {path}: could not be written ({exc}); {kept}") from exc
     os.replace(tmp, path)  # a kill before this line leaves the previous checkpoint intact
 
 

@@ -1,0 +1,78 @@
+"""A real full disk (a small tmpfs): clear error, previous outputs intact, rerun completes.
+Needs permission to mount (root in the CI container); skipped otherwise."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from train import checkpoint as ckpt
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
+    path = small_disk / "checkpoint.pt"
+    ckpt.save({"w": torch.ones(1000), "epoch": 1}, path)
+    with pytest.raises(OSError, match=r"checkpoint\.pt: could not be written.*previous one"):
+        ckpt.save({"w": torch.ones(2_000_000), "epoch": 2}, path)  # 8 MB on a 3 MB disk
+    assert ckpt.load(path)["epoch"] == 1  # still loadable, unchanged
+    assert sorted(os.listdir(small_disk)) == ["checkpoint.pt"]  # no temp file left behind
+    ckpt.save({"w": torch.ones(100_000), "epoch": 2}, path)  # fits: the rerun completes
+    assert ckpt.load(path)["epoch"] == 2
+
+
+def test_prep_shard_on_a_full_disk_then_rerun(small_disk, tmp_path):
+    from prep.errors import PrepError
+    from prep.imagenet import prepare_imagenet
+    from prep.sample import SampleSpec, write_sample
+    from shards.build import ShardSettings, shard_dataset
+    from shards.tarread import samples
+    from shards.verify import verify_shards
+
+    write_sample(tmp_path / "src", "ilsvrc2017", SampleSpec(classes=4, train_per_class=10,
+                 val_per_class=3, size=96), progress=False)
+    prepare_imagenet(tmp_path / "src", tmp_path / "data", progress=False, workers=1)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (3 * 2**20 - 160 * 1024))  # leave ~160 KB
+    out = small_disk / "shards"
+    settings = ShardSettings(num_shards=4)
+    with pytest.raises((PrepError, OSError), match="No space left on device"):
+        shard_dataset(tmp_path / "data/imagenet", out, settings, workers=1, progress=False)
+    assert not list(out.rglob("*.partial"))  # no half shard left behind
+    for tar in out.glob("*.tar"):  # a shard that exists is complete
+        assert len(list(samples(str(tar)))) == 10
+    filler.unlink()  # free the space; the rerun finishes the job
+    shard_dataset(tmp_path / "data/imagenet", out, settings, workers=1, progress=False)
+    report = verify_shards(out, deep=True, progress=False)
+    assert report.ok and report.samples == 4 * 10 + 4 * 3
+
+
+def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    ckpt.save({"w": torch.zeros(10), "epoch": 1}, path)
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, torch; sys.path.insert(0, '.'); from pathlib import Path; "
+        "from train import checkpoint as c; "
+        f"c.save({{'w': torch.ones(150_000_000), 'epoch': 2}}, Path({str(path)!r}))")])
+    tmp = tmp_path / ".checkpoint.pt.tmp"
+    deadline = time.time() + 60
+    while not (tmp.exists() and tmp.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.01)
+    child.kill()  # SIGKILL while the 600 MB temp file is being written
+    child.wait()
+    assert tmp.exists(), "the kill came too late to test anything"
+    assert ckpt.load(path)["epoch"] == 1
