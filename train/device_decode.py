@@ -16,6 +16,7 @@ the tests check it on machines without a GPU.
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import numpy as np
@@ -107,8 +108,7 @@ class DeviceDecoder:
         for i, (img, (x, y, w, h), flip) in enumerate(zip(images, boxes.tolist(),
                                                          flips.tolist())):
             x0, y0 = int(x), int(y)
-            x1, y1 = min(int(-(-(x + w) // 1)), img.shape[2]), min(int(-(-(y + h) // 1)),
-                                                                  img.shape[1])
+            x1, y1 = min(math.ceil(x + w), img.shape[2]), min(math.ceil(y + h), img.shape[1])
             crop = img[:, y0:y1, x0:x1].unsqueeze(0).float()
             r = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True,
                               align_corners=False)

@@ -14,6 +14,7 @@ Pillow repairs or reports it.
 from __future__ import annotations
 
 import ctypes
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def decode_region(data: bytes, box: tuple[float, float, float, float],
     x, y, w, h = box
     denom = scale_denominator(w, h, size)
     x0, y0 = int(x), int(y)
-    x1, y1 = int(-(-(x + w) // 1)), int(-(-(y + h) // 1))
+    x1, y1 = math.ceil(x + w), math.ceil(y + h)
     # capacity: the scaled region plus up to two iMCUs (32 px) of widening by libjpeg
     cols, rows = (x1 - x0) // denom + 34, (y1 - y0) // denom + 2
     out = np.empty(cols * rows * 4, dtype=np.uint8)
