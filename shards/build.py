@@ -22,7 +22,7 @@ from tqdm import tqdm
 from prep import __version__
 from prep.errors import PrepError
 from shards.image import keep_image_buffers_in_heap
-from shards.manifest import INFO, write_manifest
+from shards.manifest import INFO, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.source import read_classes, read_split
 from shards.write import ShardOptions, ShardRecord, write_shard
@@ -182,6 +182,7 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     nbytes, t0 = 0, time.perf_counter()
     with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
         futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
+        preload_manifest_libs()  # ~0.5 s of imports, done while the workers write
         while futures:
             done, futures = wait(futures, return_when=FIRST_EXCEPTION)
             for f in done:

@@ -9,13 +9,13 @@ that looks finished.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.errors import PrepError
+from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
 from shards.plan import ShardPlan
 from shards.tario import FdSink, TarStream
@@ -52,16 +52,19 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
     rec = ShardRecord(plan.name, plan.split, 0, 0, "")
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        digest = BackgroundDigest(partial, fd)
         try:
-            sha = hashlib.sha256()
-            tar = TarStream(FdSink(fd, sha))
+            tar = TarStream(FdSink(fd, digest))
+            base = f"{data}/{plan.split}/"  # str concatenation: pathlib cost ~25 µs a sample
             for s in plan.samples:
-                _write_sample(tar, s, data, plan, opts, rec)
+                _write_sample(tar, s, base, data, plan, opts, rec)
             tar.close()
+            rec.sha256 = digest.hexdigest()
             os.fsync(fd)
         finally:
+            digest.close()
             os.close(fd)
-        rec.filesize, rec.sha256 = tar.offset, sha.hexdigest()
+        rec.filesize = tar.offset
         os.replace(partial, final)
     except OSError as exc:
         _remove(partial)
@@ -74,9 +77,9 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
     return rec
 
 
-def _write_sample(tar: TarStream, s, data: Path, plan: ShardPlan, opts: ShardOptions,
-                  rec: ShardRecord) -> None:
-    src = data / plan.split / s.path
+def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
+                  opts: ShardOptions, rec: ShardRecord) -> None:
+    src = base + s.path
     try:
         raw = read_file(src)
     except FileNotFoundError as exc:
@@ -90,21 +93,25 @@ def _write_sample(tar: TarStream, s, data: Path, plan: ShardPlan, opts: ShardOpt
             return
         raise PrepError(f"{src}: {exc}; rerun with --on-error skip to leave it out "
                         "(skips are listed in the manifest)") from exc
-    meta = {"key": s.key, "wnid": s.wnid, "label": s.label, "source": f"{plan.split}/{s.path}",
-            "width": info.width, "height": info.height, "format": info.format,
-            "mode": info.mode, "repaired": info.repaired, "resized": info.resized}
+    source = f"{plan.split}/{s.path}"
+    meta = {"format": info.format, "height": info.height, "key": s.key, "label": s.label,
+            "mode": info.mode, "repaired": info.repaired, "resized": info.resized,
+            "source": source, "width": info.width, "wnid": s.wnid}  # sorted keys
     offset = tar.offset
     members = [(f"{s.key}.cls", str(s.label).encode())] if s.label >= 0 else []
-    members += [(f"{s.key}.jpg", jpg), (f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())]
+    members += [(f"{s.key}.jpg", jpg), (f"{s.key}.json", _JSON(meta).encode())]
     tar.add_many(members)
     rec.num_samples += 1
     rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name, "offset": offset,
                      "jpg_bytes": len(jpg), "label": s.label, "wnid": s.wnid,
                      "width": info.width, "height": info.height,
-                     "repaired": info.repaired or "", "source": f"{plan.split}/{s.path}"})
+                     "repaired": info.repaired or "", "source": source})
 
 
-def read_file(path: Path) -> bytes:
+_JSON = json.JSONEncoder().encode  # keys already in sorted order: same bytes as sort_keys
+
+
+def read_file(path: str | Path) -> bytes:
     """The whole file in one read of its known size (Path.read_bytes: ~1.6x slower here)."""
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -46,7 +46,9 @@ def test_manifest_and_samples(prepared, tmp_path):
         first = sorted(plan.val)[0]
         assert names[:3] == [f"{first}.cls", f"{first}.jpg", f"{first}.json"]
         assert {(m.mtime, m.uid, m.gid, m.mode) for m in members} == {(1335830400, 0, 0, 0o444)}
-        meta = json.loads(t.extractfile(names[2]).read())
+        raw_meta = t.extractfile(names[2]).read()
+        meta = json.loads(raw_meta)
+        assert raw_meta == json.dumps(meta, sort_keys=True).encode()  # canonical bytes
         assert meta["wnid"] == plan.val[first] and meta["source"] == f"val/{plan.val[first]}/" \
             f"{first}.JPEG"
         src_bytes = (data / "val" / plan.val[first] / f"{first}.JPEG").read_bytes()
