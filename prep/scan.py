@@ -139,15 +139,18 @@ def run_chunks(pool: Executor | None, fn: Callable, chunks: list) -> Iterator:
 def compare_with_list(train: dict[str, list[str]], list_file: Path, rel: str) -> Problems:
     """Train files vs `ImageSets/CLS-LOC/train_cls.txt` (`n01440764/n01440764_10026 1`)."""
     listed = set()
-    with open(list_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 2 or "/" not in parts[0]:
-                raise PrepError(f"{list_file}:{lineno}: expected 'nXXXXXXXX/name N', "
-                                f"got {line.strip()[:80]!r}")
-            listed.add(parts[0])
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PrepError(f"{list_file}: not a text list of train images ({exc})") from exc
+    for lineno, line in enumerate(text.splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or "/" not in parts[0]:
+            raise PrepError(f"{list_file}:{lineno}: expected 'nXXXXXXXX/name N', "
+                            f"got {line.strip()[:80]!r}")
+        listed.add(parts[0])
     present = {f"{w}/{n.rsplit('.', 1)[0]}": f"{w}/{n}" for w in train for n in train[w]}
     probs = Problems()
     probs.missing = sorted(f"{rel}/{k}.JPEG" for k in listed - present.keys())

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -42,10 +43,32 @@ print(len(files) / (time.perf_counter() - t), Image.__version__)
 """
 
 
-def run(cmd: list[str]) -> float:
+CPU: dict[str, list[float]] = {}  # CPU seconds (user + sys) of the timed commands, by row
+
+
+def run(cmd: list[str], row: str | None = None) -> float:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if row:
+        CPU.setdefault(row, []).append(after.ru_utime - before.ru_utime
+                                       + after.ru_stime - before.ru_stime)
+    return wall
+
+
+def settle() -> None:
+    """Wait (up to 60 s) until the disk is idle: deleting the previous run's output makes
+    ext4 issue discards that stall new writes on this VM."""
+    for _ in range(60):
+        try:
+            some = open("/proc/pressure/io").readline().split()[1]
+        except OSError:
+            return
+        if float(some.split("=")[1]) < 0.5:
+            return
+        time.sleep(1)
 
 
 def stock_pillow(root: Path) -> Path:
@@ -62,10 +85,12 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=300, help="unique photos per class (x10)")
     ap.add_argument("--copies", type=int, default=4, help="pass-through corpus = copies x unique")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--num-shards", type=int, default=8)
+    ap.add_argument("--skip-resize", action="store_true", help="pass-through rows only")
     a = ap.parse_args()
     prep = str(Path(sys.executable).with_name("prep"))
     tree = build_photo_tree(a.root / "photos", a.per_class, 2, a.root / "wheels")
-    big = a.root / "photos-x"
+    big = a.root / ("photos-x" if a.copies == 4 else f"photos-x{a.copies}")
     if not big.exists():  # more bytes for the pass-through test: copies under new names
         for f in sorted((tree / "train").rglob("*.JPEG")):
             for c in range(a.copies):
@@ -73,24 +98,28 @@ def main() -> None:
                 d.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, d / f"{f.stem}{c}.JPEG")
         shutil.copytree(tree / "val", big / "val")
-    for src, link in ((tree, a.root / "data"), (big, a.root / "data-x")):
+    for src, link in ((tree, a.root / "data"), (big, a.root / f"data-{big.name}")):
         subprocess.run([prep, "imagenet", "-q", "--src", str(src), "--link", str(link)],
                        check=True, stdout=subprocess.DEVNULL)
-    data, data_x = a.root / "data/imagenet", a.root / "data-x/imagenet"
+    data, data_x = a.root / "data/imagenet", a.root / f"data-{big.name}/imagenet"
     out = a.root / "out"
     nfiles_x = sum(1 for _ in (big / "train").rglob("*.JPEG"))
     mb_x = sum(f.stat().st_size for f in (big / "train").rglob("*.JPEG")) / 1e6
     n_unique = sum(1 for _ in (tree / "train").rglob("*.JPEG"))
     stock = stock_pillow(a.root)
 
-    def shard(d: Path, workers: int, *extra: str) -> float:
+    def shard(row: str, d: Path, workers: int, *extra: str) -> float:
         shutil.rmtree(out, ignore_errors=True)
+        settle()
         return run([prep, "shard", "-q", "--data", str(d), "--out", str(out), "--splits",
-                    "train", "--workers", str(workers), "--num-shards", "8", *extra])
+                    "train", "--workers", str(workers), "--num-shards", str(a.num_shards),
+                    *extra], row)
 
-    def tar(sync: bool) -> float:
-        out.mkdir(exist_ok=True)
-        t = run(["tar", "-cf", str(out / "all.tar"), "-C", str(big / "train"), "."])
+    def tar(row: str, sync: bool) -> float:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        settle()
+        t = run(["tar", "-cf", str(out / "all.tar"), "-C", str(big / "train"), "."], row)
         # prep shard fsyncs each shard before renaming it (durable); plain tar does not
         return t + (run(["sync", str(out / "all.tar")]) if sync else 0.0)
 
@@ -107,24 +136,27 @@ def main() -> None:
     names = list(rows)
     run(["tar", "-cf", "/dev/null", "-C", str(big / "train"), "."])  # warm the page cache
     for _ in range(a.trials):
-        rows[names[0]].append(tar(sync=False))
-        rows[names[1]].append(tar(sync=True))
-        rows[names[2]].append(shard(data_x, 1))
-        rows[names[3]].append(shard(data_x, 2))
+        rows[names[0]].append(tar(names[0], sync=False))
+        rows[names[1]].append(tar(names[1], sync=True))
+        rows[names[2]].append(shard(names[2], data_x, 1))
+        rows[names[3]].append(shard(names[3], data_x, 2))
+        if a.skip_resize:
+            continue
         rows[names[4]].append(loop(stock))
         rows[names[5]].append(loop(Path(sys.executable)))
-        rows[names[6]].append(shard(data, 1, "--max-size", "384", "--quality", "90"))
-    med = {k: statistics.median(v) for k, v in rows.items()}
+        rows[names[6]].append(shard(names[6], data, 1, "--max-size", "384", "--quality", "90"))
+    med = {k: statistics.median(v) if v else float("nan") for k, v in rows.items()}
     print(f"\n{platform.node()} ({os.cpu_count()} cores), {time.strftime('%Y-%m-%d')}, "
           f"{a.trials} trials; pass-through corpus {nfiles_x:,} files / {mb_x:,.0f} MB; "
           f"resize corpus {n_unique:,} unique 500x375 q90 photos\n")
-    print("| run | median s | rate | ratio |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| run | median s | CPU s (user+sys) | rate | ratio |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for k in names[:4]:
-        print(f"| {k} | {med[k]:.2f} | {mb_x / med[k]:,.0f} MB/s | "
+        cpu = statistics.median(CPU[k]) if k in CPU else float("nan")
+        print(f"| {k} | {med[k]:.2f} | {cpu:.2f} | {mb_x / med[k]:,.0f} MB/s | "
               f"{med[names[0]] / med[k]:.2f}x tar |")
-    for k in names[4:]:
-        print(f"| {k} | {med[k]:.2f} | {n_unique / med[k]:,.0f} img/s | "
+    for k in names[4:] if not a.skip_resize else []:
+        print(f"| {k} | {med[k]:.2f} | | {n_unique / med[k]:,.0f} img/s | "
               f"{med[names[4]] / med[k]:.2f}x stock loop |")
     print(f"\nprep shard 1 worker vs tar + fsync: {med[names[1]] / med[names[2]]:.2f}x; "
           f"workers 1 -> 2 (pass-through): {med[names[2]] / med[names[3]]:.2f}x; "

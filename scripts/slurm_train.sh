@@ -11,6 +11,9 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# a fresh rendezvous store per restart attempt: with torchrun's shared store, restarted
+# workers can read the failed attempt's keys and fail to connect (pytorch/pytorch#135712)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 GPUS=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 srun --kill-on-bad-exit=1 .venv/bin/torchrun \
   --nnodes="$SLURM_JOB_NUM_NODES" --nproc_per_node="${GPUS:-1}" \

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
+from prep.errors import PrepError
 from shards.write import ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
@@ -82,3 +84,65 @@ def _write_index(path: Path, records: list[ShardRecord]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.table(cols, schema=schema), tmp)
     os.replace(tmp, path)
+
+
+_SHARD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar")  # a plain file name: no paths
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_info(text: str | bytes, where: str) -> dict:
+    """`_info.json` as written by `write_manifest`, checked: every split has whole-number
+    counts that add up, and shard names are plain file names (a name such as
+    `../../x.tar` or `/etc/x.tar` would make readers open files outside the directory).
+    Raises PrepError naming `where`."""
+    def bad(why: str) -> PrepError:
+        return PrepError(f"{where}: not a valid `prep shard` manifest: {why}")
+
+    try:
+        info = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"not JSON ({exc})") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict) or \
+            not info["splits"]:
+        raise bad('no "splits" object listing the splits')
+    ncls = info.get("num_classes")
+    if not _count(ncls) or ncls == 0:
+        raise bad(f'"num_classes" is {ncls!r}, not a positive integer')
+    for name, split in info["splits"].items():
+        if not isinstance(split, dict):
+            raise bad(f"split {name!r} is not an object")
+        files, lens, n = (split.get(k) for k in ("filenames", "shard_lengths", "num_samples"))
+        if not isinstance(files, list) or not all(
+                isinstance(f, str) and _SHARD_NAME.fullmatch(f) for f in files):
+            raise bad(f"split {name!r}: filenames must be a list of plain NAME.tar names")
+        if len(set(files)) != len(files):
+            raise bad(f"split {name!r}: a shard is listed twice")
+        if not isinstance(lens, list) or len(lens) != len(files) or not all(map(_count, lens)):
+            raise bad(f"split {name!r}: shard_lengths must be one count per shard")
+        if not _count(n) or n != sum(lens):
+            raise bad(f"split {name!r}: num_samples {n!r} is not the sum of shard_lengths")
+    return info
+
+
+def parse_sums(text: str | bytes, where: str) -> dict[str, str]:
+    """`SHA256SUMS` (`sha256sum` format: 64 hex digits, two spaces, a plain shard name)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise PrepError(f"{where}: not a SHA256SUMS file (non-ASCII bytes)") from exc
+    sums: dict[str, str] = {}
+    for no, line in enumerate(text.split("\n"), 1):
+        if not line:
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or not _HEX64.fullmatch(digest) or not _SHARD_NAME.fullmatch(name):
+            raise PrepError(f"{where}:{no}: expected '<sha256>  <NAME.tar>', got {line[:80]!r}")
+        if name in sums:
+            raise PrepError(f"{where}:{no}: {name} listed twice")
+        sums[name] = digest
+    return sums
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from tqdm import tqdm
 
 from prep.errors import PrepError
 from shards.image import keep_image_buffers_in_heap
-from shards.manifest import INFO, SUMS
+from shards.manifest import INFO, SUMS, parse_info, parse_sums
 
 
 @dataclass
@@ -29,24 +28,14 @@ class VerifyReport:
 
 
 def _read_manifest(out: Path) -> tuple[dict, dict[str, str]]:
-    info_file = out / INFO
+    info_file, sums_file = out / INFO, out / SUMS
     if not info_file.is_file():
         raise PrepError(f"{info_file}: missing; is {out} a finished `prep shard` output? "
                         "(a partial one: rerun `prep shard` to finish it)")
-    try:
-        info = json.loads(info_file.read_text())
-        splits = info["splits"]
-    except (ValueError, KeyError) as exc:
-        raise PrepError(f"{info_file}: not a valid manifest ({exc})") from exc
-    sums = {}
-    sums_file = out / SUMS
-    if sums_file.is_file():
-        for line in sums_file.read_text().splitlines():
-            digest, _, name = line.partition("  ")
-            sums[name] = digest
-    else:
+    if not sums_file.is_file():
         raise PrepError(f"{sums_file}: missing")
-    return {"splits": splits, "num_classes": info.get("num_classes")}, sums
+    info = parse_info(info_file.read_bytes(), str(info_file))
+    return info, parse_sums(sums_file.read_bytes(), str(sums_file))
 
 
 def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: int | None,

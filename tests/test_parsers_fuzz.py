@@ -3,6 +3,7 @@ parse or raise the toolkit's clear error (PrepError / ValueError for recipes).""
 
 import io
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -102,3 +103,116 @@ def test_recipe_yaml(tmp_path_factory, text):
         load_config(path)
     except (ValueError, yaml.YAMLError) as exc:
         assert "r.yaml" in str(exc) or isinstance(exc, yaml.YAMLError)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+GOOD_INFO = {"name": "imagenet", "num_classes": 10, "classes": [],
+             "splits": {"train": {"name": "train", "num_samples": 5,
+                                  "filenames": ["train-000000.tar", "train-000001.tar"],
+                                  "shard_lengths": [3, 2]}}}
+
+
+def _mutated(draw_path, value):
+    import copy
+
+    info = copy.deepcopy(GOOD_INFO)
+    node = info
+    for key in draw_path[:-1]:
+        node = node[key]
+    node[draw_path[-1]] = value
+    return info
+
+
+INFO_FIELDS = st.sampled_from([("num_classes",), ("splits",), ("splits", "train"),
+                               ("splits", "train", "num_samples"),
+                               ("splits", "train", "filenames"),
+                               ("splits", "train", "shard_lengths")])
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=200), JSON.map(lambda v: __import__("json").dumps(v)),
+                 st.builds(_mutated, INFO_FIELDS, JSON).map(lambda v: __import__("json")
+                                                             .dumps(v))))
+def test_shard_manifest_info(text):
+    from shards.manifest import parse_info
+
+    try:
+        info = parse_info(text, "out/_info.json")
+    except PrepError as exc:
+        assert "out/_info.json" in str(exc)
+    else:  # accepted: then it is safe to use as readers do
+        for s in info["splits"].values():
+            assert sum(s["shard_lengths"]) == s["num_samples"]
+            assert all("/" not in f and not f.startswith(".") for f in s["filenames"])
+
+
+@pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/x.tar", "a/b.tar", ".hidden.tar",
+                                  "train-000000.tar\n", "x.tar.gz"])
+def test_shard_manifest_refuses_paths(name):
+    import json
+
+    from shards.manifest import parse_info
+
+    info = _mutated(("splits", "train", "filenames"), [name, "train-000001.tar"])
+    with pytest.raises(PrepError, match="plain NAME.tar"):
+        parse_info(json.dumps(info), "_info.json")
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
+                 st.lists(st.tuples(st.text("0123456789abcdef", min_size=60, max_size=66),
+                                    st.sampled_from([" ", "  ", "\t"]),
+                                    st.text(max_size=20)), max_size=4)
+                 .map(lambda rows: "".join(f"{a}{b}{c}\n" for a, b, c in rows))))
+def test_shard_checksums(text):
+    from shards.manifest import parse_sums
+
+    try:
+        sums = parse_sums(text, "out/SHA256SUMS")
+    except PrepError as exc:
+        assert "out/SHA256SUMS" in str(exc)
+    else:
+        assert all(len(d) == 64 and "/" not in n for n, d in sums.items())
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.binary(max_size=200))
+def test_prep_verify_on_garbage_manifests(tmp_path_factory, info, sums):
+    from click.testing import CliRunner
+
+    from prep.cli import main as cli
+
+    out = tmp_path_factory.mktemp("v")
+    (out / "_info.json").write_bytes(info)
+    (out / "SHA256SUMS").write_bytes(sums)
+    r = CliRunner().invoke(cli, ["verify", str(out), "-q"])
+    assert r.exit_code not in (0, None) and r.exc_info[0] is SystemExit, r.output
+    assert "_info.json" in r.output or "SHA256SUMS" in r.output
+
+
+@FUZZ
+@given(st.one_of(st.binary(max_size=300),
+                 st.lists(st.text(max_size=30), max_size=6).map(lambda ls: "\n".join(ls)
+                                                                 .encode("utf-8", "replace"))))
+def test_imagesets_train_list(tmp_path_factory, data):
+    from prep.scan import compare_with_list
+
+    path = tmp_path_factory.mktemp("i") / "train_cls.txt"
+    path.write_bytes(data)
+    try:
+        compare_with_list({"n01440764": ["n01440764_1.JPEG"]}, path, "train")
+    except PrepError as exc:
+        assert "train_cls.txt" in str(exc)
+
+
+@FUZZ
+@given(st.binary(max_size=400))
+def test_devkit_meta_mat(data):
+    from prep.classes import read_meta_mat
+
+    try:
+        read_meta_mat(io.BytesIO(data), "meta.mat")
+    except PrepError as exc:
+        assert "meta.mat" in str(exc)

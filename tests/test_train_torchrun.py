@@ -43,9 +43,23 @@ def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_train_evaluate_and_resume(shards, tmp_path):
-    full = tmp_path / "full"
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted 2-epoch run: what every interrupted run must end up matching."""
+    full = tmp_path_factory.mktemp("reference") / "full"
     torchrun(shards, full, 2)
+    return full
+
+
+def same_metrics(got: list[dict], want: list[dict]) -> None:
+    assert [x["epoch"] for x in got] == [x["epoch"] for x in want]
+    for a, b in zip(got, want):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["top1"] == pytest.approx(b["top1"], abs=1 / 24 + 1e-9)
+
+
+def test_two_processes_train_evaluate_and_resume(shards, reference, tmp_path):
+    full = reference
     m = metrics(full)
     assert [x["epoch"] for x in m] == [0, 1]
     assert all(x["val_samples"] == 24 for x in m)  # every val sample once over 2 ranks
@@ -70,11 +84,51 @@ def test_two_processes_train_evaluate_and_resume(shards, tmp_path):
     assert len(metrics(part)) == 1
     log = torchrun(shards, part, 2, "--resume", "auto")
     assert "resumed from" in log and "epoch 1, step 6" in log
-    resumed = metrics(part)
-    assert [x["epoch"] for x in resumed] == [0, 1]
-    for a, b in zip(resumed, m):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["top1"] == pytest.approx(b["top1"], abs=1 / 24 + 1e-9)
+    same_metrics(metrics(part), m)
+
+
+def rank_pids(out: Path, rank: int) -> list[int]:
+    """The worker process of the torchrun job writing to `out` whose RANK is `rank` (its
+    data-loader processes share its command line and environment: left out)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmd and f"RANK={rank}".encode() in env and \
+                b"TORCHELASTIC_RUN_ID=" in b"\0".join(env):
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            pids.append((int(proc.name), ppid))
+    return [pid for pid, ppid in pids if ppid not in {p for p, _ in pids}]  # not its loaders
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_one_rank_killed_then_torchrun_restarts_the_job(shards, reference, tmp_path):
+    """SIGKILL of rank 1 mid-epoch under `torchrun --max-restarts=1`: the agent restarts both
+    workers, which resume from the last checkpoint and end with the uninterrupted metrics."""
+    out = tmp_path / "run"
+    cmd = command(shards, out, 2, "--resume", "auto")
+    cmd.insert(cmd.index("--nproc_per_node=2"), "--max-restarts=1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "metrics.jsonl").is_file():
+            time.sleep(0.02)  # epoch 0 checkpointed: rank 1 is in epoch 1 now
+        victims = rank_pids(out, 1)
+        assert len(victims) == 1, victims
+        os.kill(victims[0], signal.SIGKILL)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "epoch 1, step 6" in log, log[-3000:]
+    assert "exitcode: -9" in log  # the agent saw rank 1 die, and restarted the workers:
+    same_metrics(metrics(out), metrics(reference))
+    assert ckpt.load(out / "checkpoint.pt")["epoch"] == 1
 
 
 def test_evaluate_only_from_checkpoint(shards, tmp_path):

@@ -46,6 +46,7 @@ class TrainConfig:
     max_skip_rate: float = 0.001  # abort when more samples than this fraction fail to decode
     seed: int = 0
     log_every: int = 20  # steps between progress updates
+    tensorboard: bool = False  # also log to OUTPUT_DIR/tensorboard (needs `tensorboard`)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

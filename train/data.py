@@ -13,18 +13,22 @@ shards and keeps every (ranks x workers)-th sample.
 
 from __future__ import annotations
 
-import json
 import math
 import random
+import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from itertools import count
 from pathlib import Path
 
 import torch
 import webdataset as wds
 
+from prep.errors import PrepError
 from shards import tarread
+from shards.manifest import parse_info
+from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.decode import train_decoder, val_decoder, worker_slot
 from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
 
@@ -39,16 +43,39 @@ class SplitInfo:
     num_classes: int
 
 
+def shard_url(data: str, name: str) -> str:
+    """Where file `name` of a `prep shard` output lives. `data` is a directory, a URL prefix
+    (`http://host/shards`, any scheme webdataset opens) or a template with `{}` for the
+    name (`pipe:aws s3 cp s3://bucket/shards/{} -`, `pipe:cat /mnt/shards/{}`)."""
+    if "{}" in data:
+        return data.replace("{}", name)
+    if tarread.is_local(data):
+        return str(Path(data.removeprefix("file://")) / name)
+    return data.rstrip("/") + "/" + name
+
+
 def read_split(data: str, split: str) -> SplitInfo:
-    """Shard URLs and counts from `_info.json` (a local dir written by `prep shard`)."""
-    info_file = Path(data) / "_info.json"
-    if not info_file.is_file():
-        raise FileNotFoundError(f"{info_file}: missing; --data must be a `prep shard` output")
-    info = json.loads(info_file.read_text())
+    """Shard URLs and counts of `split` from the `_info.json` of `data` (see shard_url)."""
+    where = shard_url(data, "_info.json")
+    if tarread.is_local(where):
+        if not Path(where).is_file():
+            raise PrepError(f"{where}: missing; --data must be a `prep shard` output "
+                            "(a directory, a URL prefix or a pipe:...{} template)")
+        text = Path(where).read_bytes()
+    else:
+        try:
+            with wds.gopen(where) as f:
+                text = f.read()
+        except Exception as exc:  # curl / the pipe command failed: say which URL
+            status = re.search(r"exit (\d+)", str(exc))
+            why = f"the command exited with status {status[1]}" if status else repr(exc)
+            raise PrepError(f"{where}: cannot read it ({why}); check the URL or command"
+                            ) from exc
+    info = parse_info(text, where)
     if split not in info["splits"]:
-        raise KeyError(f"{info_file}: no split {split!r} (has {sorted(info['splits'])})")
+        raise PrepError(f"{where}: no split {split!r} (has {sorted(info['splits'])})")
     s = info["splits"][split]
-    return SplitInfo([str(Path(data) / f) for f in s["filenames"]], s["num_samples"],
+    return SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
                      info["num_classes"])
 
 
@@ -165,12 +192,19 @@ def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-def collate(batch: list[tuple]) -> tuple:
+def collate(batch: list[tuple], ring: BatchRing | None = None) -> tuple:
     """(N x 3 x H x W uint8 in channels-last memory, labels, extra columns...): each image is
     copied once, straight into the batch; a flipped view (`pixels[:, ::-1]`) is flipped by
-    torch on the way (numpy copies a 3-byte-pixel flip 10x slower)."""
+    torch on the way (numpy copies a 3-byte-pixel flip 10x slower). In a worker with a
+    `ring`, the batch goes into a reused shared buffer and a RingSlot stands for it."""
     cols = list(zip(*batch))
-    images = _batch_tensor((len(batch), *cols[0][0].shape))
+    shape = cols[0][0].shape
+    slot, worker = None, torch.utils.data.get_worker_info()
+    if ring is not None and worker is not None and ring.fits(len(batch), shape):
+        index = ring.acquire(worker.id)
+        if index is not None:
+            slot = RingSlot(index, len(batch))
+    images = ring.images[slot.index, : slot.n] if slot else _batch_tensor((len(batch), *shape))
     with warnings.catch_warnings():  # read-only arrays from Pillow: only read here
         warnings.simplefilter("ignore", UserWarning)
         for i, pixels in enumerate(cols[0]):
@@ -178,7 +212,19 @@ def collate(batch: list[tuple]) -> tuple:
                 images[i].copy_(torch.from_numpy(pixels[:, ::-1]).flip(1))
             else:
                 images[i].copy_(torch.from_numpy(pixels))
-    return (images.permute(0, 3, 1, 2), torch.tensor(cols[1], dtype=torch.long), *cols[2:])
+    return (slot or images.permute(0, 3, 1, 2), torch.tensor(cols[1], dtype=torch.long),
+            *cols[2:])
+
+
+def _with_ring(workers: int, batch: int, size: int, pin: bool, decode: str):
+    """(collate function, ring or None). No ring for GPU decode (bytes, not pixels), without
+    workers, or with pinned memory (DataLoader's pin thread copies batches anyway)."""
+    if decode == "gpu":
+        return collate_raw, None
+    if workers == 0 or pin:
+        return collate, None
+    ring = BatchRing(workers, batch, size, size)
+    return partial(collate, ring=ring), ring
 
 
 def train_steps(num_samples: int, world: int, batch_size: int) -> int:
@@ -202,6 +248,8 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
         raise ValueError(f"{split.num_samples} train samples are fewer than one global batch "
                          f"({world} x {cfg.batch_size})")
     seed = cfg.seed * 7919 + epoch * 104_729 + rank
+    collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
+                                  decode)
     pipeline = wds.DataPipeline(
         EpochShards(split.urls, rank, world, cfg.seed, epoch, repeat=True),
         read_shards(skips),
@@ -209,12 +257,11 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 1000),
                     rng=random.Random(seed)),
         wds.map(_train_map(cfg, epoch, seed, decode), handler=skips),
-        wds.batched(cfg.batch_size, collation_fn=collate_raw if decode == "gpu" else collate,
-                    partial=False),
+        wds.batched(cfg.batch_size, collation_fn=collate_fn, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
                            pin_memory=pin, persistent_workers=False, worker_init_fn=worker_init)
-    return loader.with_epoch(steps)
+    return RingLoader(loader.with_epoch(steps), ring) if ring else loader.with_epoch(steps)
 
 
 def _train_map(cfg, epoch: int, seed: int, decode: str):
@@ -234,12 +281,13 @@ def make_eval_loader(split: SplitInfo, cfg, rank: int, world: int, batch_size: i
         stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read_shards()]
     else:  # too few shards: split at the sample level instead
         stages = [AllShards(split.urls), read_shards(), keep_every(rank, world)]
+    collate_fn, ring = _with_ring(cfg.workers, batch_size, cfg.val_crop, pin, decode)
     pipeline = wds.DataPipeline(
         *stages,
         wds.map(raw_val_decoder(cfg.val_resize, cfg.val_crop) if decode == "gpu"
                 else val_decoder(cfg.val_resize, cfg.val_crop, region=decode != "pil")),
-        wds.batched(batch_size, collation_fn=collate_raw if decode == "gpu" else collate,
-                    partial=True),
+        wds.batched(batch_size, collation_fn=collate_fn, partial=True),
     )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
-                         worker_init_fn=worker_init)
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
+                           worker_init_fn=worker_init)
+    return RingLoader(loader, ring) if ring else loader

@@ -42,7 +42,10 @@ class LossNotFinite(RuntimeError):
 
 
 def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, scaler,
-                    criterion, norm: Normalize, cfg, epoch: int, show: bool) -> dict:
+                    criterion, norm: Normalize, cfg, epoch: int, show: bool,
+                    log_step=None) -> dict:
+    """One epoch of `steps` steps. `log_step(global_step, values)`, if given, receives the
+    loss, LR and img/s every `cfg.log_every` steps (TensorBoard)."""
     model.train()
     loss_sum = torch.zeros((), device=norm.device)
     seen = 0
@@ -67,8 +70,10 @@ def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, 
             value = loss.item()  # syncs the device: only every log_every steps
             if not math.isfinite(value):
                 raise LossNotFinite(f"loss is {value} at epoch {epoch} step {step}")
-            bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.4f}",
-                            img_s=f"{seen / (time.perf_counter() - t_epoch):.0f}")
+            lr, img_s = scheduler.get_last_lr()[0], seen / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
+            if log_step:
+                log_step(scheduler.last_epoch, {"loss": value, "lr": lr, "img_s": img_s})
         t = time.perf_counter()
         compute += t - t_data
         bar.update()

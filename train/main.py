@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
+from prep.errors import PrepError
 from train import checkpoint as ckpt
 from train import jpeg_region
 from train.config import TrainConfig, apply, load_config
@@ -39,9 +40,11 @@ from train.data import (
     train_steps,
 )
 from train.device_decode import DecodeNormalize, DeviceDecoder, resolve_decode
+from train.dist_init import init_process_group
 from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
 from train.predictions import per_class_accuracy, write_predictions
-from train.report import append_metrics, plot_metrics
+from train.report import plot_metrics, write_metrics
+from train.tblog import TensorBoardLog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -79,7 +82,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
 
 
@@ -159,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.evaluate:
             return run_eval(args, cfg, rank, world, device)
         return fit(args, cfg, rank, world, device)
+    except PrepError as exc:  # bad --data: the message names the file, no traceback
+        raise SystemExit(f"error: {exc}") from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -203,27 +208,35 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
     metrics: dict = {}
-    for epoch in range(start, cfg.epochs):
-        loader = make_train_loader(train_split, cfg, rank, world, epoch,
-                                   SkipCounter(cfg.max_skip_rate), pin, decode)
-        norm = make_norm(cfg, device, decode, train_size(cfg, epoch))
-        try:
-            metrics = train_one_epoch(net, loader, steps, optimizer, scheduler, scaler,
-                                      criterion, norm, cfg, epoch, rank == 0)
-        except LossNotFinite as exc:
-            raise SystemExit(f"{exc}: stopping. The last good checkpoint is "
-                             f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
-        val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin, decode)
-        metrics |= evaluate(net, val_loader, val_norm, val_split.num_samples, cfg.amp,
-                            cfg.num_classes, rank == 0)
-        metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
-        history.append(metrics)
-        if rank == 0:
-            save_epoch(out, model, optimizer, scheduler, scaler, cfg, epoch, history,
-                       max(best, metrics["top1"]), metrics["top1"] > best)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                              for k, v in metrics.items()}), flush=True)
-        best = max(best, metrics["top1"])
+    tb = TensorBoardLog(out, scheduler.last_epoch) if cfg.tensorboard and rank == 0 else None
+    try:
+        for epoch in range(start, cfg.epochs):
+            loader = make_train_loader(train_split, cfg, rank, world, epoch,
+                                       SkipCounter(cfg.max_skip_rate), pin, decode)
+            norm = make_norm(cfg, device, decode, train_size(cfg, epoch))
+            try:
+                metrics = train_one_epoch(net, loader, steps, optimizer, scheduler, scaler,
+                                          criterion, norm, cfg, epoch, rank == 0,
+                                          tb.step if tb else None)
+            except LossNotFinite as exc:
+                raise SystemExit(f"{exc}: stopping. The last good checkpoint is "
+                                 f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
+            val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin, decode)
+            metrics |= evaluate(net, val_loader, val_norm, val_split.num_samples, cfg.amp,
+                                cfg.num_classes, rank == 0)
+            metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
+            history.append(metrics)
+            if rank == 0:
+                save_epoch(out, model, optimizer, scheduler, scaler, cfg, epoch, history,
+                           max(best, metrics["top1"]), metrics["top1"] > best)
+                if tb:
+                    tb.epoch(scheduler.last_epoch, metrics)
+                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                  for k, v in metrics.items()}), flush=True)
+            best = max(best, metrics["top1"])
+    finally:
+        if tb:
+            tb.close()
     return metrics
 
 
@@ -235,7 +248,7 @@ def save_epoch(out: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig,
     ckpt.save(state, out / "checkpoint.pt")
     if is_best:
         ckpt.save(state, out / "best.pt")
-    append_metrics(out, history[-1])
+    write_metrics(out, history)
     plot_metrics(out, history)
 
 

@@ -3,22 +3,32 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 from pathlib import Path
 
 COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "top1", "top5", "train_img_s",
            "data_wait", "epoch_s", "val_samples"]
 
 
-def append_metrics(out: Path, row: dict) -> None:
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    new = not (out / "metrics.csv").exists()
-    with open(out / "metrics.csv", "a", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        w.writerow(row)
+def write_metrics(out: Path, history: list[dict]) -> None:
+    """metrics.jsonl and metrics.csv, one row per finished epoch, rewritten whole (temp +
+    rename) from the checkpoint's history: after a kill between the checkpoint and these
+    files, the resumed run writes every epoch exactly once."""
+    lines = "".join(json.dumps(row) + "\n" for row in history)
+    _replace(out / "metrics.jsonl", lines)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(history)
+    _replace(out / "metrics.csv", buf.getvalue())
+
+
+def _replace(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def plot_metrics(out: Path, history: list[dict]) -> Path | None:
