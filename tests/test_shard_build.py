@@ -198,6 +198,7 @@ def test_disk_error_leaves_no_partial(prepared, tmp_path, monkeypatch):
     from shards.source import read_classes, read_split
 
     data, _ = prepared()
+    monkeypatch.setattr(w.tarpack, "_lib", None)  # the Python writer (C: tests/test_disk_full)
     real = os.writev
 
     def full(fd, bufs):  # the disk fills up after 4 KB

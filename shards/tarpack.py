@@ -1,0 +1,89 @@
+"""Pass-through shard writing in C (shards/tarpack.c, loaded with ctypes).
+
+Why: per 51 KB image the Python writer spent ~30 µs of Python (paths, JSON, headers, index
+row) around the system calls that `tar` also makes, and it held the GIL the hashing thread
+needs (shards/digest.py). `write_samples` reads, checks and appends a run of good JPEGs in
+one call without the GIL, producing exactly the bytes shards/write.py writes for them
+(tests compare whole shards); it stops at the first sample that needs Python (a repair,
+a resize, an unreadable file) before writing anything of it.
+
+Built by scripts/setup.sh (`python -m shards.tarpack`, a C compiler only, < 1 s). Without
+the library, `available()` is False and the Python writer does everything.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from json.encoder import encode_basestring_ascii as _js
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("tarpack.c")
+LIBRARY = Path(__file__).with_name("_tarpack.so")
+_I64 = ctypes.c_longlong
+
+
+def _load():
+    if not LIBRARY.exists():
+        return None
+    lib = ctypes.CDLL(str(LIBRARY), use_errno=True)
+    p = ctypes.POINTER
+    lib.tp_write.restype = ctypes.c_int
+    lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
+                             p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
+                             ctypes.c_int, p(_I64), p(_I64), p(_I64), p(ctypes.c_int),
+                             p(ctypes.c_int)]
+    return lib
+
+
+_lib = _load()
+
+
+def available() -> bool:
+    return _lib is not None
+
+
+def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
+                  max_size: int | None) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
+    whose next member goes at `offset`. Returns (how many were written, the new offset,
+    [(sample start offset, jpg bytes, width, height)] for them). Raises OSError on a write
+    error; stops early at a sample Python must handle."""
+    n = len(samples)
+    enc = [p.encode() for p in paths]
+    keys = [s.key.encode() for s in samples]
+    mids = [(f', "key": {_js(s.key)}, "label": {s.label}, "mode": "RGB", "repaired": null, '
+             f'"resized": false, "source": {_js(f"{split}/{s.path}")}, "width": ').encode()
+            for s in samples]
+    ends = [f', "wnid": {_js(s.wnid)}}}'.encode() for s in samples]
+    strs = ctypes.c_char_p * n
+    off = _I64(offset)
+    starts, sizes = (_I64 * n)(), (_I64 * n)()
+    widths, heights = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+    done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
+                         (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
+                         strs(*ends), max_size or 0, ctypes.byref(off), starts, sizes, widths,
+                         heights)
+    if done < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return done, off.value, list(zip(starts[:done], sizes[:done], widths[:done],
+                                     heights[:done]))
+
+
+def build(cc: str = "cc") -> Path:
+    """Compile the shared library next to this file."""
+    tmp = LIBRARY.with_suffix(".so.partial")
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)], check=True)
+    tmp.replace(LIBRARY)
+    return LIBRARY
+
+
+if __name__ == "__main__":
+    try:
+        print(f"built {build()}")
+    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+        print(f"tarpack: not built ({exc}); prep shard uses its Python writer", file=sys.stderr)
+        sys.exit(1)
