@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_prep_imagenet import wait_for_quiet_disk  # noqa: E402
 from photo_corpus import build_photo_tree  # noqa: E402
 
 LOOP = """
@@ -56,19 +57,6 @@ def run(cmd: list[str], row: str | None = None) -> float:
         CPU.setdefault(row, []).append(after.ru_utime - before.ru_utime
                                        + after.ru_stime - before.ru_stime)
     return wall
-
-
-def settle() -> None:
-    """Wait (up to 60 s) until the disk is idle: deleting the previous run's output makes
-    ext4 issue discards that stall new writes on this VM."""
-    for _ in range(60):
-        try:
-            some = open("/proc/pressure/io").readline().split()[1]
-        except OSError:
-            return
-        if float(some.split("=")[1]) < 0.5:
-            return
-        time.sleep(1)
 
 
 def stock_pillow(root: Path) -> Path:
@@ -110,7 +98,7 @@ def main() -> None:
 
     def shard(row: str, d: Path, workers: int, *extra: str) -> float:
         shutil.rmtree(out, ignore_errors=True)
-        settle()
+        wait_for_quiet_disk(60)  # an earlier output's deletion stalls writes on this VM
         return run([prep, "shard", "-q", "--data", str(d), "--out", str(out), "--splits",
                     "train", "--workers", str(workers), "--num-shards", str(a.num_shards),
                     *extra], row)
@@ -118,7 +106,7 @@ def main() -> None:
     def tar(row: str, sync: bool) -> float:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
-        settle()
+        wait_for_quiet_disk(60)  # an earlier output's deletion stalls writes on this VM
         t = run(["tar", "-cf", str(out / "all.tar"), "-C", str(big / "train"), "."], row)
         # prep shard fsyncs each shard before renaming it (durable); plain tar does not
         return t + (run(["sync", str(out / "all.tar")]) if sync else 0.0)

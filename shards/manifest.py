@@ -14,9 +14,12 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prep.errors import PrepError
-from shards.write import ShardRecord
+
+if TYPE_CHECKING:  # readers (train/data.py) import parse_info without the writer's modules
+    from shards.write import ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
 

@@ -1,11 +1,11 @@
 /* Pass-through shard writing in C (shards/tarpack.py loads it with ctypes).
  *
  * For each sample: read the source file, check that it is a complete 8-bit, 3-component
- * JPEG that needs no resize (the same rules as shards/image.py: SOF marker, EOI at the
- * end), and append its members (cls, jpg, json) to the tar with one writev, exactly the
- * bytes shards/write.py writes for it. A sample that is anything else (or unreadable, or
- * with a name too long for a USTAR header) stops the call *before* anything of it is
- * written, so that Python repairs, resizes or reports it.
+ * JPEG (the same rules as shards/image.py: SOF marker, EOI at the end), and append its
+ * members (cls, jpg, json) to the tar with one writev, exactly the bytes shards/write.py
+ * writes for it. A sample that is anything else (or unreadable, or with a name too long
+ * for a USTAR header) stops the call *before* anything of it is written, so that Python
+ * repairs or reports it. Used for pass-through sharding only (Python resizes).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -105,9 +105,8 @@ static long long read_file(const char *path, unsigned char **buf, size_t *cap) {
  * with errno on a write error. offset: where the next member goes; updated. Outputs per
  * written sample: start offset, jpg size, width, height. */
 int tp_write(int out_fd, int n, const char **paths, const char **keys, const int *labels,
-             const char **json_mid, const char **json_end, int max_size,
-             long long *offset, long long *starts, long long *sizes, int *widths,
-             int *heights) {
+             const char **json_mid, const char **json_end, long long *offset,
+             long long *starts, long long *sizes, int *widths, int *heights) {
     static unsigned char *buf = NULL;
     static size_t cap = 0;
     unsigned char hc[BLOCK], hj[BLOCK], hm[BLOCK];
@@ -117,7 +116,6 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
         long long size = read_file(paths[i], &buf, &cap);
         int w = 0, h = 0;
         if (size < 0 || !jpeg_size(buf, size, &w, &h) || !complete(buf, size)) return i;
-        if (max_size > 0 && (w > max_size || h > max_size)) return i;
         int jn = snprintf(json, sizeof json, "{\"format\": \"JPEG\", \"height\": %d%s%d%s",
                           h, json_mid[i], w, json_end[i]);
         if (jn < 0 || jn >= (int)sizeof json) return i;

@@ -5,7 +5,7 @@ row) around the system calls that `tar` also makes, and it held the GIL the hash
 needs (shards/digest.py). `write_samples` reads, checks and appends a run of good JPEGs in
 one call without the GIL, producing exactly the bytes shards/write.py writes for them
 (tests compare whole shards); it stops at the first sample that needs Python (a repair,
-a resize, an unreadable file) before writing anything of it.
+an unreadable file; resizing runs do not use it) before writing anything of it.
 
 Built by scripts/setup.sh (`python -m shards.tarpack`, a C compiler only, < 1 s). Without
 the library, `available()` is False and the Python writer does everything.
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import subprocess
-import sys
 from json.encoder import encode_basestring_ascii as _js
 from pathlib import Path
 
@@ -33,8 +31,7 @@ def _load():
     lib.tp_write.restype = ctypes.c_int
     lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
-                             ctypes.c_int, p(_I64), p(_I64), p(_I64), p(ctypes.c_int),
-                             p(ctypes.c_int)]
+                             p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int)]
     return lib
 
 
@@ -45,8 +42,8 @@ def available() -> bool:
     return _lib is not None
 
 
-def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
-                  max_size: int | None) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str
+                  ) -> tuple[int, int, list[tuple[int, int, int, int]]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
     [(sample start offset, jpg bytes, width, height)] for them). Raises OSError on a write
@@ -64,8 +61,7 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     widths, heights = (ctypes.c_int * n)(), (ctypes.c_int * n)()
     done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
-                         strs(*ends), max_size or 0, ctypes.byref(off), starts, sizes, widths,
-                         heights)
+                         strs(*ends), ctypes.byref(off), starts, sizes, widths, heights)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -73,17 +69,7 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
                                      heights[:done]))
 
 
-def build(cc: str = "cc") -> Path:
-    """Compile the shared library next to this file."""
-    tmp = LIBRARY.with_suffix(".so.partial")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE)], check=True)
-    tmp.replace(LIBRARY)
-    return LIBRARY
-
-
 if __name__ == "__main__":
-    try:
-        print(f"built {build()}")
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        print(f"tarpack: not built ({exc}); prep shard uses its Python writer", file=sys.stderr)
-        sys.exit(1)
+    from shards import cbuild
+
+    cbuild.main(SOURCE, LIBRARY, (), "prep shard uses its Python writer")

@@ -63,7 +63,7 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
             use_c = tarpack.available() and not opts.max_size
             while i < len(samples):
                 run = samples[i : i + RUN]
-                done = _write_run(tar, fd, digest, run, base, plan, opts, rec) if use_c else 0
+                done = _write_run(tar, fd, digest, run, base, plan, rec) if use_c else 0
                 i += done
                 if done < len(run):
                     _write_sample(tar, samples[i], base, data, plan, opts, rec)
@@ -91,19 +91,25 @@ RUN = 64  # samples per C call: the hashing thread catches up between calls
 
 
 def _write_run(tar: TarStream, fd: int, digest: BackgroundDigest, samples: list, base: str,
-               plan: ShardPlan, opts: ShardOptions, rec: ShardRecord) -> int:
+               plan: ShardPlan, rec: ShardRecord) -> int:
     """Write the leading good JPEGs of `samples` through shards/tarpack; how many."""
     done, end, written = tarpack.write_samples(fd, tar.offset, [base + s.path for s in samples],
-                                               samples, plan.split, opts.max_size)
+                                               samples, plan.split)
     digest.advance(end - tar.offset)
     tar.offset = end
-    rec.num_samples += done
     for s, (offset, size, w, h) in zip(samples, written):
-        rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name,
-                         "offset": offset, "jpg_bytes": size, "label": s.label, "wnid": s.wnid,
-                         "width": w, "height": h, "repaired": "",
-                         "source": f"{plan.split}/{s.path}"})
+        _add_row(rec, plan, s, offset, size, w, h, None)
     return done
+
+
+def _add_row(rec: ShardRecord, plan: ShardPlan, s, offset: int, jpg_bytes: int, width: int,
+             height: int, repaired: str | None) -> None:
+    """Count a written sample and add its per-sample index row."""
+    rec.num_samples += 1
+    rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name, "offset": offset,
+                     "jpg_bytes": jpg_bytes, "label": s.label, "wnid": s.wnid, "width": width,
+                     "height": height, "repaired": repaired or "",
+                     "source": f"{plan.split}/{s.path}"})
 
 
 def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
@@ -130,11 +136,7 @@ def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
     members = [(f"{s.key}.cls", str(s.label).encode())] if s.label >= 0 else []
     members += [(f"{s.key}.jpg", jpg), (f"{s.key}.json", _JSON(meta).encode())]
     tar.add_many(members)
-    rec.num_samples += 1
-    rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name, "offset": offset,
-                     "jpg_bytes": len(jpg), "label": s.label, "wnid": s.wnid,
-                     "width": info.width, "height": info.height,
-                     "repaired": info.repaired or "", "source": source})
+    _add_row(rec, plan, s, offset, len(jpg), info.width, info.height, info.repaired)
 
 
 _JSON = json.JSONEncoder().encode  # keys already in sorted order: same bytes as sort_keys

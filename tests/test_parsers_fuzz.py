@@ -1,7 +1,9 @@
 """Property-based: arbitrary bytes or text never crash a parser the toolkit owns; they
 parse or raise the toolkit's clear error (PrepError / ValueError for recipes)."""
 
+import copy
 import io
+import json
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -115,8 +117,6 @@ GOOD_INFO = {"name": "imagenet", "num_classes": 10, "classes": [],
 
 
 def _mutated(draw_path, value):
-    import copy
-
     info = copy.deepcopy(GOOD_INFO)
     node = info
     for key in draw_path[:-1]:
@@ -132,9 +132,8 @@ INFO_FIELDS = st.sampled_from([("num_classes",), ("splits",), ("splits", "train"
 
 
 @FUZZ
-@given(st.one_of(st.binary(max_size=200), JSON.map(lambda v: __import__("json").dumps(v)),
-                 st.builds(_mutated, INFO_FIELDS, JSON).map(lambda v: __import__("json")
-                                                             .dumps(v))))
+@given(st.one_of(st.binary(max_size=200), JSON.map(json.dumps),
+                 st.builds(_mutated, INFO_FIELDS, JSON).map(json.dumps)))
 def test_shard_manifest_info(text):
     from shards.manifest import parse_info
 
@@ -151,8 +150,6 @@ def test_shard_manifest_info(text):
 @pytest.mark.parametrize("name", ["../train-000000.tar", "/etc/x.tar", "a/b.tar", ".hidden.tar",
                                   "train-000000.tar\n", "x.tar.gz"])
 def test_shard_manifest_refuses_paths(name):
-    import json
-
     from shards.manifest import parse_info
 
     info = _mutated(("splits", "train", "filenames"), [name, "train-000001.tar"])

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -77,18 +75,7 @@ def decode_region(data: bytes, box: tuple[float, float, float, float],
     return out.convert("RGB")  # small: cheaper than copying a 4-byte-pixel array later
 
 
-def build(cc: str = "cc") -> Path:
-    """Compile the shared library next to this file (needs jpeglib.h from libjpeg-turbo)."""
-    tmp = LIBRARY.with_suffix(".so.partial")
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(tmp), str(SOURCE), "-ljpeg"],
-                   check=True)
-    tmp.replace(LIBRARY)
-    return LIBRARY
-
-
 if __name__ == "__main__":
-    try:
-        print(f"built {build()}")
-    except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-        print(f"jpeg_region: not built ({exc}); the loader uses Pillow", file=sys.stderr)
-        sys.exit(1)
+    from shards import cbuild
+
+    cbuild.main(SOURCE, LIBRARY, ("-ljpeg",), "the loader uses Pillow")
