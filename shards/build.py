@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -184,7 +184,9 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
         futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
         preload_manifest_libs()  # ~0.5 s of imports, done while the workers write
         while futures:
-            done, futures = wait(futures, return_when=FIRST_EXCEPTION)
+            # FIRST_COMPLETED: each finished shard is recorded at once (a kill keeps it, the
+            # bar moves); FIRST_EXCEPTION would wait for all of them unless one failed
+            done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in done:
                 if f.exception():
                     for other in futures:

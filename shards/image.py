@@ -12,8 +12,6 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
-from PIL import Image
-
 REPAIR_QUALITY = 95  # re-encoding a repaired image: keep it close to the original
 
 
@@ -111,6 +109,8 @@ def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
         w, h, _ = sof
         if not max_size or max(w, h) <= max_size:
             return data, ImageInfo("JPEG", "RGB", w, h, w, h, None, False)
+    from PIL import Image  # here: pass-through never needs it (~40 ms of start-up)
+
     try:
         im = Image.open(io.BytesIO(data))  # reads the header only
         fmt, mode, (w, h) = im.format or "", im.mode, im.size
