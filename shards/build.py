@@ -123,6 +123,8 @@ def _finished(parts: Path, out: Path, plan: ShardPlan) -> ShardRecord | None:
     if not rec_file.is_file() or not tar.is_file():
         return None
     rec = ShardRecord(**json.loads(rec_file.read_text()))
+    if not isinstance(rec.rows, dict):  # a record from before columns: redo (same bytes)
+        return None
     return rec if tar.stat().st_size == rec.filesize else None
 
 

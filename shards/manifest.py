@@ -37,7 +37,7 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
     order = {"train": 0, "val": 1, "test": 2}
     for r in sorted(records, key=lambda r: (order.get(r.split, 3), r.name)):
         splits.setdefault(r.split, []).append(r)
-    repairs = Counter(row["repaired"] for r in records for row in r.rows if row["repaired"])
+    repairs = Counter(x for r in records for x in r.rows["repaired"] if x)
     info = {
         "name": "imagenet",
         "num_classes": len(wnids),
@@ -49,8 +49,8 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
             for split, recs in splits.items()
         },
         "prep": {**prep, "repairs": dict(sorted(repairs.items())),
-                 "repaired_files": sorted(row["source"] for r in records for row in r.rows
-                                          if row["repaired"]),
+                 "repaired_files": sorted(src for r in records for src, why in
+                                          zip(r.rows["source"], r.rows["repaired"]) if why),
                  "skipped": sorted(s for r in records for s in r.skipped)},
     }
     _write_index(out / INDEX, records)
@@ -71,9 +71,10 @@ def preload_manifest_libs() -> None:
     import pyarrow.parquet  # noqa: F401
 
 
-_SCHEMA = (("key", "string"), ("split", "string"), ("shard", "string"), ("offset", "int64"),
-           ("jpg_bytes", "int64"), ("label", "int32"), ("wnid", "string"), ("width", "int32"),
-           ("height", "int32"), ("repaired", "string"), ("source", "string"))
+INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "label", "wnid", "width",
+                 "height", "repaired", "source")  # index.parquet's columns, in this order
+_TYPES = {"offset": "int64", "jpg_bytes": "int64", "label": "int32", "width": "int32",
+          "height": "int32"}  # the others are strings
 
 
 def _write_index(path: Path, records: list[ShardRecord]) -> None:
@@ -83,9 +84,12 @@ def _write_index(path: Path, records: list[ShardRecord]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [row for r in sorted(records, key=lambda r: r.name) for row in r.rows]
-    cols = {name: (_string_column if kind == "string" else _int_column)(
-        [row[name] for row in rows], kind) for name, kind in _SCHEMA}
+    records = sorted(records, key=lambda r: r.name)
+    cols = {}
+    for name in INDEX_COLUMNS:
+        values = [v for r in records for v in r.rows[name]]
+        kind = _TYPES.get(name)
+        cols[name] = _int_column(values, kind) if kind else _string_column(values)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(pa.table(cols), tmp)
     os.replace(tmp, path)
@@ -99,7 +103,7 @@ def _int_column(values: list[int], kind: str):
     return pa.Array.from_buffers(typ, len(values), [None, pa.py_buffer(data)])
 
 
-def _string_column(values: list[str], kind: str = "string"):
+def _string_column(values: list[str]):
     """One UTF-8 buffer split at newlines, which no value holds (they come from the lines
     of meta/*.txt); the count is checked all the same."""
     import pyarrow as pa

@@ -18,6 +18,7 @@ from prep.errors import PrepError
 from shards import tarpack
 from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
+from shards.manifest import INDEX_COLUMNS
 from shards.plan import ShardPlan
 from shards.tario import FdSink, TarStream
 
@@ -38,11 +39,12 @@ class ShardRecord:
     num_samples: int
     filesize: int
     sha256: str
-    rows: list[dict] = field(default_factory=list)  # the per-sample index
+    # the per-sample index by column (INDEX_COLUMNS): lists pickle and dump to JSON ~3x
+    # faster than one dict per sample, and the workers send 1.28 M of them to the main process
+    rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX_COLUMNS})
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
-        # vars(), not dataclasses.asdict: asdict deep-copies every row (1.5 s per 12k rows)
         return json.dumps(vars(self), separators=(",", ":"))
 
 
@@ -106,10 +108,10 @@ def _add_row(rec: ShardRecord, plan: ShardPlan, s, offset: int, jpg_bytes: int, 
              height: int, repaired: str | None) -> None:
     """Count a written sample and add its per-sample index row."""
     rec.num_samples += 1
-    rec.rows.append({"key": s.key, "split": plan.split, "shard": plan.name, "offset": offset,
-                     "jpg_bytes": jpg_bytes, "label": s.label, "wnid": s.wnid, "width": width,
-                     "height": height, "repaired": repaired or "",
-                     "source": f"{plan.split}/{s.path}"})
+    for column, value in zip(rec.rows.values(), (
+            s.key, plan.split, plan.name, offset, jpg_bytes, s.label, s.wnid, width, height,
+            repaired or "", f"{plan.split}/{s.path}")):
+        column.append(value)
 
 
 def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
