@@ -184,7 +184,7 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     nbytes, t0 = 0, time.perf_counter()
     with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
         futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
-        preload_manifest_libs()  # ~0.5 s of imports, done while the workers write
+        preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
         while futures:
             # FIRST_COMPLETED: each finished shard is recorded at once (a kill keeps it, the
             # bar moves); FIRST_EXCEPTION would wait for all of them unless one failed

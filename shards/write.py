@@ -45,6 +45,7 @@ class ShardRecord:
     skipped: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
+        # vars(), not dataclasses.asdict: asdict deep-copies every column
         return json.dumps(vars(self), separators=(",", ":"))
 
 
@@ -108,10 +109,10 @@ def _add_row(rec: ShardRecord, plan: ShardPlan, s, offset: int, jpg_bytes: int, 
              height: int, repaired: str | None) -> None:
     """Count a written sample and add its per-sample index row."""
     rec.num_samples += 1
-    for column, value in zip(rec.rows.values(), (
+    for column, value in zip(INDEX_COLUMNS, (
             s.key, plan.split, plan.name, offset, jpg_bytes, s.label, s.wnid, width, height,
             repaired or "", f"{plan.split}/{s.path}")):
-        column.append(value)
+        rec.rows[column].append(value)
 
 
 def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
