@@ -10,7 +10,7 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
-setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c
+setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c prep/jpegcheck.c
 	scripts/setup.sh $(VENV)
 
 clean:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -50,8 +51,32 @@ def topk(p: Predictions, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.take_along_axis(p.scores, idx, axis=1)
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders digit runs as numbers: `2.JPEG` before `10.JPEG`; the zero-padded
+    ILSVRC names come out as in a plain sort."""
+    return tuple((0, int(t), t) if t.isdigit() else (1, 0, t)
+                 for t in re.split(r"(\d+)", name) if t)
+
+
 def _file_order(p: Predictions) -> list[int]:
-    return sorted(range(len(p.paths)), key=lambda i: Path(p.paths[i]).name)
+    """File-name order from real names; dataset order when the pickle has none (mmcls 0.x,
+    lists without img_path): a text sort of `str(i)` would give 0, 1, 10, 11, 2, ..."""
+    if not p.named:
+        return list(range(len(p.paths)))
+    return sorted(range(len(p.paths)), key=lambda i: natural_key(Path(p.paths[i]).name))
+
+
+def check_class_table(p: Predictions, classes: list[ClassInfo]) -> None:
+    """The pickle's predicted WNIDs (written by the evaluator from the checkpoint's classes)
+    must be what the class table says for the predicted index."""
+    if p.wnids is None:
+        return
+    top = p.scores.argmax(1)
+    for i, (j, wnid) in enumerate(zip(top, p.wnids)):
+        if wnid and classes[j].wnid != wnid:
+            raise PrepError(f"sample {i} ({p.paths[i]}): the pickle predicts {wnid}, the class "
+                            f"table says class {j} is {classes[j].wnid}: the class table does "
+                            "not belong to this model; pass the --classes of its shards")
 
 
 def render(p: Predictions, fmt: str, k: int, classes: list[ClassInfo] | None) -> bytes:
@@ -64,6 +89,8 @@ def render(p: Predictions, fmt: str, k: int, classes: list[ClassInfo] | None) ->
     if classes is not None and len(classes) != p.scores.shape[1]:
         raise PrepError(f"the class table has {len(classes)} classes, the predictions "
                         f"{p.scores.shape[1]}")
+    if classes is not None:
+        check_class_table(p, classes)
     idx, sc = topk(p, 5 if fmt == "ilsvrc" else k)
     if fmt == "ilsvrc":
         if any(c.ilsvrc2012_id is None for c in classes):

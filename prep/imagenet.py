@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prep import __version__
 from prep.classes import NUM_CLASSES, ClassInfo, build_class_table, read_map_clsloc
-from prep.errors import PrepError
+from prep.errors import PrepError, ignore_sigint
 from prep.extract import extract_flat_archive, extract_train_archive
 from prep.labels import (
     LabelSource,
@@ -31,6 +31,7 @@ from prep.link import Changes, Outputs, apply_outputs, check_link_dir
 from prep.scan import (
     Problems,
     check_images,
+    check_unique_keys,
     compare_with_list,
     list_images,
     scan_class_split,
@@ -93,7 +94,7 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
     """List every split and read every val label source. One process pool serves both the
     train listing and the XML parsing, submitted from two threads so they overlap while
     this process lists val and test."""
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=ignore_sigint) if workers > 1 else None
     try:
         with ThreadPoolExecutor(2) as threads:
             train_rel = _rel(lay.train_dir, lay.src)
@@ -149,10 +150,28 @@ def _scan_val(lay: Layout, pool: Executor | None) -> tuple[dict[str, str], dict 
     rel = _rel(lay.val_dir, lay.src)
     if lay.val_in_folders:
         folders, probs = scan_class_split(lay.val_dir, rel, pool)
+        _check_val_once(folders, lay.val_dir)
+        paths = [f"{w}/{n}" for w, names in folders.items() for n in names]
+        check_unique_keys(paths, str(lay.val_dir))
         files = {n.rsplit(".", 1)[0]: f"{w}/{n}" for w, names in folders.items() for n in names}
         return files, folders, probs
     names, probs = list_images(str(lay.val_dir), rel)
+    check_unique_keys(names, str(lay.val_dir))
     return {n.rsplit(".", 1)[0]: n for n in names}, None, probs
+
+
+def _check_val_once(folders: dict[str, list[str]], val_dir: Path) -> None:
+    """A val image in two class folders has two labels, and the folders are what labels
+    val here: stop, naming both folders (never let the later folder win)."""
+    where: dict[str, str] = {}
+    for wnid, names in folders.items():
+        for name in names:
+            stem = name.rsplit(".", 1)[0]
+            if stem in where:
+                raise PrepError(f"{val_dir}: val image {stem} is in two class folders, "
+                                f"{where[stem]}/ and {wnid}/: its label is ambiguous. Keep it "
+                                "in the right folder only (the real val labels say which)")
+            where[stem] = wnid
 
 
 def _check_counts(counts: dict[str, int], n_classes: int, notes: list[str]) -> None:
@@ -164,14 +183,21 @@ def _check_counts(counts: dict[str, int], n_classes: int, notes: list[str]) -> N
             notes.append(f"{split}: {n:,} images, ImageNet has {EXPECTED[split]:,} ({what})")
 
 
+def source_link_name(src: Path) -> str:
+    """DIR/<basename of SRC> -> SRC, unless that name is the view's own (`imagenet`, as in
+    `--src /datasets/imagenet`) or hidden: then `<basename>-source`."""
+    name = src.name
+    return f"{name}-source" if name in ("imagenet", "") or name.startswith(".") else name
+
+
 def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
                  train: dict[str, list[str]], val_files: dict[str, str],
                  val_labels: dict[str, str], test: list[str], provenance: dict) -> Outputs:
     index = {c.wnid: c.index for c in classes}
     out = Outputs()
-    own = link_dir / lay.src.name
+    own = link_dir / source_link_name(lay.src)
     if os.path.realpath(own) != os.path.realpath(lay.src):  # src may itself live in DIR
-        out.links[lay.src.name] = str(lay.src)
+        out.links[own.name] = str(lay.src)
     out.links["imagenet/train"] = str(lay.train_dir)
     if test:
         out.links["imagenet/test"] = str(lay.test_dir)
@@ -229,6 +255,15 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
         raise PrepError(f"{len(links)} broken symlink(s) in {lay.src}: "
                         + ", ".join(links[:5]) + "; the copy is incomplete: restore the "
                         "targets or remove the links, then rerun")
+    if scan.problems.bad_names:
+        bad = scan.problems.bad_names
+        raise PrepError(f"{len(bad)} file name(s) in {lay.src} hold a newline, tab or other "
+                        f"control character, which would break the index files: "
+                        + ", ".join(map(repr, bad[:5])) + "; rename them, then rerun")
+    check_unique_keys((f"{w}/{n}" for w in sorted(scan.train) for n in scan.train[w]),
+                      str(lay.train_dir))
+    if scan.test:
+        check_unique_keys(scan.test, str(lay.test_dir))
     val_labels = cross_check(scan.sources, scan.val_files)
     scan.problems.missing += _missing_val(scan.sources, scan.val_files, lay)
     _check_val_classes(val_labels, scan.train, lay)
@@ -289,6 +324,7 @@ def _problems_text(p: Problems) -> str:
     lines = []
     for kind, items in (("empty", p.empty), ("not-an-image", p.extra),
                         ("missing", p.missing), ("unlisted", p.unlisted),
-                        ("broken-link", p.broken_links), ("undecodable", p.undecodable)):
+                        ("broken-link", p.broken_links), ("undecodable", p.undecodable),
+                        ("ignored", p.ignored)):
         lines += [f"{kind}\t{x}\n" for x in items]
     return "".join(lines)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prep.classes import is_wnid
 from prep.errors import PrepError
+from prep.scan import is_litter
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -69,7 +70,13 @@ def val_has_class_folders(val_dir: Path) -> bool:
     dirs = files = 0
     with os.scandir(val_dir) as it:
         for entry in it:
-            if entry.is_dir():
+            if is_litter(entry.name):
+                continue  # macOS / Windows metadata: listed by the scan, never an image
+            try:
+                is_dir = entry.is_dir()
+            except OSError as exc:  # a symlink loop
+                raise PrepError(f"{entry.path}: {exc.strerror}; remove the link") from None
+            if is_dir:
                 dirs += 1
                 if not is_wnid(entry.name):
                     raise PrepError(

@@ -134,13 +134,34 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
         raise PrepError(f"{len(conflicts)} existing path(s) under {link_dir} differ from what "
                         f"prep would write:\n  {head}{more}\n"
                         "Rerun with --force to replace them (only links and prep's own files).")
-    _write(imagenet, meta_todo, todo, stale, ch)
-    for name, text in (report or {}).items():
-        path = imagenet / "meta" / name
-        if not path.is_file() or path.read_text() != text:
-            path.with_name(f".{name}.tmp").write_text(text)
-            os.replace(path.with_name(f".{name}.tmp"), path)
+    report_todo = [(imagenet / "meta" / name, text.encode())
+                   for name, text in (report or {}).items()
+                   if not (imagenet / "meta" / name).is_file()
+                   or (imagenet / "meta" / name).read_text() != text]
+    try:
+        _write(imagenet, meta_todo, todo, stale, ch)
+        for path, data in report_todo:
+            _replace_file(path, data)
+    except OSError as exc:
+        for tmp in (imagenet / "meta").glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+        raise PrepError(f"{link_dir}: could not write the dataset view ({exc.strerror or exc}"
+                        f"{': ' + exc.filename if exc.filename else ''}); no temp file was "
+                        "left. Free space (or fix the disk), then rerun: every link and meta "
+                        "file is checked again, nothing is taken on trust") from None
     return ch
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file and a rename (the temp file is removed if
+    the write fails)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
@@ -157,21 +178,21 @@ def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
             os.symlink(target, tmp)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.unlink(tmp)
+                raise
             replaced += 1
     return created, replaced
 
 
 def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes) -> None:
+    """The ownership marker first, then the links, then the other meta files: a run that
+    stops half way leaves no train.txt / val.txt describing links that are not there."""
     (imagenet / "meta").mkdir(parents=True, exist_ok=True)
-    meta_todo.sort(key=lambda pd: pd[0].name != "prep.json")  # the ownership marker first
-    for path, data in meta_todo:
-        existed = path.exists()
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        ch.replaced += existed
-        ch.created += not existed
+    marker = [pd for pd in meta_todo if pd[0].name == "prep.json"]
+    _write_meta(marker, ch)
     by_dir: dict[str, list[tuple[str, str]]] = {}
     for path, target in todo:
         path = str(path)
@@ -185,3 +206,12 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
     for path in stale:
         os.unlink(path)
         ch.removed += 1
+    _write_meta([pd for pd in meta_todo if pd[0].name != "prep.json"], ch)
+
+
+def _write_meta(items: list[tuple[Path, bytes]], ch: Changes) -> None:
+    for path, data in items:
+        existed = path.exists()
+        _replace_file(path, data)
+        ch.replaced += existed
+        ch.created += not existed

@@ -74,40 +74,112 @@ def safe_load(path: Path):
 class Predictions:
     scores: np.ndarray  # N x C softmax scores, dataset order
     labels: np.ndarray  # N ground-truth labels, -1 where unknown
-    paths: list[str]  # image path (or key) per sample
+    paths: list[str]  # image path (or key) per sample; the sample index when `named` is False
     keys: list[str]
+    named: bool = True  # paths are real file names (file-name order exists)
+    wnids: list[str] | None = None  # predicted WNID per sample, when the pickle has them
 
 
-def _array(x) -> np.ndarray:
-    return x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x)
+def _array(x, what: str, where: str) -> np.ndarray:
+    """A numeric array from a tensor, array, list or number; PrepError for anything else
+    (strings, dicts, ragged lists)."""
+    try:
+        arr = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        raise PrepError(f"{where}: {what} is not numeric ({type(x).__name__})") from exc
+    if arr.dtype.kind not in "biuf":
+        raise PrepError(f"{where}: {what} is not numeric (got {type(x).__name__} "
+                        f"{str(x)[:40]!r})")
+    return arr
 
 
 def read_predictions(path: Path) -> Predictions:
+    """The predictions of a pickle in dataset order, checked: finite scores, labels in
+    range, a `sample_idx` that is a permutation. Raises PrepError naming the sample."""
     obj = safe_load(path)
     if isinstance(obj, list) and obj and all(isinstance(d, dict) for d in obj):
-        return _from_list(obj, path)
-    if isinstance(obj, dict) and "class_scores" in obj:  # mmcls 0.x
-        scores = np.asarray(_array(obj["class_scores"]), dtype=np.float32)
+        preds = _from_list(obj, path)
+    elif isinstance(obj, dict) and "class_scores" in obj:  # mmcls 0.x: no file names at all
+        scores = _array(obj["class_scores"], "class_scores", str(path)).astype(np.float32)
         if scores.ndim != 2:
             raise PrepError(f"{path}: class_scores must be N x C, got shape {scores.shape}")
         n = len(scores)
         names = [str(i) for i in range(n)]
-        return Predictions(scores, np.full(n, -1), names, names)
-    raise PrepError(f"{path}: expected a list of per-sample dicts (mmpretrain 1.x / this "
-                    f"toolkit) or a dict with class_scores (mmcls 0.x), got {type(obj).__name__}")
+        preds = Predictions(scores, np.full(n, -1), names, names, named=False)
+    else:
+        raise PrepError(f"{path}: expected a list of per-sample dicts (mmpretrain 1.x / this "
+                        "toolkit) or a dict with class_scores (mmcls 0.x), got "
+                        f"{type(obj).__name__}")
+    _check_values(preds, path)
+    return preds
+
+
+def _check_values(p: Predictions, path: Path) -> None:
+    """Never export silently wrong numbers: NaN/inf scores (an all-NaN row would become
+    class 0) and labels outside 0..C-1 are refused, naming the first sample and the count."""
+    bad = ~np.isfinite(p.scores).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise PrepError(f"{path}: {int(bad.sum())} sample(s) have NaN or infinite scores, "
+                        f"the first is sample {i} ({p.paths[i]}); the model or the evaluation "
+                        "diverged: nothing exported")
+    c = p.scores.shape[1]
+    out = (p.labels < -1) | (p.labels >= c)
+    if out.any():
+        i = int(np.argmax(out))
+        raise PrepError(f"{path}: {int(out.sum())} sample(s) have a gt_label outside "
+                        f"0..{c - 1}, the first is sample {i} ({p.paths[i]}) with label "
+                        f"{int(p.labels[i])}: the labels and scores do not belong together")
+
+
+def _label(gt, where: str) -> int:
+    if gt is None:
+        return -1
+    arr = _array(gt, "gt_label", where).reshape(-1)
+    if arr.size != 1 or arr.dtype.kind == "f" and arr[0] != int(arr[0]):
+        raise PrepError(f"{where}: gt_label must hold one whole number, got {arr.tolist()[:5]}")
+    return int(arr[0])
 
 
 def _from_list(items: list[dict], path: Path) -> Predictions:
-    rows, labels, paths, keys = [], [], [], []
+    rows, labels, paths, keys, wnids = [], [], [], [], []
     for i, d in enumerate(items):
+        where = f"{path}: sample {i}"
         if "pred_score" not in d:
-            raise PrepError(f"{path}: sample {i} has no pred_score")
-        rows.append(_array(d["pred_score"]).reshape(-1))
-        gt = d.get("gt_label")
-        labels.append(int(_array(gt).reshape(-1)[0]) if gt is not None else -1)
-        paths.append(str(d.get("img_path", d.get("key", i))))
-        keys.append(str(d.get("key", Path(paths[-1]).stem)))
+            raise PrepError(f"{where} has no pred_score")
+        rows.append(_array(d["pred_score"], "pred_score", where).reshape(-1))
+        labels.append(_label(d.get("gt_label"), where))
+        name = d.get("img_path", d.get("key"))
+        if name is not None and not isinstance(name, str):
+            raise PrepError(f"{where}: img_path/key must be a string, got {type(name).__name__}")
+        paths.append(name if name is not None else str(i))
+        keys.append(str(d.get("key", Path(name).stem if name else i)))
+        wnids.append(d.get("wnid") if isinstance(d.get("wnid"), str) else None)
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise PrepError(f"{path}: samples have different class counts {sorted(widths)}")
-    return Predictions(np.stack(rows).astype(np.float32), np.asarray(labels), paths, keys)
+    named = all(d.get("img_path", d.get("key")) is not None for d in items)
+    order = _dataset_order(items, path)
+    scores = np.stack(rows).astype(np.float32)[order]
+    return Predictions(scores, np.asarray(labels)[order], [paths[i] for i in order],
+                       [keys[i] for i in order], named,
+                       [wnids[i] for i in order] if all(wnids) else None)
+
+
+def _dataset_order(items: list[dict], path: Path) -> list[int]:
+    """List positions in dataset order: by `sample_idx` when every sample has one (a
+    permutation of 0..N-1), else list order. Never a text sort of numbers."""
+    idx = [d.get("sample_idx") for d in items]
+    if all(i is None for i in idx):
+        return list(range(len(items)))
+    try:
+        ints = [int(_array(i, "sample_idx", str(path)).reshape(-1)[0]) for i in idx]
+    except (TypeError, IndexError, PrepError) as exc:
+        raise PrepError(f"{path}: sample_idx must be a whole number in every sample") from exc
+    if sorted(ints) != list(range(len(items))):
+        raise PrepError(f"{path}: sample_idx is not a permutation of 0..{len(items) - 1} "
+                        "(repeated or missing samples)")
+    order = [0] * len(items)
+    for pos, i in enumerate(ints):
+        order[i] = pos
+    return order

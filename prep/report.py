@@ -32,10 +32,12 @@ def format_report(r: PrepReport) -> str:
                         ("missing files (annotated or listed, not on disk)", p.missing),
                         ("train files not in ImageSets/CLS-LOC/train_cls.txt", p.unlisted),
                         ("broken symlinks", p.broken_links), ("undecodable", p.undecodable),
+                        ("ignored (macOS / Windows metadata, not images)", p.ignored),
                         *((f"{k} (readers must convert)", v) for k, v in p.notes.items())):
         if items:
             shown = ", ".join(items[:SHOW]) + (" ..." if len(items) > SHOW else "")
             lines.append(f"  warning: {len(items):,} {kind}: {shown}")
-    if p.empty or p.extra or p.broken_links or p.undecodable or p.missing or p.unlisted:
+    if p.empty or p.extra or p.broken_links or p.undecodable or p.missing or p.unlisted or \
+            p.ignored:
         lines.append(f"  full list: {r.link_dir}/imagenet/meta/problems.txt")
     return "\n".join(lines)

@@ -23,6 +23,50 @@ from prep.classes import is_wnid
 from prep.errors import PrepError
 
 IMAGE_EXTS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
+# What copies made on macOS and Windows carry besides the images: AppleDouble `._*` files
+# (named like the image they describe), Finder and Explorer metadata. Ignored and listed.
+LITTER_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "__MACOSX", ".AppleDouble",
+                ".Spotlight-V100", ".Trashes", ".fseventsd", "@eaDir", "Icon\r"}
+
+
+def is_litter(name: str) -> bool:
+    return name.startswith("._") or name in LITTER_NAMES
+
+
+def bad_name(name: str) -> bool:
+    """Names that would break the line-based index files (meta/*.txt, train.txt-style
+    lists): control characters such as newline and tab."""
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+
+
+def sample_key(name: str) -> str:
+    """A file's sample key in the shards: its stem, dots made underscores (webdataset splits
+    a member name at the first dot). `a.b.JPEG` and `a_b.JPEG` share one: checked."""
+    return name.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
+
+
+def check_unique_keys(paths: Iterable[str], where: str) -> None:
+    """PrepError naming both files when two files of a split would get one sample key."""
+    seen: dict[str, str] = {}
+    for path in paths:
+        key = sample_key(path)
+        if key in seen:
+            raise PrepError(f"{where}: {seen[key]} and {path} would both be sample {key!r} "
+                            "in the shards (one name, or names that differ only in '.' vs "
+                            "'_' or in the extension); rename or remove one of them")
+        seen[key] = path
+
+
+def entry_kind(e: os.DirEntry) -> str:
+    """dir, file, loop (a symlink loop), broken (a dangling link) or other."""
+    try:
+        if e.is_dir():
+            return "dir"
+        if e.is_file():
+            return "file"
+    except OSError:  # ELOOP: too many levels of symbolic links
+        return "loop"
+    return "broken" if e.is_symlink() else "other"
 
 
 @dataclass
@@ -36,8 +80,12 @@ class Problems:
     missing: list[str] = field(default_factory=list)  # listed or annotated, not on disk
     unlisted: list[str] = field(default_factory=list)  # on disk, not in ImageSets
     notes: dict[str, list[str]] = field(default_factory=dict)  # CMYK, PNG, grayscale ...
+    ignored: list[str] = field(default_factory=list)  # macOS / Windows litter
+    bad_names: list[str] = field(default_factory=list)  # control characters in the name
 
     def merge(self, other: Problems) -> None:
+        self.ignored += other.ignored
+        self.bad_names += other.bad_names
         self.empty += other.empty
         self.extra += other.extra
         self.broken_links += other.broken_links
@@ -54,22 +102,34 @@ def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str]
     with os.scandir(directory) as it:
         entries = list(it)
     # Fast path: is_file() answers from d_type without a syscall for regular files.
-    names = [e.name for e in entries if e.is_file() and e.name.endswith(IMAGE_EXTS)]
     probs = Problems()
+    try:
+        files = [e for e in entries if e.is_file()]
+    except OSError:  # a symlink loop among the entries: the slow path names it
+        files = [e for e in entries if entry_kind(e) == "file"]
+    names = [e.name for e in files if e.name.endswith(IMAGE_EXTS) and not is_litter(e.name)
+             and not bad_name(e.name)]
     if len(names) != len(entries):
         _classify_odd(entries, rel, probs)
     if sizes:
-        probs.empty = sorted(f"{rel}/{e.name}" for e in entries
-                             if e.is_file() and e.stat().st_size == 0)
+        probs.empty = sorted(f"{rel}/{e.name}" for e in files
+                             if e.name in names and e.stat().st_size == 0)
     names.sort()
     return names, probs
 
 
 def _classify_odd(entries: list[os.DirEntry], rel: str, probs: Problems) -> None:
     for e in entries:
-        if e.is_dir():  # follows links: a linked class dir is fine, a sub-folder is not
+        kind = entry_kind(e)
+        if is_litter(e.name):
+            probs.ignored.append(f"{rel}/{e.name}")
+        elif bad_name(e.name):
+            probs.bad_names.append(f"{rel}/{e.name}")
+        elif kind == "dir":  # follows links: a linked class dir is fine, a sub-folder is not
             probs.extra.append(f"{rel}/{e.name}/")
-        elif not e.is_file():
+        elif kind == "loop":
+            probs.broken_links.append(f"{rel}/{e.name} (a symlink loop)")
+        elif kind != "file":
             (probs.broken_links if e.is_symlink() else probs.extra).append(f"{rel}/{e.name}")
         elif not e.name.endswith(IMAGE_EXTS):
             probs.extra.append(f"{rel}/{e.name}")
@@ -89,14 +149,19 @@ def class_dirs(split_dir: Path, rel: str) -> tuple[list[str], Problems]:
     wnids, probs = [], Problems()
     with os.scandir(split_dir) as it:
         for e in it:
-            if e.is_dir():
+            kind = entry_kind(e)
+            if is_litter(e.name):
+                probs.ignored.append(f"{rel}/{e.name}")
+            elif kind == "loop":
+                probs.broken_links.append(f"{rel}/{e.name} (a symlink loop)")
+            elif kind == "dir":
                 if not is_wnid(e.name):
                     raise PrepError(
                         f"{e.path}: class folder name is not a WNID (expected nXXXXXXXX, "
                         "e.g. n01440764); move it out of the split or rename it"
                     )
                 wnids.append(e.name)
-            elif e.is_symlink() and not e.is_file():
+            elif kind == "broken":
                 probs.broken_links.append(f"{rel}/{e.name}")
             else:
                 probs.extra.append(f"{rel}/{e.name}")
@@ -159,12 +224,25 @@ def compare_with_list(train: dict[str, list[str]], list_file: Path, rel: str) ->
 
 
 def _check_one(path: str) -> tuple[str, str | None]:
-    """('ok'|'cmyk'|'png'|'grayscale'|'undecodable', detail) for one image file."""
+    """('ok'|'cmyk'|'png'|'grayscale'|'undecodable', detail) for one image file. Decoded in
+    full with libjpeg's warnings as errors (prep.jpeg.strict_problem): a JPEG cut short
+    with an EOI marker appended is undecodable, not a grey-bottomed picture."""
+    import io
+
     from PIL import Image
 
+    from prep.jpeg import strict_problem
+
     try:
-        with Image.open(path) as im:
-            im.load()
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return "undecodable", f"unreadable ({exc.strerror})"
+    problem = strict_problem(data)
+    if problem:
+        return "undecodable", problem
+    try:
+        with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
                 return f"{im.format or 'unknown'} named as JPEG".lower(), None
             if im.mode == "CMYK":

@@ -38,17 +38,24 @@ fi
 # libjpeg-turbo, which the Pillow-SIMD build needs too). Without it the loader uses Pillow.
 [ train/_jpeg_region.so -nt train/jpeg_region.c ] || "$VENV/bin/python" -m train.jpeg_region \
   || echo "setup: the region JPEG decoder did not build; the loader uses Pillow (slower)" >&2
+# The strict JPEG check (prep/jpegcheck.c, libjpeg-turbo): a truncated JPEG that ends in EOI
+# decodes "fine" in Pillow; this check catches it (--check full, prep shard, verify --deep).
+[ prep/_jpegcheck.so -nt prep/jpegcheck.c ] || "$VENV/bin/python" -m prep.jpeg \
+  || echo "setup: the strict JPEG check did not build; truncated JPEGs ending in EOI pass" >&2
 # prep shard's pass-through writer in C (shards/tarpack.c, < 1 s, a C compiler only).
 [ shards/_tarpack.so -nt shards/tarpack.c ] || "$VENV/bin/python" -m shards.tarpack \
   || echo "setup: the C shard writer did not build; prep shard uses Python (slower)" >&2
 "$VENV/bin/python" - <<'PY'
 import PIL, torch, torchvision
+from prep import jpeg
 from shards import tarpack
 from train import jpeg_region
 flavour = "Pillow-SIMD" if ".post" in PIL.__version__ else "Pillow"
 region = "built" if jpeg_region.available() else "NOT built (Pillow fallback)"
 writer = "built" if tarpack.available() else "NOT built (Python writer)"
+check = "built" if jpeg.available() else "NOT built (truncated JPEGs ending in EOI pass)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, "
-      f"{flavour} {PIL.__version__}, region JPEG decoder {region}, C shard writer {writer}")
+      f"{flavour} {PIL.__version__}, region JPEG decoder {region}, C shard writer {writer}, "
+      f"strict JPEG check {check}")
 PY
 touch "$VENV/.setup-done"

@@ -1,34 +1,53 @@
 """`prep shard`: plan, resume, write shards in parallel, merge the manifest.
 
-State lives in `OUT/.prep-shard/`: `plan.json` (options + input fingerprint) and one record
-per finished shard in `parts/`. A record is written (atomically) only after its tar was
-fsynced and renamed, so after any kill a rerun redoes exactly the unfinished shards, and
-because every shard's content is fixed by the plan, the result is byte-identical.
+State lives in `OUT/.prep-shard/`: `plan.json` (options, input fingerprint, the shard names
+of the plan), one record per finished shard in `parts/` and `manifest.json` (the manifest
+files written, with their sizes and mtimes). A record is written (atomically) only after its
+tar was fsynced and renamed, so after any kill a rerun redoes exactly the unfinished shards,
+and because every shard's content is fixed by the plan, the result is byte-identical.
+
+A rerun keeps a shard only when it can show it is complete and its own: the tar has the
+recorded size, inode and mtime, and every source image the recorded size and mtime (a
+replaced image redoes its shard). Only files those records name are ever removed or
+replaced (`--force` included); anything else in OUT stays, and a file prep shard would
+write but did not make stops the run. One writer per output: OUT/.prep-shard.lock (shared
+by `--shard-range` parts, each of which also locks its own part) names the running process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from prep import __version__
-from prep.errors import PrepError
-from shards.image import keep_image_buffers_in_heap
-from shards.manifest import INFO, preload_manifest_libs, write_manifest
+from prep.errors import PrepError, refuse_inside
+from shards.image import pool_worker_init
+from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.source import read_classes, read_split
 from shards.write import ShardOptions, ShardRecord, write_shard
 
 STATE = ".prep-shard"
-FORMAT = 3  # bump when the bytes written for the same plan change
+LOCK = ".prep-shard.lock"
+FORMAT = 4  # bump when the bytes written for the same plan (or the records) change
 
 
 @dataclass
@@ -40,6 +59,7 @@ class ShardSettings:
     max_size: int | None = None
     quality: int = 90
     on_error: str = "fail"
+    check: str = "full"  # full: entropy-decode every JPEG; header: trust complete headers
 
 
 @dataclass
@@ -78,28 +98,142 @@ def fingerprint(plans: list[ShardPlan], s: ShardSettings) -> str:
     return h.hexdigest()
 
 
-def _claim(out: Path, fp: str, settings: ShardSettings, data: Path, force: bool) -> Path:
-    """Make OUT ours for this plan; refuse shards from another input or options."""
+def _holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        text = ""
+    return text or "another process"
+
+
+@contextmanager
+def output_lock(out: Path, shard_range: tuple[int, int], exclusive: bool):
+    """One writer per output. The whole run (or --force, --finalize) takes OUT/.prep-shard.lock
+    exclusively; a --shard-range part takes it shared plus its own part's lock, so parts run
+    side by side but never twice, and never beside a whole run. flock: released by the
+    kernel when the process dies."""
+    part, nparts = shard_range
+    files = [(out / LOCK, exclusive or nparts == 1)]
+    if nparts > 1 and not exclusive:
+        files.append((out / f"{LOCK}.part-{part}-of-{nparts}", True))
+    me = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
+    with ExitStack() as stack:
+        for path, excl in files:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            stack.callback(os.close, fd)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if excl else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PrepError(f"{out}: another `prep shard` is writing it ({_running(out)}); "
+                                "wait for it to finish, or use another --out") from None
+            if excl:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, me.encode() + b"\n", 0)
+        yield
+
+
+def _running(out: Path) -> str:
+    """Who holds the locks of `out`, from what each holder wrote into its lock file."""
+    held = []
+    for path in sorted(out.glob(f"{LOCK}*")):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            held.append(_holder(path))
+        finally:
+            os.close(fd)
+    return "; ".join(held) or "it holds " + LOCK
+
+
+OWN_MANIFEST = (INFO, INDEX, SUMS)  # plus <split>.shardindex.json
+
+
+def _manifest_names(out: Path) -> list[str]:
+    return [*OWN_MANIFEST, *sorted(p.name for p in out.glob("*.shardindex.json"))]
+
+
+def _stat_key(path: Path) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_ino, st.st_mtime_ns]
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from a file; {} when it is missing, damaged or not an object."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def owned_files(out: Path) -> list[Path]:
+    """The files in `out` that prep shard's own records say it wrote: the shards (and their
+    partials) of the recorded plan, and the manifest files recorded as written (unchanged
+    since) or being written. Outputs of prep 0.1.0 before these records: the shards named
+    by its per-shard records, and a manifest whose `_info.json` names the plan's fingerprint."""
+    state = out / STATE
+    plan = _read_json(state / "plan.json")
+    planned = plan.get("shards")
+    if not isinstance(planned, list):
+        planned = [p.name[: -len(".json")] for p in (state / "parts").glob("*.tar.json")]
+    owned = [out / f for n in planned for f in (str(n), f"{n}.partial") if (out / f).is_file()]
+    manifest = _read_json(state / "manifest.json")
+    made_by = _read_json(out / INFO).get("prep")
+    if not manifest and plan.get("fingerprint") and isinstance(made_by, dict) and \
+            made_by.get("fingerprint") == plan["fingerprint"]:
+        manifest = dict.fromkeys(_manifest_names(out))
+    owned += [out / n for n, key in sorted(manifest.items())
+              if (out / n).is_file() and key in (None, _stat_key(out / n))]
+    return owned
+
+
+def foreign_files(out: Path, names: set[str]) -> list[str]:
+    """Files in `out` with a name prep shard writes (its shards `names`, their partials, the
+    manifest) that prep's records do not claim."""
+    owned = {p.name for p in owned_files(out)}
+    ours = names | {f"{n}.partial" for n in names} | set(_manifest_names(out))
+    return sorted(n for n in ours if n not in owned and (out / n).exists())
+
+
+def _claim(out: Path, fp: str, settings: ShardSettings, data: Path, force: bool,
+           names: list[str]) -> Path:
+    """Make OUT ours for this plan; refuse shards from another input or options, and files
+    prep shard would write but did not make."""
     state = out / STATE
     plan_file = state / "plan.json"
-    if plan_file.is_file():
-        old = json.loads(plan_file.read_text())
-        if old.get("fingerprint") != fp:
-            if not force:
-                raise PrepError(
-                    f"{out}: holds shards made from {old.get('data')} with options "
-                    f"{old.get('settings')}; this run differs (input or options). Use a new "
-                    "--out, or --force to delete those shards and write new ones")
-            clean(out)
-    elif out.is_dir() and any(out.glob("*.tar")):
+    old = _read_json(plan_file) if plan_file.is_file() else None
+    if old is not None and old.get("fingerprint") != fp:
+        removable = owned_files(out)
         if not force:
-            raise PrepError(f"{out}: holds .tar files not made by prep shard; choose another "
-                            "--out (or --force to delete the *-NNNNNN.tar files there)")
+            listed = ", ".join(p.name for p in removable[:5])
+            more = f" and {len(removable) - 5} more" if len(removable) > 5 else ""
+            raise PrepError(
+                f"{out}: holds shards made from {old.get('data')} with options "
+                f"{old.get('settings')}; this run differs (input or options). Use a new "
+                f"--out, or --force to remove the {len(removable)} file(s) prep shard wrote "
+                f"there ({listed}{more}) and write new ones; nothing else in it is touched")
         clean(out)
+        old = None
+    foreign = foreign_files(out, set(names))
+    if old is None:  # a new output: no tars of others mixed in (kept, never deleted)
+        foreign += sorted({p.name for p in out.glob("*.tar")} - set(foreign))
+    if foreign:
+        raise PrepError(
+            f"{out}: holds {len(foreign)} tar or manifest file(s) not made by prep shard "
+            f"({', '.join(foreign[:5])}); prep never replaces or deletes a file it did not "
+            "write, --force included. Move them away or choose another --out")
     (state / "parts").mkdir(parents=True, exist_ok=True)
-    if not plan_file.is_file():
+    if old is None:
         doc = {"fingerprint": fp, "data": str(data), "settings": asdict(settings),
-               "tool": f"prep {__version__}"}
+               "tool": f"prep {__version__}", "shards": names}
         tmp = state / f".plan.json.{os.getpid()}.tmp"  # parts on several machines race here
         tmp.write_text(json.dumps(doc, indent=1) + "\n")
         os.replace(tmp, plan_file)
@@ -107,31 +241,63 @@ def _claim(out: Path, fp: str, settings: ShardSettings, data: Path, force: bool)
 
 
 def clean(out: Path) -> None:
-    """Remove what prep shard writes (shards, manifest, state); nothing else."""
-    for p in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar*")):
-        p.unlink()
-    for name in (INFO, "index.parquet", "SHA256SUMS"):
-        (out / name).unlink(missing_ok=True)
-    for p in out.glob("*.shardindex.json"):
-        p.unlink()
+    """Remove what prep shard's records say it wrote (shards, partials, manifest) and its
+    state; nothing else."""
+    for p in owned_files(out):
+        p.unlink(missing_ok=True)
     shutil.rmtree(out / STATE, ignore_errors=True)
 
 
-def _finished(parts: Path, out: Path, plan: ShardPlan) -> ShardRecord | None:
-    rec_file = parts / f"{plan.name}.json"
-    tar = out / plan.name
-    if not rec_file.is_file() or not tar.is_file():
+def _read_record(rec_file: Path) -> ShardRecord | None:
+    try:
+        rec = ShardRecord(**json.loads(rec_file.read_text()))
+    except (OSError, ValueError, TypeError):
         return None
-    rec = ShardRecord(**json.loads(rec_file.read_text()))
-    if not isinstance(rec.rows, dict):  # a record from before columns: redo (same bytes)
+    return rec if isinstance(rec.rows, dict) else None
+
+
+def _finished(parts: Path, out: Path, plan: ShardPlan, data: Path) -> ShardRecord | None:
+    """The record of a shard an earlier run finished, when the tar is still the one it
+    wrote (size, inode, mtime) and every source is unchanged (size, mtime); else None."""
+    rec = _read_record(parts / f"{plan.name}.json")
+    if rec is None or _stat_key(out / plan.name) != [rec.filesize, rec.tar_inode,
+                                                      rec.tar_mtime_ns]:
         return None
-    return rec if tar.stat().st_size == rec.filesize else None
+    if len(rec.source_stats) != len(plan.samples):
+        return None
+    base = f"{data}/{plan.split}/"
+    for s, recorded in zip(plan.samples, rec.source_stats):
+        try:
+            st = os.stat(base + s.path)
+        except OSError:
+            return None
+        if [st.st_size, st.st_mtime_ns] != recorded:
+            return None
+    return rec
 
 
 def _save(parts: Path, rec: ShardRecord) -> None:
     tmp = parts / f".{rec.name}.json.tmp"
     tmp.write_text(rec.to_json())
     os.replace(tmp, parts / f"{rec.name}.json")
+
+
+def _record_manifest(path: Path, entries: dict[str, list[int] | None]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(entries) + "\n")
+    os.replace(tmp, path)
+
+
+def _source_roots(data: Path) -> dict[str, Path]:
+    """The trees `prep shard` reads: the view and what its split links point into."""
+    roots = {"dataset view": data}
+    for split in ("train", "val", "test"):
+        p = data / split
+        if p.exists():
+            roots[f"{split} source"] = p
+    for p in data.glob(".src-*"):
+        roots["val source"] = p
+    return roots
 
 
 def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: int = 1,
@@ -142,15 +308,26 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     manifest is written by whichever run finds every shard finished (or `finalize_only`)."""
     t0 = time.perf_counter()
     data, out = Path(os.path.abspath(data)), Path(os.path.abspath(out))
+    refuse_inside(out, _source_roots(data), "--out")
     wnids, plans = make_plans(data, settings)
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(plans, settings)
-    parts = _claim(out, fp, settings, data, force)
+    with output_lock(out, shard_range, exclusive=force or finalize_only):
+        parts = _claim(out, fp, settings, data, force, [p.name for p in plans])
+        return _shard_locked(data, out, plans, wnids, fp, parts, settings, workers,
+                             shard_range, finalize_only, progress, t0)
+
+
+def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str], fp: str,
+                  parts: Path, settings: ShardSettings, workers: int,
+                  shard_range: tuple[int, int], finalize_only: bool, progress: bool,
+                  t0: float) -> ShardReport:
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
-    for i, p in enumerate(plans):
-        rec = _finished(parts, out, p)
+    with ThreadPoolExecutor(8) as threads:  # stat calls release the GIL (cold caches, NFS)
+        kept = list(threads.map(lambda p: _finished(parts, out, p, data), plans))
+    for i, (p, rec) in enumerate(zip(plans, kept)):
         if rec:
             records[p.name] = rec
             report.kept += 1
@@ -161,17 +338,28 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     if finalize_only and (todo or report.pending):
         raise PrepError(f"{out}: {len(todo) + report.pending} of {len(plans)} shards are not "
                         "finished yet; run the missing --shard-range parts first")
-    opts = ShardOptions(settings.max_size, settings.quality, settings.on_error)
+    opts = ShardOptions(settings.max_size, settings.quality, settings.on_error,
+                        strict=settings.check == "full")
     for rec in _run(todo, data, out, opts, workers, progress):
         _save(parts, rec)
         records[rec.name] = rec
         report.written.append(rec)
-    if report.pending == 0 and not report.written and (out / INFO).is_file():
+    manifest_file = parts.parent / "manifest.json"
+    if report.pending == 0 and not report.written and manifest_file.is_file() and \
+            not foreign_files(out, set()) and None not in _read_json(manifest_file).values():
         report.info = json.loads((out / INFO).read_text())  # finished earlier: nothing to redo
     elif report.pending == 0:
         prep = {"tool": f"prep {__version__}", "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
+        foreign = foreign_files(out, set())
+        if foreign:  # a file the user put there since the run started
+            raise PrepError(f"{out}: {', '.join(foreign)} appeared while shards were written "
+                            "and prep shard did not make it; move it away and rerun")
+        splits = sorted({p.split for p in plans})
+        names = [*OWN_MANIFEST, *(f"{s}.shardindex.json" for s in splits)]
+        _record_manifest(manifest_file, dict.fromkeys(names))  # being written: ours
         report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep)
+        _record_manifest(manifest_file, {n: _stat_key(out / n) for n in names})
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -182,7 +370,8 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     total = sum(len(p.samples) for p in todo)
     bar = tqdm(total=total, unit="img", desc="shard", disable=not progress or not todo)
     nbytes, t0 = 0, time.perf_counter()
-    with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
+    pool = ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init)
+    try:
         futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
         preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
         while futures:
@@ -191,13 +380,20 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
             done, futures = wait(futures, return_when=FIRST_COMPLETED)
             for f in done:
                 if f.exception():
-                    for other in futures:
-                        other.cancel()
-                    bar.close()
                     raise f.exception()
                 rec = f.result()
                 nbytes += rec.filesize
                 bar.set_postfix_str(f"{nbytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s")
                 bar.update(rec.num_samples + len(rec.skipped))
                 yield rec
+    except BaseException as exc:
+        bar.close()
+        if isinstance(exc, KeyboardInterrupt):  # stop now; workers ignore SIGINT themselves
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for p in todo:  # ours (planned names, under the lock): a rerun redoes them
+            (out / f"{p.name}.partial").unlink(missing_ok=True)
+        raise
+    pool.shutdown(wait=True)
     bar.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+from prep.jpeg import complete_jpeg, jpeg_sof, size_problem, strict_problem, to_rgb
+
 REPAIR_QUALITY = 95  # re-encoding a repaired image: keep it close to the original
 
 
@@ -33,6 +35,15 @@ def keep_image_buffers_in_heap() -> bool:
                     and libc.mallopt(m_trim_threshold, 64 << 20))
     except (OSError, AttributeError):
         return False
+
+
+def pool_worker_init() -> None:
+    """Initializer of the process pools that handle images: Ctrl-C is the main process's to
+    report (prep.errors.ignore_sigint), and image buffers stay in the heap."""
+    from prep.errors import ignore_sigint
+
+    ignore_sigint()
+    keep_image_buffers_in_heap()
 
 
 class UndecodableImage(Exception):
@@ -63,51 +74,23 @@ def _repair_reason(fmt: str, mode: str) -> str | None:
     return None
 
 
-def _complete_jpeg(data: bytes) -> bool:
-    """A JPEG ends with the EOI marker; truncated downloads do not. Cheap (no decode)."""
-    return data.endswith(b"\xff\xd9") or data.rstrip(b"\0\r\n ")[-2:] == b"\xff\xd9"
-
-
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
-    """(width, height, components) from an 8-bit JPEG's SOF marker, or None when the data
-    is anything else. Walking the marker segments takes a few µs; PIL's header parser
-    takes ~86 µs here, which is most of the per-image cost of pass-through sharding."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in _SOF:
-            if data[i + 4] != 8:  # 12-bit JPEGs: let PIL decide
-                return None
-            h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
-            return w, h, data[i + 9]
-        if marker == 0xDA:  # start of scan before any SOF: malformed
-            return None
-        i += 2 + ((data[i + 2] << 8) | data[i + 3])
-    return None
-
-
 def target_size(w: int, h: int, max_size: int) -> tuple[int, int]:
     scale = max_size / max(w, h)
     return max(1, round(w * scale)), max(1, round(h * scale))
 
 
-def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
-                 ) -> tuple[bytes, ImageInfo]:
-    """(bytes to store, what was done). Raises UndecodableImage for broken files."""
+def encode_image(data: bytes, max_size: int | None = None, quality: int = 90,
+                 strict: bool = True) -> tuple[bytes, ImageInfo]:
+    """(bytes to store, what was done). Raises UndecodableImage for broken files: not an
+    image, size 0 or above prep.jpeg.MAX_PIXELS, damaged data; with `strict`, also a JPEG
+    whose entropy data ends early (prep.jpeg.strict_problem)."""
     sof = jpeg_sof(data)
-    if sof and sof[2] == 3 and _complete_jpeg(data):  # the common case: no PIL at all
-        w, h, _ = sof
-        if not max_size or max(w, h) <= max_size:
+    if sof:
+        problem = size_problem(sof[0], sof[1]) or (strict and strict_problem(data))
+        if problem:
+            raise UndecodableImage(problem)
+        if sof[2] == 3 and complete_jpeg(data) and (not max_size or max(sof[:2]) <= max_size):
+            w, h, _ = sof  # the common case: no PIL at all
             return data, ImageInfo("JPEG", "RGB", w, h, w, h, None, False)
     from PIL import Image  # here: pass-through never needs it (~40 ms of start-up)
 
@@ -116,16 +99,21 @@ def encode_image(data: bytes, max_size: int | None = None, quality: int = 90
         fmt, mode, (w, h) = im.format or "", im.mode, im.size
     except Exception as exc:
         raise UndecodableImage(f"not an image ({type(exc).__name__}: {exc})") from exc
+    problem = size_problem(w, h) or (strict and not sof and fmt == "JPEG"
+                                     and strict_problem(data))
+    if problem:
+        raise UndecodableImage(problem)
     repair = _repair_reason(fmt, mode)
     shrink = bool(max_size) and max(w, h) > max_size
-    if not repair and not shrink and _complete_jpeg(data):
+    if not repair and not shrink and complete_jpeg(data):
         return data, ImageInfo(fmt, mode, w, h, w, h, None, False)
     try:
         if shrink and fmt == "JPEG" and max(w, h) >= 2 * max_size:
             # DCT scaling 1/2, 1/4, 1/8. Only when it applies: a draft() that cannot scale
             # still changes the decode path and measured ~1.5x slower for a 1.3x shrink.
             im.draft("RGB", target_size(w, h, max_size))
-        im = im.convert("RGB")  # decodes; raises on truncated data
+        im.load()  # decodes; raises on truncated data
+        im = to_rgb(im)  # 16-bit and float pictures are scaled, not clipped
     except Exception as exc:
         raise UndecodableImage(f"cannot decode ({type(exc).__name__}: {exc})") from exc
     if shrink:

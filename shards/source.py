@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import PrepError
+from prep.scan import sample_key
 
 
 class Sample(NamedTuple):  # a tuple: cheap to make 1.28 M of and to send to the workers
@@ -61,7 +62,7 @@ def read_split(data: Path, split: str, wnids: list[str]) -> list[Sample]:
                 if index.get(wnid) != label:
                     raise PrepError(f"{ann}:{n}: label {label} but folder {wnid} is class "
                                     f"{index.get(wnid, 'unknown')} in meta/classes.csv")
-            key = path.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
+            key = sample_key(path)
             if key in keys:
                 raise PrepError(f"{ann}:{n}: sample key {key!r} repeats line {keys[key]}")
             keys[key] = n

@@ -39,10 +39,16 @@ _TEMPLATE = bytes(_template())
 _TEMPLATE_SUM = sum(_TEMPLATE)  # the checksum is a byte sum: add only what changes
 
 
+MAX_MEMBER = 8**11 - 1  # 8 GiB - 1: the largest size the 11-digit octal field holds
+
+
 def member_header(name: str, size: int) -> bytes:
     raw = name.encode("utf-8")
     if len(raw) > 100:
         raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    if not 0 <= size <= MAX_MEMBER:  # a wider number would overwrite the mtime field
+        raise ValueError(f"tar member {name!r}: {size:,} bytes, above the USTAR limit of "
+                         f"{MAX_MEMBER:,}")
     size_field = _octal(size, 12)
     chksum = b"%06o\0 " % (_TEMPLATE_SUM + sum(raw) + sum(size_field))
     t = _TEMPLATE

@@ -18,6 +18,7 @@
 
 #define BLOCK 512
 #define MTIME 011747623600LL /* 1335830400, as shards/tario.py */
+#define MAX_MEMBER 077777777777LL /* the largest size an 11-digit octal tar field holds */
 
 static const char ZEROS[BLOCK];
 
@@ -77,12 +78,15 @@ static int write_all(int fd, struct iovec *v, int cnt) {
     return 0;
 }
 
-/* Read all of `path` into *buf (grown as needed); its size, or -1. */
-static long long read_file(const char *path, unsigned char **buf, size_t *cap) {
+/* Read all of `path` into *buf (grown as needed); its size, or -1. *mtime: the file's
+ * modification time in ns, read from the descriptor the bytes come from. */
+static long long read_file(const char *path, unsigned char **buf, size_t *cap,
+                           long long *mtime) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return -1;
     struct stat st;
     if (fstat(fd, &st) < 0) { close(fd); return -1; }
+    *mtime = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
     size_t want = (size_t)st.st_size + 1, got = 0;
     for (;;) {
         if (got + 1 > *cap || want > *cap) {
@@ -101,21 +105,33 @@ static long long read_file(const char *path, unsigned char **buf, size_t *cap) {
     return (long long)got;
 }
 
+/* prep/jpegcheck.c's jc_check: 0 when the JPEG decodes whole within max_pixels. */
+typedef int (*check_fn)(const unsigned char *, unsigned long, unsigned long long, int *,
+                        char *);
+
 /* Samples [0, n): returns how many were written before one needs Python (n: all), or -1
- * with errno on a write error. offset: where the next member goes; updated. Outputs per
- * written sample: start offset, jpg size, width, height. */
-int tp_write(int out_fd, int n, const char **paths, const char **keys, const int *labels,
-             const char **json_mid, const char **json_end, long long *offset,
-             long long *starts, long long *sizes, int *widths, int *heights) {
-    static unsigned char *buf = NULL;
-    static size_t cap = 0;
+ * with errno on a write error. offset: where the next member goes; updated. A sample stops
+ * the call when its size is 0 or above max_pixels, or when `check` (may be NULL) finds it
+ * damaged: Python then applies --on-error to it. Outputs per written sample: start offset,
+ * jpg size, width, height, source mtime (ns). The read buffer lives for one call: no state
+ * is shared between calls or threads. */
+static int write_samples(int out_fd, int n, const char **paths, const char **keys,
+                         const int *labels, const char **json_mid, const char **json_end,
+                         long long *offset, long long *starts, long long *sizes, int *widths,
+                         int *heights, long long *mtimes, check_fn check,
+                         unsigned long long max_pixels, unsigned char **buf, size_t *cap) {
     unsigned char hc[BLOCK], hj[BLOCK], hm[BLOCK];
-    char cls[16], json[4096];
+    char cls[16], json[4096], msg[200];
+    int dims[3];
     for (int i = 0; i < n; i++) {
         if (strlen(keys[i]) + 5 > 100) return i;
-        long long size = read_file(paths[i], &buf, &cap);
+        long long mtime = 0;
+        long long size = read_file(paths[i], buf, cap, &mtime);
         int w = 0, h = 0;
-        if (size < 0 || !jpeg_size(buf, size, &w, &h) || !complete(buf, size)) return i;
+        if (size < 0 || !jpeg_size(*buf, size, &w, &h) || !complete(*buf, size)) return i;
+        if (w == 0 || h == 0 || (unsigned long long)w * h > max_pixels) return i;
+        if (size > MAX_MEMBER) return i;
+        if (check && check(*buf, (unsigned long)size, max_pixels, dims, msg) != 0) return i;
         int jn = snprintf(json, sizeof json, "{\"format\": \"JPEG\", \"height\": %d%s%d%s",
                           h, json_mid[i], w, json_end[i]);
         if (jn < 0 || jn >= (int)sizeof json) return i;
@@ -132,7 +148,7 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
         }
         header(hj, keys[i], "jpg", size);
         v[c++] = (struct iovec){hj, BLOCK};
-        v[c++] = (struct iovec){buf, (size_t)size};
+        v[c++] = (struct iovec){*buf, (size_t)size};
         v[c++] = (struct iovec){(void *)ZEROS, (size_t)(-size & (BLOCK - 1))};
         off += BLOCK + size + (-size & (BLOCK - 1));
         header(hm, keys[i], "json", jn);
@@ -146,6 +162,22 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
         sizes[i] = size;
         widths[i] = w;
         heights[i] = h;
+        mtimes[i] = mtime;
     }
     return n;
+}
+
+int tp_write(int out_fd, int n, const char **paths, const char **keys, const int *labels,
+             const char **json_mid, const char **json_end, long long *offset,
+             long long *starts, long long *sizes, int *widths, int *heights,
+             long long *mtimes, void *check, unsigned long long max_pixels) {
+    unsigned char *buf = NULL;
+    size_t cap = 0;
+    int done = write_samples(out_fd, n, paths, keys, labels, json_mid, json_end, offset,
+                             starts, sizes, widths, heights, mtimes, (check_fn)check,
+                             max_pixels, &buf, &cap);
+    int saved = errno;
+    free(buf);
+    errno = saved;
+    return done;
 }

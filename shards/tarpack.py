@@ -18,6 +18,8 @@ import os
 from json.encoder import encode_basestring_ascii as _js
 from pathlib import Path
 
+from prep import jpeg
+
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
@@ -31,7 +33,8 @@ def _load():
     lib.tp_write.restype = ctypes.c_int
     lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
-                             p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int)]
+                             p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int),
+                             p(_I64), ctypes.c_void_p, ctypes.c_ulonglong]
     return lib
 
 
@@ -42,12 +45,14 @@ def available() -> bool:
     return _lib is not None
 
 
-def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str
-                  ) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
+                  strict: bool = True) -> tuple[int, int, list[tuple[int, int, int, int, int]]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
-    [(sample start offset, jpg bytes, width, height)] for them). Raises OSError on a write
-    error; stops early at a sample Python must handle."""
+    [(sample start offset, jpg bytes, width, height, source mtime ns)] for them). Raises
+    OSError on a write error; stops early at a sample Python must handle: not a clean RGB
+    JPEG, size 0 or above prep.jpeg.MAX_PIXELS, or (`strict`, with prep/jpegcheck.c built)
+    one whose entropy data ends early."""
     n = len(samples)
     enc = [p.encode() for p in paths]
     keys = [s.key.encode() for s in samples]
@@ -59,17 +64,20 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     off = _I64(offset)
     starts, sizes = (_I64 * n)(), (_I64 * n)()
     widths, heights = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+    mtimes = (_I64 * n)()
+    check = jpeg.check_function_address() if strict else None
     done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
-                         strs(*ends), ctypes.byref(off), starts, sizes, widths, heights)
+                         strs(*ends), ctypes.byref(off), starts, sizes, widths, heights,
+                         mtimes, check, jpeg.MAX_PIXELS)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return done, off.value, list(zip(starts[:done], sizes[:done], widths[:done],
-                                     heights[:done]))
+                                     heights[:done], mtimes[:done]))
 
 
 if __name__ == "__main__":
-    from shards import cbuild
+    from prep import cbuild
 
     cbuild.main(SOURCE, LIBRARY, (), "prep shard uses its Python writer")

@@ -12,7 +12,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from prep.errors import PrepError
-from shards.image import keep_image_buffers_in_heap
+from prep.jpeg import jpeg_sof, size_problem, strict_problem
+from shards.image import pool_worker_init
 from shards.manifest import INFO, SUMS, parse_info, parse_sums
 
 
@@ -85,16 +86,21 @@ def _check_sample(name: str, key: str, members: dict[str, bytes], num_classes: i
         elif not cls.strip().isdigit() or (num_classes and int(cls) >= num_classes):
             out.append(f"{name}: sample {key}.cls = {cls[:20]!r}: not a label in "
                        f"0..{(num_classes or 0) - 1}")
-    if deep and "jpg" in members:
+    jpg = members.get("jpg")
+    sof = jpeg_sof(jpg) if jpg is not None else None
+    problem = sof and size_problem(sof[0], sof[1])  # from the header: no decode needed
+    if problem:
+        out.append(f"{name}: member {key}.jpg: {problem}")
+    elif deep and jpg is not None:
         from PIL import Image
 
-        try:
-            with Image.open(io.BytesIO(members["jpg"])) as im:
-                im.load()
+        problem = strict_problem(jpg)  # libjpeg's "premature end of data" counts as corrupt
+        if problem:
+            out.append(f"{name}: member {key}.jpg: {problem}")
+        else:
+            with Image.open(io.BytesIO(jpg)) as im:
                 if im.format != "JPEG" or im.mode != "RGB":
                     out.append(f"{name}: member {key}.jpg: {im.format} {im.mode}, not RGB JPEG")
-        except Exception as exc:
-            out.append(f"{name}: member {key}.jpg: cannot decode ({type(exc).__name__}: {exc})")
     return out
 
 
@@ -116,7 +122,7 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
     seen: dict[str, dict[str, str]] = {}
     bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
-    with ProcessPoolExecutor(max(1, workers), initializer=keep_image_buffers_in_heap) as pool:
+    with ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init) as pool:
         for job, split, (problems, keys) in zip(jobs, splits_of, pool.map(_check_job, jobs)):
             report.problems += problems
             report.shards += 1

@@ -28,6 +28,7 @@ class ShardOptions:
     max_size: int | None = None  # px, longer side; None keeps sizes
     quality: int = 90  # JPEG quality when resizing
     on_error: str = "fail"  # "fail" | "skip" for undecodable images
+    strict: bool = True  # entropy-decode every JPEG (prep.jpeg.strict_problem)
 
 
 @dataclass
@@ -43,6 +44,12 @@ class ShardRecord:
     # faster than one dict per sample, and the workers send 1.28 M of them to the main process
     rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX_COLUMNS})
     skipped: list[str] = field(default_factory=list)
+    # what resume compares before keeping the shard: every source's size and mtime (plan
+    # order, skipped ones included) and the finished tar's own inode and mtime, so that a
+    # changed image or a tar another process replaced is never kept
+    source_stats: list[list[int]] = field(default_factory=list)
+    tar_inode: int = 0
+    tar_mtime_ns: int = 0
 
     def to_json(self) -> str:
         # vars(), not dataclasses.asdict: asdict deep-copies every column
@@ -66,7 +73,7 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
             use_c = tarpack.available() and not opts.max_size
             while i < len(samples):
                 run = samples[i : i + RUN]
-                done = _write_run(tar, fd, digest, run, base, plan, rec) if use_c else 0
+                done = _write_run(tar, digest, run, base, plan, rec, opts) if use_c else 0
                 i += done
                 if done < len(run):
                     _write_sample(tar, samples[i], base, data, plan, opts, rec)
@@ -79,6 +86,8 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
             os.close(fd)
         rec.filesize = tar.offset
         os.replace(partial, final)
+        st = os.stat(final)
+        rec.tar_inode, rec.tar_mtime_ns = st.st_ino, st.st_mtime_ns
     except OSError as exc:
         _remove(partial)
         raise PrepError(f"{final}: write failed ({exc.strerror or exc}); no partial shard was "
@@ -93,15 +102,17 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
 RUN = 64  # samples per C call: the hashing thread catches up between calls
 
 
-def _write_run(tar: TarStream, fd: int, digest: BackgroundDigest, samples: list, base: str,
-               plan: ShardPlan, rec: ShardRecord) -> int:
+def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: str,
+               plan: ShardPlan, rec: ShardRecord, opts: ShardOptions) -> int:
     """Write the leading good JPEGs of `samples` through shards/tarpack; how many."""
-    done, end, written = tarpack.write_samples(fd, tar.offset, [base + s.path for s in samples],
-                                               samples, plan.split)
+    done, end, written = tarpack.write_samples(digest.fd, tar.offset,
+                                               [base + s.path for s in samples], samples,
+                                               plan.split, opts.strict)
     digest.advance(end - tar.offset)
     tar.offset = end
-    for s, (offset, size, w, h) in zip(samples, written):
+    for s, (offset, size, w, h, mtime) in zip(samples, written):
         _add_row(rec, plan, s, offset, size, w, h, None)
+        rec.source_stats.append([size, mtime])
     return done
 
 
@@ -119,12 +130,13 @@ def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
                   opts: ShardOptions, rec: ShardRecord) -> None:
     src = base + s.path
     try:
-        raw = read_file(src)
+        raw, st = read_file(src)
     except FileNotFoundError as exc:
         raise PrepError(f"{data}/meta/{plan.split}.txt:{s.line}: {src} does not exist; "
                         "rerun `prep imagenet` to refresh meta/") from exc
+    rec.source_stats.append([st.st_size, st.st_mtime_ns])
     try:
-        jpg, info = encode_image(raw, opts.max_size, opts.quality)
+        jpg, info = encode_image(raw, opts.max_size, opts.quality, opts.strict)
     except UndecodableImage as exc:
         if opts.on_error == "skip":
             rec.skipped.append(f"{plan.split}/{s.path}: {exc}")
@@ -145,18 +157,20 @@ def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
 _JSON = json.JSONEncoder().encode  # keys already in sorted order: same bytes as sort_keys
 
 
-def read_file(path: str | Path) -> bytes:
-    """The whole file in one read of its known size (Path.read_bytes: ~1.6x slower here)."""
+def read_file(path: str | Path) -> tuple[bytes, os.stat_result]:
+    """The whole file in one read of its known size (Path.read_bytes: ~1.6x slower here),
+    and the stat of the descriptor it was read from."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         data = os.read(fd, size + 1)
         while len(data) <= size:  # short read (network file systems): keep going
             more = os.read(fd, size + 1 - len(data))
             if not more:
                 break
             data += more
-        return data
+        return data, st
     finally:
         os.close(fd)
 

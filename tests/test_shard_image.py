@@ -57,7 +57,7 @@ def test_max_size_keeps_aspect_and_never_upscales(w, h, max_size, expected):
 
 @pytest.mark.parametrize("kind,comps", [(None, 3), ("cmyk", 4), ("gray", 1)])
 def test_jpeg_sof_scan_agrees_with_pil(kind, comps):
-    from shards.image import jpeg_sof
+    from prep.jpeg import jpeg_sof
 
     img = _photo(320, 200)
     data = bad_file_bytes(kind, img) if kind else encode_jpeg(img)

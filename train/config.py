@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from prep.errors import SettingError
+
 
 @dataclass
 class TrainConfig:
@@ -54,6 +56,9 @@ class TrainConfig:
         return d
 
 
+AT_LEAST = {"num_classes": 1, "image_size": 1, "val_resize": 1, "val_crop": 1, "batch_size": 1,
+            "workers": 0, "shuffle_buffer": 1, "epochs": 0, "lr": 0.0, "log_every": 1,
+            "min_scale": 0.0, "max_skip_rate": 0.0, "weight_decay": 0.0}
 CHOICES = {"lr_schedule": ("step", "cosine", "linear"), "amp": ("none", "bf16", "fp16")}
 
 
@@ -71,9 +76,12 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     else:
         ok = isinstance(value, str)
     if not ok:
-        raise ValueError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+        raise SettingError(f"{where}: {name} must be {type(default).__name__}, got "
+                           f"{value!r}")
+    if name in AT_LEAST and value < AT_LEAST[name]:
+        raise SettingError(f"{where}: {name} must be at least {AT_LEAST[name]}, got {value!r}")
     if name in CHOICES and value not in CHOICES[name]:
-        raise ValueError(f"{where}: {name} must be one of {CHOICES[name]}, got {value!r}")
+        raise SettingError(f"{where}: {name} must be one of {CHOICES[name]}, got {value!r}")
     return value
 
 
@@ -81,7 +89,12 @@ def apply(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfi
     known = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        import difflib
+
+        close = {u: difflib.get_close_matches(u, known, n=3) for u in unknown}
+        hints = "; ".join(f"{u!r}: did you mean {', '.join(c)}?" for u, c in close.items() if c)
+        raise SettingError(f"{where}: unknown setting(s) {unknown}"
+                           + (f" ({hints})" if hints else f"; known: {sorted(known)}"))
     for name, value in overrides.items():
         setattr(cfg, name, _coerce(name, value, known[name], where))
     return cfg
@@ -91,13 +104,31 @@ def load_config(recipe: str | Path | None, sets: list[str] = ()) -> TrainConfig:
     """Defaults, then the recipe file, then `--set name=value` overrides (YAML values)."""
     cfg = TrainConfig()
     if recipe:
-        doc = yaml.safe_load(Path(recipe).read_text()) or {}
+        try:
+            doc = yaml.safe_load(Path(recipe).read_text()) or {}
+        except FileNotFoundError:
+            raise SettingError(f"--recipe {recipe}: no such file (recipes shipped: "
+                               f"{', '.join(sorted(p.name for p in RECIPES.glob('*.yaml')))} "
+                               f"in {RECIPES})") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise SettingError(f"--recipe {recipe}: not a readable YAML file ({exc})") from None
         if not isinstance(doc, dict):
-            raise ValueError(f"{recipe}: expected a mapping of settings")
+            raise SettingError(f"{recipe}: expected a mapping of settings")
         apply(cfg, doc, str(recipe))
     for item in sets:
-        name, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--set {item!r}: expected name=value")
-        apply(cfg, {name.strip(): yaml.safe_load(value)}, f"--set {item}")
+        apply(cfg, parse_set(item), f"--set {item}")
     return cfg
+
+
+def parse_set(item: str) -> dict[str, Any]:
+    """`name=value` (the value read as YAML) -> {name: value}, unchecked."""
+    name, eq, value = item.partition("=")
+    if not eq:
+        raise SettingError(f"--set {item!r}: expected name=value")
+    try:
+        return {name.strip(): yaml.safe_load(value)}
+    except yaml.YAMLError as exc:
+        raise SettingError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+
+
+RECIPES = Path(__file__).with_name("recipes")

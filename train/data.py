@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from prep.errors import PrepError
+from prep.errors import PrepError, SettingError
 from shards import tarread
 from shards.manifest import parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
@@ -41,6 +41,7 @@ class SplitInfo:
     urls: list[str]
     num_samples: int
     num_classes: int
+    classes: list[str] | None = None  # WNIDs in label order, when the manifest has them
 
 
 def shard_url(data: str, name: str) -> str:
@@ -75,8 +76,12 @@ def read_split(data: str, split: str) -> SplitInfo:
     if split not in info["splits"]:
         raise PrepError(f"{where}: no split {split!r} (has {sorted(info['splits'])})")
     s = info["splits"][split]
+    classes = info.get("classes")
+    if not (isinstance(classes, list) and len(classes) == info["num_classes"]
+            and all(isinstance(c, str) for c in classes)):
+        classes = None
     return SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
-                     info["num_classes"])
+                     info["num_classes"], classes)
 
 
 class EpochShards(torch.utils.data.IterableDataset):
@@ -239,14 +244,14 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
     reference path) or "gpu" (workers send JPEG bytes + boxes; train.device_decode)."""
     workers = max(cfg.workers, 1)
     if len(split.urls) < world * workers:
-        raise ValueError(
+        raise SettingError(
             f"{len(split.urls)} train shards for {world} ranks x {workers} workers: every "
             "worker needs at least one shard. Use fewer workers, or reshard with "
             f"`prep shard --num-shards {world * workers}` (or a multiple)")
     steps = train_steps(split.num_samples, world, cfg.batch_size)
     if steps == 0:
-        raise ValueError(f"{split.num_samples} train samples are fewer than one global batch "
-                         f"({world} x {cfg.batch_size})")
+        raise SettingError(f"{split.num_samples} train samples are fewer than one global "
+                           f"batch ({world} x {cfg.batch_size}): lower batch_size")
     seed = cfg.seed * 7919 + epoch * 104_729 + rank
     collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
                                   decode)
@@ -267,8 +272,8 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
 def _train_map(cfg, epoch: int, seed: int, decode: str):
     if decode == "gpu":
         if cfg.rotation or cfg.color_jitter:
-            raise ValueError("--decode gpu does not do rotation or color_jitter; use "
-                             "--decode cpu for recipes that set them")
+            raise SettingError("--decode gpu does not do rotation or color_jitter; use "
+                               "--decode cpu for recipes that set them")
         return raw_train_decoder(cfg.min_scale, cfg.hflip, seed)
     return train_decoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed, cfg.rotation,
                          cfg.color_jitter, region=decode != "pil")

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from shards.image import jpeg_sof
+from prep.errors import SampleError
+from prep.jpeg import jpeg_sof, size_problem, to_rgb
 from train import jpeg_region
 
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
@@ -71,7 +72,7 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Im
         img.draft("RGB", (math.ceil(W * size / w), math.ceil(H * size / h)))
     sx, sy = img.size[0] / W, img.size[1] / H  # the scale draft chose (1 when none)
     if img.mode != "RGB":  # (an RGB JPEG is not copied by a no-op convert)
-        img = img.convert("RGB")
+        img = to_rgb(img)  # 16-bit pictures scaled, not clipped to white
     return img.resize((size, size), Image.Resampling.BILINEAR,
                       box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
 
@@ -79,16 +80,23 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Im
 def decode_crop(data: bytes, choose_box, size: int, region: bool = True) -> Image.Image:
     """The region `choose_box(width, height)` of an encoded image, resized to size x size
     (see the module docstring for which decoder runs)."""
-    sof = jpeg_sof(data) if region and jpeg_region.available() else None
+    sof = jpeg_sof(data)
+    problem = sof and size_problem(sof[0], sof[1])  # before anything is allocated
+    if problem:
+        raise ValueError(problem)
     box = None
     # grayscale or colour 8-bit JPEG, complete (ends with EOI: the region decoder never reads
     # past the region, so a truncated file would otherwise pass unnoticed when the crop fits)
-    if sof is not None and sof[2] in (1, 3) and data.endswith(b"\xff\xd9"):
+    if region and jpeg_region.available() and sof is not None and sof[2] in (1, 3) and \
+            data.endswith(b"\xff\xd9"):
         box = choose_box(sof[0], sof[1])
         img = jpeg_region.decode_region(data, box, size)
         if img is not None:
             return img
     img = Image.open(io.BytesIO(data))
+    problem = size_problem(*img.size)
+    if problem:
+        raise ValueError(problem)
     return crop_resize(img, box or choose_box(*img.size), size)
 
 
@@ -106,9 +114,13 @@ def _jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Imag
     return img
 
 
-def _where(sample: dict, exc: Exception) -> ValueError:
+CODE_ERRORS = (TypeError, NameError, AttributeError)  # bugs: never turned into skips
+
+
+def sample_error(sample: dict, exc: Exception) -> SampleError:
+    """The error for a sample that cannot be used: shard, member and reason."""
     where = f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
-    return ValueError(f"{where}: {type(exc).__name__}: {exc}")
+    return SampleError(f"{where}: {type(exc).__name__}: {exc}")
 
 
 def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
@@ -122,17 +134,20 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
             state["rng"] = random.Random(seed * 1_000_003 + worker_slot()[0])
         rng = state["rng"]
         try:
+            label = int(sample["cls"])
             img = decode_crop(sample["jpg"], lambda w, h: rrc_box(w, h, (min_scale, 1.0), rng),
                               size, region)
-        except (OSError, SyntaxError, ValueError, KeyError) as exc:  # name shard + member
-            raise _where(sample, exc) from exc
+        except CODE_ERRORS:
+            raise
+        except Exception as exc:  # name shard + member (Pillow raises many kinds)
+            raise sample_error(sample, exc) from exc
         flip = hflip and rng.random() < 0.5
         if rotation:
             img = img.rotate(rng.uniform(-rotation, rotation), Image.Resampling.BILINEAR)
         if color_jitter:
             img = _jitter(img, color_jitter, rng)
         out = pixels(img)
-        return (out[:, ::-1] if flip else out), int(sample["cls"])
+        return (out[:, ::-1] if flip else out), label
 
     return decode
 
@@ -143,11 +158,13 @@ def val_decoder(resize: int, crop: int, region: bool = True):
 
     def decode(sample: dict) -> tuple[np.ndarray, int, str]:
         try:
+            label = int(sample["cls"]) if "cls" in sample else -1
             img = decode_crop(sample["jpg"], lambda w, h: center_box(w, h, resize, crop), crop,
                               region)
-        except (OSError, SyntaxError, ValueError, KeyError) as exc:
-            raise _where(sample, exc) from exc
-        label = int(sample["cls"]) if "cls" in sample else -1
+        except CODE_ERRORS:
+            raise
+        except Exception as exc:
+            raise sample_error(sample, exc) from exc
         return pixels(img), label, sample["__key__"]
 
     return decode

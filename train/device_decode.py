@@ -25,13 +25,33 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from shards.image import jpeg_sof
-from train.decode import center_box, rrc_box, worker_slot
+from prep.jpeg import jpeg_sof, size_problem, to_rgb
+from train.decode import CODE_ERRORS, center_box, rrc_box, sample_error, worker_slot
 
 
 def _size(data: bytes) -> tuple[int, int]:
+    """The image size from its header; ValueError for 0 or too many pixels (checked here, in
+    the worker, before nvJPEG or Pillow allocates anything)."""
     sof = jpeg_sof(data)
-    return (sof[0], sof[1]) if sof else Image.open(io.BytesIO(data)).size
+    w, h = (sof[0], sof[1]) if sof else Image.open(io.BytesIO(data)).size
+    problem = size_problem(w, h)
+    if problem:
+        raise ValueError(problem)
+    return w, h
+
+
+def _checked(prepare):
+    """Name shard and member in any error of a worker-side step."""
+
+    def run(sample: dict) -> tuple:
+        try:
+            return prepare(sample)
+        except CODE_ERRORS:
+            raise
+        except Exception as exc:
+            raise sample_error(sample, exc) from exc
+
+    return run
 
 
 def _name(sample: dict) -> str:
@@ -55,7 +75,7 @@ def raw_train_decoder(min_scale: float, hflip: bool, seed: int):
         flip = hflip and rng.random() < 0.5
         return _raw(data), box, flip, _name(sample), int(sample["cls"])
 
-    return prepare
+    return _checked(prepare)
 
 
 def raw_val_decoder(resize: int, crop: int):
@@ -67,7 +87,7 @@ def raw_val_decoder(resize: int, crop: int):
         return (_raw(data), center_box(*_size(data), resize, crop), False, _name(sample),
                 label, sample["__key__"])
 
-    return prepare
+    return _checked(prepare)
 
 
 def collate_raw(batch: list[tuple]) -> tuple:
@@ -91,7 +111,7 @@ class DeviceDecoder:
         except RuntimeError:
             self.fallbacks += 1
         try:
-            img = Image.open(io.BytesIO(data.numpy().tobytes())).convert("RGB")
+            img = to_rgb(Image.open(io.BytesIO(data.numpy().tobytes())))
         except (OSError, SyntaxError, ValueError) as exc:
             raise ValueError(f"{name}: undecodable (nvJPEG and Pillow): {exc}. `prep verify "
                              "--deep` lists such files; --decode cpu skips them") from exc

@@ -9,7 +9,9 @@
  * Output: RGBX rows (4 bytes per pixel, the layout Pillow maps without copying).
  * Returns 0 and info = {left, width, top, rows} of what was written (left/width are widened
  * to whole iMCUs by libjpeg), or -1 (libjpeg error, message in msg), -2 (buffer too small),
- * -3 (a warning such as premature end of data: the caller lets Pillow report it).
+ * -3 (a warning such as premature end of data: the caller lets Pillow report it), -4 (the
+ * request itself is wrong: a scale other than 1/2/4/8, a box outside the image, or more
+ * pixels than max_pixels; checked here as well as in Python).
  */
 #include <setjmp.h>
 #include <stdio.h>
@@ -25,8 +27,14 @@ static void on_error(j_common_ptr c) { longjmp(((struct err *)c->err)->jump, 1);
 static void on_message(j_common_ptr c, int level) { (void)c; (void)level; }
 
 int jr_decode(const unsigned char *data, unsigned long size, int x, int y, int w, int h,
-              int denom, unsigned char *out, unsigned long capacity, int *info, char *msg)
+              int denom, unsigned long long max_pixels, unsigned char *out,
+              unsigned long capacity, int *info, char *msg)
 {
+    if ((denom != 1 && denom != 2 && denom != 4 && denom != 8) || x < 0 || y < 0 || w <= 0 ||
+        h <= 0) {
+        snprintf(msg, 200, "bad request: box %d,%d %dx%d, scale 1/%d", x, y, w, h, denom);
+        return -4;
+    }
     struct jpeg_decompress_struct c;
     struct err e;
     c.err = jpeg_std_error(&e.pub);
@@ -40,6 +48,14 @@ int jr_decode(const unsigned char *data, unsigned long size, int x, int y, int w
     jpeg_create_decompress(&c);
     jpeg_mem_src(&c, data, size);
     jpeg_read_header(&c, TRUE);
+    if (c.image_width == 0 || c.image_height == 0 ||
+        (unsigned long long)c.image_width * c.image_height > max_pixels ||
+        (unsigned long)x + w > c.image_width + 1UL || (unsigned long)y + h > c.image_height + 1UL) {
+        snprintf(msg, 200, "bad request: box %d,%d %dx%d in a %ux%u image (limit %llu pixels)",
+                 x, y, w, h, c.image_width, c.image_height, max_pixels);
+        jpeg_destroy_decompress(&c);
+        return -4;
+    }
     c.out_color_space = JCS_EXT_RGBX;
     c.scale_num = 1;
     c.scale_denom = denom;

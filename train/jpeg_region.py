@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from prep.jpeg import MAX_PIXELS
+
 SOURCE = Path(__file__).with_name("jpeg_region.c")
 LIBRARY = Path(__file__).with_name("_jpeg_region.so")
 _MSG = 200
@@ -31,8 +33,9 @@ def _load():
     lib = ctypes.CDLL(str(LIBRARY))
     lib.jr_decode.restype = ctypes.c_int
     lib.jr_decode.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                              ctypes.c_ulong, ctypes.POINTER(ctypes.c_int), ctypes.c_char_p]
+                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong,
+                              ctypes.c_void_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int),
+                              ctypes.c_char_p]
     return lib
 
 
@@ -64,8 +67,8 @@ def decode_region(data: bytes, box: tuple[float, float, float, float],
     out = np.empty(cols * rows * 4, dtype=np.uint8)
     info = (ctypes.c_int * 4)()
     msg = ctypes.create_string_buffer(_MSG)
-    if _lib.jr_decode(data, len(data), x0, y0, x1 - x0, y1 - y0, denom, out.ctypes.data,
-                      out.size, info, msg) != 0:
+    if _lib.jr_decode(data, len(data), x0, y0, x1 - x0, y1 - y0, denom, MAX_PIXELS,
+                      out.ctypes.data, out.size, info, msg) != 0:
         return None
     left, width, top, nrows = info
     img = Image.frombuffer("RGBX", (width, nrows), out, "raw", "RGBX", 0, 1)
@@ -76,6 +79,6 @@ def decode_region(data: bytes, box: tuple[float, float, float, float],
 
 
 if __name__ == "__main__":
-    from shards import cbuild
+    from prep import cbuild
 
     cbuild.main(SOURCE, LIBRARY, ("-ljpeg",), "the loader uses Pillow")

@@ -27,10 +27,18 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from prep.errors import PrepError
+from prep.errors import (
+    PrepError,
+    SettingError,
+    exit_on_error,
+    ignore_sigint,
+    refuse_inside,
+    refuse_overwrite,
+)
+from shards import tarread
 from train import checkpoint as ckpt
 from train import jpeg_region
-from train.config import TrainConfig, apply, load_config
+from train.config import TrainConfig, apply, load_config, parse_set
 from train.data import (
     SkipCounter,
     make_eval_loader,
@@ -122,16 +130,66 @@ def make_norm(cfg: TrainConfig, device: torch.device, decode: str, size: int):
     return DecodeNormalize(DeviceDecoder(device, size), norm) if decode == "gpu" else norm
 
 
+def check_classes(saved: list[str] | None, shards: list[str] | None, checkpoint: str,
+                  data: str) -> list[str] | None:
+    """The class list predictions are named with: the checkpoint's, which must be the
+    shards' (same WNIDs, same order). A checkpoint without one (torchvision weights, an older
+    run) is taken to follow the shards' order, with a warning."""
+    if saved is None:
+        if shards is not None:
+            print(f"warning: {checkpoint} has no class list; assuming the model's classes are "
+                  f"the shards' ({len(shards)} classes, {data}/_info.json order)", flush=True)
+        return shards
+    if shards is None or saved == shards:
+        return saved
+    i = next((i for i, (a, b) in enumerate(zip(saved, shards)) if a != b),
+             min(len(saved), len(shards)))
+    have = (f"class {i} is {saved[i] if i < len(saved) else 'missing'} in the checkpoint, "
+            f"{shards[i] if i < len(shards) else 'missing'} in the shards")
+    raise PrepError(f"{checkpoint}: the model was trained on other classes than the shards in "
+                    f"{data} have ({len(saved)} vs {len(shards)} classes; {have}). Its "
+                    "predictions would be named wrongly: use shards made from the same classes")
+
+
+def load_weights(model: torch.nn.Module, state: dict, checkpoint: str, arch: str) -> None:
+    saved_arch = (state.get("config") or {}).get("arch")
+    if saved_arch and saved_arch != arch:
+        raise PrepError(f"{checkpoint}: holds a {saved_arch}, the settings say arch={arch}: "
+                        f"--set arch={saved_arch} (or use a checkpoint of a {arch})")
+    try:
+        model.load_state_dict(ckpt.strip_prefixes(state.get("model", state)))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise PrepError(f"{checkpoint}: its weights do not fit a {arch} with these settings "
+                        f"({first[1].strip() if len(first) > 1 else first[0][:200]})"
+                        ) from None
+
+
+def _local(data: str) -> str | None:
+    return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
+
+
 def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
-    split = read_split(args.data, args.split)
     if not args.checkpoint:
-        raise SystemExit("--evaluate needs --checkpoint PATH")
+        raise SettingError("--evaluate needs --checkpoint PATH")
+    split = read_split(args.data, args.split)
+    if args.out:
+        out = Path(args.out)
+        refuse_overwrite(out, {"checkpoint": args.checkpoint}, "--out")
+        refuse_inside(out, {"shard directory": _local(args.data)}, "--out")
+        if not out.parent.is_dir():
+            raise PrepError(f"--out {out}: directory {out.parent} does not exist")
     state = ckpt.load(Path(args.checkpoint))
     if "config" in state and args.recipe is None:  # the run's own settings, then --set
         cfg = apply(TrainConfig(), state["config"], str(args.checkpoint))
-        cfg = apply(cfg, load_config(None, args.set).to_dict() if args.set else {}, "--set")
+        for item in args.set:  # only the settings named change
+            cfg = apply(cfg, parse_set(item), f"--set {item}")
+    classes = check_classes(state.get("classes"), split.classes, args.checkpoint, args.data)
+    if split.num_classes != cfg.num_classes:
+        raise PrepError(f"{args.checkpoint}: a {cfg.num_classes}-class model, the shards in "
+                        f"{args.data} have {split.num_classes} classes")
     model = build_model(cfg, device)
-    model.load_state_dict(ckpt.strip_prefixes(state.get("model", state)))
+    load_weights(model, state, args.checkpoint, cfg.arch)
     decode = resolve_decode(args.decode, device)
     loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda",
                               decode)
@@ -141,10 +199,8 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
                        kept)
     if args.out:
         out = Path(args.out)
-        if not out.parent.is_dir():
-            raise SystemExit(f"--out {out}: directory {out.parent} does not exist")
         results = write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank,
-                                    world)
+                                    world, classes)
         if results is not None:  # rank 0
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -153,6 +209,7 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
     return metrics
 
 
+@exit_on_error
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.recipe, args.set)
@@ -162,36 +219,58 @@ def main(argv: list[str] | None = None) -> dict:
         if args.evaluate:
             return run_eval(args, cfg, rank, world, device)
         return fit(args, cfg, rank, world, device)
-    except PrepError as exc:  # bad --data: the message names the file, no traceback
-        raise SystemExit(f"error: {exc}") from exc
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] | None,
+            data: str, model, optimizer, scheduler, scaler, rank: int) -> tuple:
+    """(start epoch, best top-1, history) from a checkpoint; fresh when there is none."""
+    if not path or (auto and not Path(path).is_file()):
+        return 0, 0.0, []
+    if auto:
+        state, src, note = ckpt.load_for_resume(Path(path))
+        if note and rank == 0:
+            print(note, flush=True)
+    else:
+        state, src = ckpt.load(Path(path)), Path(path)
+    check_classes(state.get("classes"), classes, str(src), data)
+    load_weights(model, state, str(src), cfg.arch)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start, best, history = state["epoch"] + 1, state["best_top1"], state["history"]
+    except (KeyError, ValueError) as exc:
+        raise PrepError(f"{src}: not a training checkpoint of this trainer (no optimizer "
+                        f"state: {exc}); use it with --evaluate, or start a new run") from None
+    if rank == 0:
+        print(f"resumed from {src}: epoch {start}, step {scheduler.last_epoch}")
+    return start, best, history
+
+
 def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
     out = Path(args.output_dir)
+    refuse_inside(out, {"shard directory": _local(args.data)}, "--output-dir")
     train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
     if train_split.num_classes != cfg.num_classes:
-        raise ValueError(f"the shards have {train_split.num_classes} classes, the config "
-                         f"{cfg.num_classes}: --set num_classes={train_split.num_classes}")
+        raise SettingError(f"the shards have {train_split.num_classes} classes, the config "
+                           f"{cfg.num_classes}: --set num_classes={train_split.num_classes}")
     steps = train_steps(train_split.num_samples, world, cfg.batch_size)
+    if steps == 0:
+        raise SettingError(f"{train_split.num_samples} train samples are fewer than one global "
+                           f"batch ({world} process(es) x batch_size {cfg.batch_size}): lower "
+                           "batch_size")
     peak_lr = cfg.lr * world * cfg.batch_size / 256  # linear scaling rule (Goyal et al.)
     model = build_model(cfg, device)
     optimizer = build_optimizer(model, cfg, peak_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    start, best, history = 0, 0.0, []
-    resume = out / "checkpoint.pt" if args.resume == "auto" else args.resume
-    if resume and Path(resume).is_file():
-        state = ckpt.load(Path(resume))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start, best, history = state["epoch"] + 1, state["best_top1"], state["history"]
-        if rank == 0:
-            print(f"resumed from {resume}: epoch {start}, step {scheduler.last_epoch}")
+    auto = args.resume == "auto"
+    resume = str(out / "checkpoint.pt") if auto else args.resume
+    start, best, history = _resume(resume, auto, cfg, train_split.classes, args.data, model,
+                                   optimizer, scheduler, scaler, rank)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
         net = torch.compile(net)
@@ -228,7 +307,8 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
             history.append(metrics)
             if rank == 0:
                 save_epoch(out, model, optimizer, scheduler, scaler, cfg, epoch, history,
-                           max(best, metrics["top1"]), metrics["top1"] > best)
+                           max(best, metrics["top1"]), metrics["top1"] > best,
+                           train_split.classes)
                 if tb:
                     tb.epoch(scheduler.last_epoch, metrics)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -241,11 +321,13 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
 
 
 def save_epoch(out: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int,
-               history: list[dict], best: float, is_best: bool) -> None:
+               history: list[dict], best: float, is_best: bool,
+               classes: list[str] | None) -> None:
     state = {"model": ckpt.model_state(model), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-             "epoch": epoch, "best_top1": best, "history": history, "config": cfg.to_dict()}
-    ckpt.save(state, out / "checkpoint.pt")
+             "epoch": epoch, "best_top1": best, "history": history, "config": cfg.to_dict(),
+             "classes": classes}  # WNIDs in label order: evaluate/resume compare them
+    ckpt.save(state, out / "checkpoint.pt", keep_previous=True)
     if is_best:
         ckpt.save(state, out / "best.pt")
     write_metrics(out, history)
@@ -253,4 +335,7 @@ def save_epoch(out: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig,
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        ignore_sigint()  # done: a Ctrl-C during shutdown must not end it with -SIGINT

@@ -29,9 +29,11 @@ def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
 
 
 def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes: int,
-                      rank: int, world: int) -> list[dict] | None:
+                      rank: int, world: int, classes: list[str] | None = None
+                      ) -> list[dict] | None:
     """Gather every rank's kept predictions on rank 0 (through files beside `out`: no 200 MB
-    object all-gather) and write the pickle there. Returns the written list on rank 0."""
+    object all-gather) and write the pickle there; `wnid` is named from `classes` (the
+    checkpoint's class list), else the shards'. Returns the written list on rank 0."""
     part = out.with_name(f".{out.name}.rank{rank}")
     torch.save(kept, part)
     if world > 1:
@@ -43,7 +45,7 @@ def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes:
         p = out.with_name(f".{out.name}.rank{r}")
         merged |= torch.load(p, weights_only=True)
         p.unlink()
-    wnids = json.loads((Path(data) / "_info.json").read_text())["classes"]
+    wnids = classes or json.loads((Path(data) / "_info.json").read_text()).get("classes", [])
     results = []
     for idx, (key, source) in enumerate(manifest_order(data, split)):
         score, label = merged.pop(key)
