@@ -2,13 +2,27 @@
 VENV := .venv
 STAMP := $(VENV)/.setup-done
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean gpu-check gpu-wheels
 demo: $(STAMP)
 	scripts/demo.sh
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
+
+# the edit-test loop: everything but the tests marked slow (full-scale trees, torchrun,
+# kills, real readers' start-up)
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q -m "not slow"
+
+# On the GPU machine (its own torch, no package index): `python3 scripts/gpu_check.py`.
+# The wheels it lacks are prepared here first (pure Python, a few hundred KB).
+gpu-wheels:
+	$(VENV)/bin/pip download -q --no-deps -d .gpu-wheels webdataset braceexpand defusedxml
+
+gpu-check:
+	python3 scripts/gpu_check.py --out gpu-check
 
 setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c prep/jpegcheck.c
 	scripts/setup.sh $(VENV)

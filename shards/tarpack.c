@@ -138,7 +138,7 @@ static int write_samples(int out_fd, int n, const char **paths, const char **key
         struct iovec v[9];
         int c = 0;
         long long start = *offset, off = *offset;
-        if (labels[i] >= 0) {
+        { /* every sample has a cls; -1 on unlabelled test (HF imagenet-1k, TFDS) */
             int cn = snprintf(cls, sizeof cls, "%d", labels[i]);
             header(hc, keys[i], "cls", cn);
             v[c++] = (struct iovec){hc, BLOCK};

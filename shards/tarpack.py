@@ -56,7 +56,7 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     n = len(samples)
     enc = [p.encode() for p in paths]
     keys = [s.key.encode() for s in samples]
-    mids = [(f', "key": {_js(s.key)}, "label": {s.label}, "mode": "RGB", "repaired": null, '
+    mids = [(f', "key": {_js(s.key)}, "label": {s.label}, "mode": "RGB", "repaired": "", '
              f'"resized": false, "source": {_js(f"{split}/{s.path}")}, "width": ').encode()
             for s in samples]
     ends = [f', "wnid": {_js(s.wnid)}}}'.encode() for s in samples]

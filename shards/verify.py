@@ -9,10 +9,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from prep.errors import PrepError
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
+from prep.progress import progress_bar
+from shards.dali_index import dali_index, index_path
 from shards.image import pool_worker_init
 from shards.manifest import INFO, SUMS, parse_info, parse_sums
 
@@ -69,6 +69,11 @@ def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: 
         problems += _check_sample(name, key, samples[key], num_classes, labelled, deep)
     if len(order) != expected_len:
         problems.append(f"{name}: {len(order)} samples, manifest says {expected_len}")
+    idx = index_path(path)
+    if not idx.is_file():
+        problems.append(f"{idx.name}: missing (DALI's index of {name}; rerun prep shard)")
+    elif not problems and idx.read_bytes() != dali_index(path):
+        problems.append(f"{idx.name}: does not match {name} (DALI would read wrong offsets)")
     if len(set(order)) != len(order):
         problems.append(f"{name}: repeated sample keys")
     return problems, order
@@ -79,13 +84,14 @@ def _check_sample(name: str, key: str, members: dict[str, bytes], num_classes: i
     out = []
     if "jpg" not in members:
         out.append(f"{name}: sample {key}: no jpg member")
-    if labelled:
-        cls = members.get("cls")
-        if cls is None:
-            out.append(f"{name}: sample {key}: no cls member")
-        elif not cls.strip().isdigit() or (num_classes and int(cls) >= num_classes):
-            out.append(f"{name}: sample {key}.cls = {cls[:20]!r}: not a label in "
-                       f"0..{(num_classes or 0) - 1}")
+    cls = members.get("cls")
+    if cls is None:
+        out.append(f"{name}: sample {key}: no cls member")
+    elif not labelled and cls.strip() != b"-1":
+        out.append(f"{name}: sample {key}.cls = {cls[:20]!r}: test samples are labelled -1")
+    elif labelled and (not cls.strip().isdigit() or (num_classes and int(cls) >= num_classes)):
+        out.append(f"{name}: sample {key}.cls = {cls[:20]!r}: not a label in "
+                   f"0..{(num_classes or 0) - 1}")
     jpg = members.get("jpg")
     sof = jpeg_sof(jpg) if jpg is not None else None
     problem = sof and size_problem(sof[0], sof[1])  # from the header: no decode needed
@@ -121,7 +127,7 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
             if fname not in sums:
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
     seen: dict[str, dict[str, str]] = {}
-    bar = tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress)
+    bar = progress_bar(total=len(jobs), unit="shard", desc="verify", disable=not progress)
     with ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init) as pool:
         for job, split, (problems, keys) in zip(jobs, splits_of, pool.map(_check_job, jobs)):
             report.problems += problems

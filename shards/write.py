@@ -4,7 +4,7 @@ Byte-reproducible: members in sample order, each sample's members sorted by exte
 (`cls`, `jpg`, `json`, as webdataset's TarWriter orders them), fixed mtime, owner and mode
 (shards/tario.py). The tar
 is written as `NAME.partial`, fsynced, then renamed: a killed run never leaves a file
-that looks finished.
+that looks finished. DALI's index of it (`NAME.idx`, shards/dali_index.py) follows.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prep.errors import PrepError
 from shards import tarpack
+from shards.dali_index import write_dali_index
 from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
 from shards.manifest import INDEX_COLUMNS
@@ -88,6 +89,7 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
         os.replace(partial, final)
         st = os.stat(final)
         rec.tar_inode, rec.tar_mtime_ns = st.st_ino, st.st_mtime_ns
+        write_dali_index(final)  # NAME.idx for DALI's webdataset reader
     except OSError as exc:
         _remove(partial)
         raise PrepError(f"{final}: write failed ({exc.strerror or exc}); no partial shard was "
@@ -144,12 +146,15 @@ def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
         raise PrepError(f"{src}: {exc}; rerun with --on-error skip to leave it out "
                         "(skips are listed in the manifest)") from exc
     source = f"{plan.split}/{s.path}"
+    # sorted keys; one type per field in every sample of every split (Hugging Face infers
+    # the schema from the first rows: a null in most samples and a string in a repaired one
+    # failed its load), so `repaired` is "" when nothing was repaired
     meta = {"format": info.format, "height": info.height, "key": s.key, "label": s.label,
-            "mode": info.mode, "repaired": info.repaired, "resized": info.resized,
-            "source": source, "width": info.width, "wnid": s.wnid}  # sorted keys
+            "mode": info.mode, "repaired": info.repaired or "", "resized": info.resized,
+            "source": source, "width": info.width, "wnid": s.wnid}
     offset = tar.offset
-    members = [(f"{s.key}.cls", str(s.label).encode())] if s.label >= 0 else []
-    members += [(f"{s.key}.jpg", jpg), (f"{s.key}.json", _JSON(meta).encode())]
+    members = [(f"{s.key}.cls", str(s.label).encode()),  # -1 on unlabelled test samples
+               (f"{s.key}.jpg", jpg), (f"{s.key}.json", _JSON(meta).encode())]
     tar.add_many(members)
     _add_row(rec, plan, s, offset, len(jpg), info.width, info.height, info.repaired)
 

@@ -21,6 +21,7 @@ def _train(shards, out, decode):
                  "--decode", decode, *[a for s in SETTINGS for a in ("--set", s)]])
 
 
+@pytest.mark.slow
 def test_region_decoder_and_plain_pillow_train_alike(shards, tmp_path, capsys):
     fast = _train(shards, tmp_path / "cpu", "cpu")
     from train import jpeg_region

@@ -15,6 +15,8 @@ from click.testing import CliRunner
 from prep.cli import main as prep_main
 from tests.conftest import sharded_sample
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["arch=resnet18", "num_classes=5", "image_size=32", "val_resize=36", "val_crop=32",
         "batch_size=8", "workers=1", "epochs=1", "lr=0.2"]

@@ -10,6 +10,8 @@ from prep.imagenet import prepare_imagenet
 from prep.sample import SampleSpec, write_sample
 from tests.conftest import SHARED_META
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
+
 FULL = SampleSpec(classes=1000, train_per_class=1, val_per_class=50, empty_files=True)
 
 

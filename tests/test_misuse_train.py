@@ -274,3 +274,34 @@ def test_region_decoder_checks_its_request_in_c():
     assert jpeg_region.decode_region(good, (0, 0, 32, 32), 16) is not None
     assert jpeg_region.decode_region(_bomb(False), (0, 0, 100, 100), 16) is None
     assert jpeg_region.decode_region(good, (0, 0, 5000, 5000), 16) is None  # outside
+
+
+def test_evaluate_with_set_changes_only_the_named_setting(runs):
+    """`--evaluate --checkpoint C --set batch_size=4` (or `-b 4`) keeps the checkpoint's
+    architecture: only the named settings change (a resnet50 was built before)."""
+    from train.main import main as train_main
+
+    tmp, a, _ = runs
+    for flags in (["--set", "batch_size=4"], ["-b", "4"]):
+        metrics = train_main(["--data", str(a), "--evaluate", "--checkpoint",
+                              str(tmp / "run/best.pt"), "--device", "cpu", *flags])
+        assert metrics["val_samples"] == 12
+
+
+def test_plain_progress_lines_when_stderr_is_a_file(runs):
+    tmp, a, _ = runs
+    log = tmp / "train.log"
+    with open(log, "w") as f:
+        r = subprocess.run([sys.executable, str(ROOT / "train/main.py"), "--data", str(a),
+                            "--output-dir", str(tmp / "logged"), "--device", "cpu",
+                            *_sets("epochs=1", "num_classes=3")], stdout=f,
+                           stderr=subprocess.STDOUT, cwd=ROOT, timeout=300,
+                           env={**os.environ, "PREP_PROGRESS_SECONDS": "0"})
+    text = log.read_text()
+    assert r.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("epoch 0: ")]
+    assert len(lines) >= 2, text
+    assert "step (" in lines[-1] and "step/s" in lines[-1] and "loss " in lines[-1]
+    assert "lr " in lines[-1] and "img_s " in lines[-1] and ("eta" in lines[0] or
+                                                             "took" in lines[0])

@@ -30,7 +30,7 @@ def test_manifest_and_samples(prepared, tmp_path):
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["train"]["num_samples"] == 20
     assert info["splits"]["train"]["filenames"] == [f"train-00000{i}.tar" for i in range(3)]
-    assert sum(info["splits"]["val"]["shard_lengths"]) == 15
+    assert sum(info["splits"]["validation"]["shard_lengths"]) == 15  # timm/HF/TFDS name
     assert info["splits"]["test"]["num_samples"] == 2
     assert info["prep"]["settings"]["num_shards"] == 3 and info["prep"]["tool"]
     sums = (out / "SHA256SUMS").read_text().splitlines()
@@ -273,4 +273,4 @@ def test_cli_summary(prepared, tmp_path):
     assert r.exit_code == 0, r.output
     assert "wrote 6 shards" in r.output
     assert re.search(r"train +20 samples in +3 shards \(6\.\.7 per shard\)", r.output)
-    assert r.output.index(" train ") < r.output.index(" val ") < r.output.index(" test ")
+    assert r.output.index(" train ") < r.output.index(" validation ") < r.output.index(" test ")

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from shards.build import ShardSettings, shard_dataset
+from shards.manifest import find_split
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def test_webdataset_reads_same_keys_labels_bytes(shards, split):
     import webdataset as wds
 
     out, data, plan, info = shards
-    urls = [str(out / f) for f in info["splits"][split]["filenames"]]
+    urls = [str(out / f) for f in info["splits"][find_split(info, split)]["filenames"]]
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     got = {s["__key__"]: (int(s["cls"]), s["jpg"]) for s in ds}
     assert got == _expected(data, plan, split)
@@ -41,7 +42,7 @@ def test_huggingface_datasets_reads_same(shards, monkeypatch, tmp_path):
     from datasets import load_dataset
 
     out, data, plan, info = shards
-    files = [str(out / f) for f in info["splits"]["val"]["filenames"]]
+    files = [str(out / f) for f in info["splits"]["validation"]["filenames"]]
     ds = load_dataset("webdataset", data_files={"validation": files}, split="validation",
                       cache_dir=str(tmp_path / "hf-cache"))
     exp = _expected(data, plan, "val")

@@ -31,7 +31,7 @@ def test_c_writer_is_byte_identical_to_the_python_writer(prepared, tmp_path, mon
     assert fast.info["prep"]["repairs"] == {"cmyk": 1, "grayscale": 1, "png": 1}
     c, py = ([f for f in (tmp_path / d).iterdir() if f.is_file() and f.name[0] != "."]
              for d in ("c", "py"))  # not the lock file
-    assert len(c) == 3 * 2 + 3 + 3  # 2 shards and a wids index per split; index, sums, info
+    assert len(c) == 3 * 2 * 2 + 3 + 3  # 2 shards + DALI indexes, wids index per split; 3 more
     assert sha256_files(c) == sha256_files(py)
     total = sum(r.num_samples for r in slow.written)
     via_c = sum(map(int, log.read_text().split())) if log.exists() else 0

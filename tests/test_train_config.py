@@ -48,3 +48,33 @@ def test_lr_schedules():
     assert lr_factor(20, 10, cos) == pytest.approx(1) and lr_factor(100, 10, cos) < 1e-9
     lin = TrainConfig(epochs=10, lr_schedule="linear")
     assert lr_factor(50, 10, lin) == pytest.approx(0.5) and lr_factor(100, 10, lin) == 0
+
+
+def test_torchvision_and_timm_flags_are_shorthands_for_settings():
+    from train.main import parse_args
+
+    args = parse_args(["--data", "d", "--model", "resnet18", "-b", "8", "--lr", "0.2", "--wd",
+                       "5e-5", "-j", "0", "--amp", "--label-smoothing", "0.1", "--epochs", "2",
+                       "--set", "epochs=3"])
+    cfg = load_config(None, args.set)
+    assert (cfg.arch, cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.workers, cfg.amp,
+            cfg.label_smoothing) == ("resnet18", 8, 0.2, 5e-5, 0, "bf16", 0.1)
+    assert cfg.epochs == 3  # --set comes last
+    assert load_config(None, parse_args(["--data", "d", "--amp", "fp16"]).set).amp == "fp16"
+
+
+@pytest.mark.parametrize("argv, hint", [(["--lrr", "0.1"], "unknown flag --lrr (did you mean "
+                                         "--lr?)"),
+                                        (["--bach-size", "3"], "did you mean --batch-size"),
+                                        (["--ep", "3"], "unknown flag --ep")])
+def test_unknown_flag_lists_the_close_ones(capsys, argv, hint):
+    from train.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", *argv])
+    assert hint in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot():
+    cfg = load_config(None, ["lr=1e-3", "weight_decay=5e-05"])
+    assert cfg.lr == 0.001 and cfg.weight_decay == 5e-5

@@ -13,6 +13,8 @@ import pytest
 from tests.conftest import sharded_sample
 from train import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # `make test-fast` skips these
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["arch=resnet18", "num_classes=6", "image_size=32", "val_resize=36", "val_crop=32",
         "batch_size=8", "workers=1", "shuffle_buffer=50", "lr=0.4", "lr_schedule=cosine",

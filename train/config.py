@@ -6,6 +6,7 @@ errors (nanoGPT-style), so a typo never silently trains with a default.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ def _coerce(name: str, value: Any, default: Any, where: str) -> Any:
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif isinstance(default, (list, tuple)):
@@ -126,9 +129,13 @@ def parse_set(item: str) -> dict[str, Any]:
     if not eq:
         raise SettingError(f"--set {item!r}: expected name=value")
     try:
-        return {name.strip(): yaml.safe_load(value)}
+        parsed = yaml.safe_load(value)
     except yaml.YAMLError as exc:
         raise SettingError(f"--set {item!r}: the value is not valid YAML ({exc})") from None
+    return {name.strip(): parsed}
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 RECIPES = Path(__file__).with_name("recipes")

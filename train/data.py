@@ -27,7 +27,7 @@ import webdataset as wds
 
 from prep.errors import PrepError, SettingError
 from shards import tarread
-from shards.manifest import parse_info
+from shards.manifest import find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.decode import train_decoder, val_decoder, worker_slot
 from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
@@ -73,9 +73,10 @@ def read_split(data: str, split: str) -> SplitInfo:
             raise PrepError(f"{where}: cannot read it ({why}); check the URL or command"
                             ) from exc
     info = parse_info(text, where)
-    if split not in info["splits"]:
+    key = find_split(info, split)
+    if key is None:
         raise PrepError(f"{where}: no split {split!r} (has {sorted(info['splits'])})")
-    s = info["splits"][split]
+    s = info["splits"][key]
     classes = info.get("classes")
     if not (isinstance(classes, list) and len(classes) == info["num_classes"]
             and all(isinstance(c, str) for c in classes)):

@@ -135,6 +135,8 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
         rng = state["rng"]
         try:
             label = int(sample["cls"])
+            if label < 0:
+                raise ValueError(f"label {label}: an unlabelled sample in a train split")
             img = decode_crop(sample["jpg"], lambda w, h: rrc_box(w, h, (min_scale, 1.0), rng),
                               size, region)
         except CODE_ERRORS:

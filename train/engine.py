@@ -9,8 +9,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
+from prep.progress import progress_bar
 from train.data import MEAN, STD
 
 
@@ -51,7 +51,7 @@ def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, 
     seen = 0
     wait = compute = 0.0
     t_epoch = t = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not show, unit="step")
+    bar = progress_bar(total=steps, desc=f"epoch {epoch}", disable=not show, unit="step")
     for step, (images, labels) in enumerate(loader):
         t_data = time.perf_counter()
         wait += t_data - t
@@ -104,7 +104,7 @@ def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: s
     Unlabelled samples (test, label -1) count toward n but not toward accuracy."""
     model.eval()
     sums = torch.zeros(5, device=norm.device, dtype=torch.float64)  # c1, c5, loss, n, labelled
-    for images, labels, keys in tqdm(loader, desc="eval", disable=not show, unit="batch"):
+    for images, labels, keys in progress_bar(loader, desc="eval", disable=not show, unit="batch"):
         x, y = norm(images), labels.to(norm.device)
         with autocast(norm.device, amp):
             logits = model(x)

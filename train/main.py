@@ -56,7 +56,7 @@ from train.tblog import TensorBoardLog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--data", required=True, help="shard directory from `prep shard`")
     p.add_argument("--recipe", default=None, help="YAML settings file (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -75,7 +75,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="JPEG decoding: cpu (workers; region decoder), gpu (nvJPEG on the "
                    "device, workers only read), pil (plain Pillow reference path), auto (gpu "
                    "when nvJPEG works, else cpu) (default: auto)")
-    return p.parse_args(argv)
+    short = p.add_argument_group("the flags of torchvision's references and timm (shorthands "
+                                 "for --set NAME=VALUE; applied after --recipe, before --set)")
+    for flags, setting, kind, text in SHORTHANDS:
+        short.add_argument(*flags, dest=f"short_{setting}", type=kind, default=None,
+                           metavar=setting.upper(), help=f"--set {setting}=... ({text})")
+    short.add_argument("--amp", dest="short_amp", nargs="?", const="bf16", default=None,
+                       choices=("none", "bf16", "fp16"),
+                       help="mixed precision: bf16 when given alone, or fp16 (GradScaler)")
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        p.error(_unknown_flags(unknown, p))
+    args.set = [f"{setting}={value}" for setting, value in _shorthand_values(args)] + args.set
+    return args
+
+
+# (flags, setting, type, meaning): torchvision's references/classification/train.py and
+# timm's train.py spell these the same way
+SHORTHANDS = [
+    (("--model", "--arch"), "arch", str, "torchvision model name, e.g. resnet50"),
+    (("--epochs",), "epochs", int, "training epochs"),
+    (("-b", "--batch-size"), "batch_size", int, "images per process"),
+    (("--lr",), "lr", float, "peak LR for a global batch of 256"),
+    (("--wd", "--weight-decay"), "weight_decay", float, "weight decay"),
+    (("-j", "--workers"), "workers", int, "data-loading processes per rank"),
+    (("--label-smoothing", "--smoothing"), "label_smoothing", float, "label smoothing"),
+]
+
+
+def _shorthand_values(args: argparse.Namespace) -> list[tuple[str, object]]:
+    names = [s for _, s, _, _ in SHORTHANDS] + ["amp"]
+    return [(n, getattr(args, f"short_{n}")) for n in names
+            if getattr(args, f"short_{n}") is not None]
+
+
+def _unknown_flags(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """`unknown flag --lrr (did you mean --lr?)`, for each unknown one."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings]
+    parts = []
+    for flag in (u.split("=", 1)[0] for u in unknown if u.startswith("-")):
+        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+        parts.append(f"unknown flag {flag}" + (f" (did you mean {', '.join(close)}?)"
+                                                if close else ""))
+    return "; ".join(parts) or f"unexpected arguments: {' '.join(unknown)}"
 
 
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:

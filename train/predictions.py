@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from shards.manifest import INFO_SPLIT_NAMES
+
 
 def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
     """(key, source path) of every sample of a split, in shard and member order."""
@@ -25,7 +27,8 @@ def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
 
     table = pq.read_table(Path(data) / "index.parquet", columns=["key", "split", "source"])
     rows = table.to_pylist()
-    return [(r["key"], r["source"]) for r in rows if r["split"] == split]
+    names = {split} | {k for k, v in INFO_SPLIT_NAMES.items() if v == split}  # validation: val
+    return [(r["key"], r["source"]) for r in rows if r["split"] in names]
 
 
 def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes: int,
