@@ -173,3 +173,12 @@ def build_class_table(wnids: Iterable[str], ids: dict[str, int] | None = None) -
         ClassInfo(index=i, wnid=w, words=words.get(w, ""), ilsvrc2012_id=ids.get(w))
         for i, w in enumerate(sorted(set(wnids)))
     ]
+
+
+def classes_csv(classes: list[ClassInfo]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "wnid", "ilsvrc2012_id", "words"])
+    for c in classes:
+        w.writerow([c.index, c.wnid, c.ilsvrc2012_id or "", c.words])
+    return buf.getvalue()

@@ -31,8 +31,12 @@ def main() -> None:
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--layout", type=click.Choice(["ilsvrc2017", "kaggle", "ilsvrc2012",
-                                             "ilsvrc2012-tar", "imagefolder"]),
-              default="ilsvrc2017", show_default=True, help="On-disk layout to imitate.")
+                                             "ilsvrc2012-tar", "imagefolder", "blurred",
+                                             "blurred-tar", "imagenet-v2", "imagenet-a",
+                                             "imagenet-r", "imagenet-sketch"]),
+              default="ilsvrc2017", show_default=True,
+              help="On-disk layout to imitate (the imagenet-* ones: evaluation sets, "
+                   "--val-per-class images per class).")
 @click.option("--classes", default=10, show_default=True, help="Number of classes (1..1000).")
 @click.option("--train-per-class", default=20, show_default=True, help="Train images per class.")
 @click.option("--val-per-class", default=5, show_default=True,
@@ -49,6 +53,10 @@ def sample(out: Path, layout: str, **opts) -> None:
 
     plan = write_sample(out, layout, SampleSpec(**opts))
     n_train = sum(map(len, plan.train.values()))
+    if layout.startswith("imagenet-"):
+        click.echo(f"wrote {layout} sample to {out}: {len(plan.wnids)} classes, "
+                   f"{len(plan.wnids) * plan.spec.val_per_class} images")
+        return
     click.echo(f"wrote {layout} sample to {out}: {len(plan.wnids)} classes, {n_train} train, "
                f"{len(plan.val)} val, {len(plan.test)} test images")
     for name, kind in sorted(plan.bad.items()):
@@ -85,6 +93,45 @@ def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, for
     report = prepare_imagenet(src, link_dir, extract_to=extract_to, check=check,
                               force=force, workers=workers, progress=not quiet)
     click.echo(format_report(report))
+
+
+@main.command()
+@click.option("--src", required=True, type=click.Path(path_type=Path, readable=False),
+              help="The evaluation set's folder (never written to).")
+@click.option("--link", "link_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory for the view, e.g. data/ (made if missing).")
+@click.option("--name", default=None,
+              help="View name under --link (default: imagenet-v2-<variant>, imagenet-a, "
+                   "imagenet-r, imagenet-sketch).")
+@click.option("--kind", type=click.Choice(["imagenet-v2", "imagenet-a", "imagenet-r",
+                                           "imagenet-sketch"]), default=None,
+              help="Which set it is (default: detected from folder names and classes).")
+@click.option("--force", is_flag=True, help="Replace links and meta files prep made earlier.")
+def evalset(src: Path, link_dir: Path, name: str | None, kind: str | None,
+            force: bool) -> None:
+    """Link and index an evaluation set (ImageNetV2, ImageNet-A, -R, -Sketch).
+
+    Writes LINK/NAME/val/<wnid>/<file> links and LINK/NAME/meta/ (val.txt with labels in
+    the 1000-class sorted-WNID space, classes.csv, evalset.json); then
+    `prep shard --data LINK/NAME --out S` and `train/main.py --evaluate --data S`.
+    """
+    from prep.evalset import prepare_evalset
+
+    r = prepare_evalset(src, link_dir, name=name, kind=kind, force=force)
+    what = f"{r.kind} ({r.variant})" if r.variant else r.kind
+    ch = r.changes
+    done = "up to date, nothing changed" if ch.nothing_to_do else \
+        f"{ch.created:,} created, {ch.replaced:,} replaced, {ch.removed:,} removed"
+    click.echo(f"  set      {what}\n  source   {r.src}\n  classes  {len(r.classes_present)} "
+               f"(labels: 1000-class sorted-WNID index)\n  images   {r.images:,}\n"
+               f"  output   {r.view}: {done}\n  time     {r.seconds:.1f} s")
+    for note in r.notes:
+        click.echo(f"  note: {note}")
+    if r.problems.ignored:
+        click.echo(f"  ignored {len(r.problems.ignored)} macOS / Windows metadata file(s)")
+    if r.problems.extra:
+        click.echo(f"  warning: {len(r.problems.extra)} non-image file(s): "
+                   + ", ".join(r.problems.extra[:5]))
 
 
 @main.command("export-preds")

@@ -142,6 +142,28 @@ def write_export(data: bytes, out: Path) -> None:
     tmp.replace(out)
 
 
+def real_scores(p: Predictions, classes: list[ClassInfo] | None,
+                idx: np.ndarray | None = None) -> dict | None:
+    """ReaL top-1/top-5 (fractions) over the ILSVRC2012 val images ReaL keeps; None when
+    the predictions hold none or their classes are not known WNIDs."""
+    from prep.scoring import global_index, real_for
+
+    gi = global_index()
+    if classes is None or not all(c.wnid in gi for c in classes):
+        return None
+    to_global = np.array([gi[c.wnid] for c in classes])
+    idx = topk(p, 5)[0] if idx is None else idx
+    c1 = c5 = n = 0
+    for i, name in enumerate(p.paths if p.named else []):
+        answers = real_for(name)
+        if answers:
+            row = to_global[idx[i]]
+            c1 += int(row[0]) in answers
+            c5 += any(int(x) in answers for x in row)
+            n += 1
+    return {"real_top1": c1 / n, "real_top5": c5 / n, "real_samples": n} if n else None
+
+
 def summary(p: Predictions, classes: list[ClassInfo] | None, worst: int = 10) -> str:
     labelled = p.labels >= 0
     n = int(labelled.sum())
@@ -154,6 +176,11 @@ def summary(p: Predictions, classes: list[ClassInfo] | None, worst: int = 10) ->
     top5 = float((idx[labelled] == y[:, None]).any(1).mean())
     lines.append(f"top-1 {100 * top1:.2f}%   top-5 {100 * top5:.2f}%   "
                  f"(top-5 error {100 * (1 - top5):.2f}%) on {n:,} labelled samples")
+    real = real_scores(p, classes, idx)
+    if real:
+        lines.append(f"ReaL top-1 {100 * real['real_top1']:.2f}%   ReaL top-5 "
+                     f"{100 * real['real_top5']:.2f}%   on {real['real_samples']:,} val images "
+                     "ReaL keeps")
     pairs = Counter((int(t), int(q)) for t, q in zip(y, idx[labelled, 0]) if t != q)
 
     def name(c: int) -> str:

@@ -124,3 +124,63 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
 class _NullBar:
     def update(self, n: int) -> None:
         pass
+
+
+def _class_member(archive: str, m: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(wnid, file name) of a member `[top/]nXXXXXXXX/name`; None for its folders; an error
+    for anything else (links, devices, '..', absolute or deeper paths)."""
+    parts = m.name.rstrip("/").split("/")
+    if m.isdir() and len(parts) <= 2 and all(_SAFE_NAME.fullmatch(p) for p in parts):
+        return None
+    if not m.isfile():
+        _check_member(archive, m)  # names the kind of member and refuses it
+    if len(parts) == 3:
+        parts = parts[1:]  # the release's own top folder (train_blurred/, val_blurred/)
+    if len(parts) != 2 or not is_wnid(parts[0]) or not _SAFE_NAME.fullmatch(parts[1]) \
+            or parts[1] in (".", ".."):
+        raise PrepError(f"{archive}: member {m.name!r} is not <class folder>/<file> "
+                        "(nXXXXXXXX/name); refusing to extract")
+    return parts[0], parts[1]
+
+
+def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
+    """A .tar(.gz) of class folders (`train_blurred/nXXXXXXXX/*.jpg`) -> `dest/nXXXXXXXX/`.
+    Streamed (gzip is read once, front to back); built as `.NAME.partial` and renamed when
+    complete; a rerun after a kill skips the files already written whole."""
+    if dest.is_dir():
+        return dest  # finished by an earlier run
+    partial = dest.with_name(f".{dest.name}.partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    bar = progress_bar(total=archive.stat().st_size, unit="B", desc=f"extract {archive.name}",
+                       disable=not progress)
+    made: set[str] = set()
+    try:
+        with open(archive, "rb") as raw, _open_stream(archive, raw) as tar:
+            for m in tar:
+                where = _class_member(str(archive), m)
+                if where is not None:
+                    wnid, name = where
+                    if wnid not in made:
+                        (partial / wnid).mkdir(exist_ok=True)
+                        made.add(wnid)
+                    path = partial / wnid / name
+                    if not (path.is_file() and path.stat().st_size == m.size):
+                        _write_member(tar.extractfile(m), m.size, path)
+                bar.update(raw.tell() - bar.n)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and \
+                "gzip" not in str(exc).lower() and "compressed" not in str(exc).lower():
+            raise
+        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then "
+                        "rerun: the files already extracted are kept") from exc
+    finally:
+        bar.close()
+    os.replace(partial, dest)
+    return dest
+
+
+def _open_stream(archive: Path, raw: IO[bytes]) -> tarfile.TarFile:
+    try:
+        return tarfile.open(fileobj=raw, mode="r|*")
+    except (tarfile.TarError, OSError) as exc:
+        raise PrepError(f"{archive}: cannot open as a tar archive ({exc})") from exc

@@ -15,9 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import __version__
-from prep.classes import NUM_CLASSES, ClassInfo, build_class_table, read_map_clsloc
+from prep.classes import (
+    NUM_CLASSES,
+    ClassInfo,
+    build_class_table,
+    classes_csv,
+    read_map_clsloc,
+    reference_val_labels,
+)
 from prep.errors import PrepError, ignore_sigint
-from prep.extract import extract_flat_archive, extract_train_archive
+from prep.extract import extract_class_archive, extract_flat_archive, extract_train_archive
 from prep.labels import (
     LabelSource,
     cross_check,
@@ -27,7 +34,7 @@ from prep.labels import (
     read_xml_dir,
 )
 from prep.layout import Layout, detect_layout, require_splits
-from prep.link import Changes, Outputs, apply_outputs, check_link_dir
+from prep.link import SRC_VAL, Changes, Outputs, apply_outputs, check_link_dir
 from prep.scan import (
     Problems,
     check_images,
@@ -37,7 +44,7 @@ from prep.scan import (
     scan_class_split,
 )
 
-SRC_VAL = ".src-val"  # DIR/imagenet/.src-val -> the source's val dir
+SHIPPED = "real ILSVRC2012 val labels (shipped)"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
 
 
@@ -66,9 +73,16 @@ def _rel(path: Path, root: Path) -> str:
 
 def _extract(lay: Layout, extract_to: Path | None, progress: bool) -> Layout:
     if extract_to is None:
-        raise PrepError(f"--src {lay.src}: holds the original ILSVRC2012 archives; pass "
+        raise PrepError(f"--src {lay.src}: holds {lay.name} archives "
+                        f"({', '.join(p.name for p in lay.archives.values())}); pass "
                         "--extract-to DIR (outside the source, ~150 GB free) to unpack them")
     dest = check_link_dir(extract_to, lay.src)  # same rule: never inside the source
+    if lay.name == "blurred":  # tar.gz files of class folders
+        for split, archive in lay.archives.items():
+            setattr(lay, f"{split}_dir",
+                    extract_class_archive(archive, dest / split, progress))
+        require_splits(lay)
+        return lay
     lay.train_dir = extract_train_archive(lay.archives["train"], dest / "train", progress)
     lay.val_dir = extract_flat_archive(lay.archives["val"], dest / "val", progress)
     if "test" in lay.archives:
@@ -142,6 +156,9 @@ def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
         sources.append(LabelSource("val class folders", lay.val_dir, labels))
     if ids is None and lay.map_clsloc:
         ids = read_map_clsloc(lay.map_clsloc)
+    if lay.shipped_val_labels:
+        sources.append(LabelSource(SHIPPED, Path("prep/data/LOC_val_solution.csv.gz"),
+                                   reference_val_labels()))
     return sources, ids
 
 
@@ -219,24 +236,12 @@ def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
         "val.txt": "".join(val_lines),
         "synsets.txt": "".join(f"{c.wnid}\n" for c in classes),
         "synset_words.txt": "".join(f"{c.wnid} {c.words}\n" for c in classes),
-        "classes.csv": _classes_csv(classes),
+        "classes.csv": classes_csv(classes),
     }
     if test:
         meta["test.txt"] = "".join(f"{n}\n" for n in test)
     out.meta = {k: v.encode() for k, v in meta.items()}
     return out
-
-
-def _classes_csv(classes: list[ClassInfo]) -> str:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["index", "wnid", "ilsvrc2012_id", "words"])
-    for c in classes:
-        w.writerow([c.index, c.wnid, c.ilsvrc2012_id or "", c.words])
-    return buf.getvalue()
 
 
 def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
@@ -247,7 +252,7 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     t0 = time.perf_counter()
     lay = detect_layout(src)
     link = check_link_dir(Path(link_dir), lay.src)
-    if lay.name == "ilsvrc2012-tar":
+    if lay.archives:
         lay = _extract(lay, Path(extract_to) if extract_to else None, progress)
     scan = read_source(lay, check, workers or default_workers(), progress)
     if scan.problems.broken_links:
@@ -299,9 +304,11 @@ def _check_val_classes(val_labels: dict[str, str], train: dict[str, list[str]],
 
 
 def _missing_val(sources: list[LabelSource], val_files: dict[str, str], lay: Layout) -> list:
-    """Val images some source annotates but the val dir lacks. The devkit ground truth
-    always has 50,000 lines, so it only counts when it is the sole source."""
-    per_file = [s for s in sources if not s.name.startswith("devkit")] or sources
+    """Val images some source annotates but the val dir lacks. The devkit ground truth and
+    the shipped real labels always have 50,000 lines, so they only count when they are the
+    sole source."""
+    per_file = [s for s in sources if not s.name.startswith("devkit") and s.name != SHIPPED]
+    per_file = per_file or sources
     annotated = set().union(*(s.labels.keys() for s in per_file))
     rel = _rel(lay.val_dir, lay.src)
     return sorted(f"{rel}/{stem}.JPEG" for stem in annotated - val_files.keys())

@@ -14,6 +14,7 @@ from prep.errors import PrepError
 from prep.scan import is_litter
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
+BLURRED = {"train": "train_blurred", "val": "val_blurred"}  # Yang et al. 2021, face-blurred
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 BBOX_VAL_TGZ = "ILSVRC2012_bbox_val_v3.tgz"
@@ -35,6 +36,9 @@ class Layout:
     map_clsloc: Path | None = None
     train_list: Path | None = None  # ImageSets/CLS-LOC/train_cls.txt
     archives: dict[str, Path] = field(default_factory=dict)  # split -> original tar
+    # a release of the real ILSVRC2012 val images (face-blurred, Hugging Face): its val
+    # labels are cross-checked against the real ones the package ships
+    shipped_val_labels: bool = False
 
     def describe(self) -> str:
         val = "val in class folders" if self.val_in_folders else "flat val"
@@ -111,16 +115,23 @@ def detect_layout(src: str | os.PathLike) -> Layout:
             if split not in lay.archives:
                 raise PrepError(f"{src}: found the ILSVRC2012 archives but not "
                                 f"{TRAIN_TAR if split == 'train' else VAL_TAR}")
+    elif any(_dir(src / d) or _file(src / f"{d}.tar.gz") for d in BLURRED.values()):
+        lay = Layout("blurred", src, _dir(src / BLURRED["train"]), _dir(src / BLURRED["val"]))
+        for split, d in BLURRED.items():  # the release ships tar.gz files of class folders
+            if getattr(lay, f"{split}_dir") is None and _file(src / f"{d}.tar.gz"):
+                lay.archives[split] = src / f"{d}.tar.gz"
+        lay.shipped_val_labels = True
     elif _dir(src / "train") or _dir(src / "val"):
         lay = Layout("ilsvrc2012", src, _dir(src / "train"), _dir(src / "val"), _dir(src / "test"))
     else:
         raise PrepError(
             f"--src {src}: no ImageNet layout found. Looked for Data/CLS-LOC/ (ILSVRC2017), "
-            f"ILSVRC/Data/CLS-LOC/ (Kaggle), {TRAIN_TAR} + {VAL_TAR} (ILSVRC2012 archives) "
+            f"ILSVRC/Data/CLS-LOC/ (Kaggle), {TRAIN_TAR} + {VAL_TAR} (ILSVRC2012 archives), "
+            "train_blurred/ + val_blurred/ (face-blurred, folders or .tar.gz) "
             "and train/ + val/ (extracted ILSVRC2012 or class folders)"
         )
     _find_label_files(lay)
-    if lay.name != "ilsvrc2012-tar":
+    if not lay.archives:
         require_splits(lay)
     return lay
 

@@ -19,6 +19,7 @@ from prep.errors import PrepError
 
 LINK_THREADS = 4
 MARKER = "meta/prep.json"  # written first: marks DIR/imagenet as made by prep
+SRC_VAL = ".src-val"  # DIR/imagenet/.src-val -> the source's val dir (short relative links)
 
 
 @dataclass
@@ -100,11 +101,11 @@ def _stale_val_links(val: Path, wanted: dict[str, str]) -> list[Path]:
 
 
 def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
-                  report: dict[str, str] | None = None) -> Changes:
+                  report: dict[str, str] | None = None, view: str = "imagenet") -> Changes:
     """Make `link_dir` hold exactly `out`; see the module docstring for the rules.
     `report` files (meta/problems.txt) describe this run, so they are rewritten
     without counting as a conflict or a change."""
-    imagenet = link_dir / "imagenet"
+    imagenet = link_dir / view  # DIR/imagenet, or DIR/<name> for an evaluation set
     _check_owned(imagenet)
     ch, conflicts, todo = Changes(), [], []
     for rel, target in out.links.items():

@@ -32,7 +32,12 @@ from prep.errors import PrepError
 from prep.progress import progress_bar
 from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
 
-LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder")
+LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder", "blurred",
+           "blurred-tar")
+REAL_VAL = ("blurred", "blurred-tar")  # releases of the real val images: real stems, labels
+# evaluation sets (`prep evalset`): class folders with each set's own names; the classes
+# come from the set's pool (ImageNet-A/-R: their 200), `--val-per-class` images each
+EVALSET_LAYOUTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
 DEVKIT = "ILSVRC2012_devkit_t12"
 TRAIN_TAR, VAL_TAR, TEST_TAR = (
     "ILSVRC2012_img_train.tar",
@@ -63,12 +68,16 @@ class SamplePlan:
     bad: dict[str, str] = field(default_factory=dict)  # train stem -> kind
 
 
-def plan_sample(spec: SampleSpec) -> SamplePlan:
-    if not 1 <= spec.classes <= NUM_CLASSES:
-        raise PrepError(f"--classes must be 1..{NUM_CLASSES}, got {spec.classes}")
+def plan_sample(spec: SampleSpec, pool: list[str] | None = None,
+                real_val: bool = False) -> SamplePlan:
+    """The sample's plan; classes are drawn from `pool` (default: the 1000). `real_val`:
+    val is the first `val_per_class` real ILSVRC2012 val images of each class, with their
+    real labels (a release of the real images is cross-checked against them)."""
+    all_wnids = sorted(pool or reference_words())
+    if not 1 <= spec.classes <= len(all_wnids):
+        raise PrepError(f"--classes must be 1..{len(all_wnids)}, got {spec.classes}")
     rng = np.random.default_rng(spec.seed)
-    all_wnids = sorted(reference_words())
-    picked = rng.choice(NUM_CLASSES, spec.classes, replace=False)
+    picked = rng.choice(len(all_wnids), spec.classes, replace=False)
     wnids = sorted(all_wnids[i] for i in picked)
     train = {}
     for w in wnids:  # real train names are sparse numbers: n01440764_10026
@@ -76,6 +85,12 @@ def plan_sample(spec: SampleSpec) -> SamplePlan:
         train[w] = [f"{w}_{n}" for n in sorted(nums.tolist())]
     if spec.classes == NUM_CLASSES and spec.val_per_class == 50:
         val = dict(sorted(reference_val_labels().items()))
+    elif real_val:
+        per: dict[str, list[str]] = {w: [] for w in wnids}
+        for stem, w in sorted(reference_val_labels().items()):
+            if w in per and len(per[w]) < spec.val_per_class:
+                per[w].append(stem)
+        val = dict(sorted((s, w) for w, stems in per.items() for s in stems))
     else:
         labels = np.repeat(np.arange(spec.classes), spec.val_per_class)
         rng.shuffle(labels)
@@ -225,30 +240,79 @@ def _layout_files(plan: SamplePlan, layout: str) -> Iterator[tuple[str, bytes]]:
         for split, rel, data in _files(plan, val_folders=True):
             if split != "test":
                 yield f"{split}/{rel}", data
+    elif layout == "blurred":  # train_blurred/<wnid>/<stem>.jpg, val in class folders too
+        for split, rel, data in _files(plan, val_folders=True):
+            if split != "test":
+                yield f"{split}_blurred/{rel.rsplit('.', 1)[0]}.jpg", data
     else:
         raise PrepError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
 
 
-def _total(plan: SamplePlan) -> int:
+def _evalset_files(plan: SamplePlan, layout: str) -> Iterator[tuple[str, bytes]]:
+    """Class folders named as each evaluation set names them (see prep/evalset.py)."""
+    import hashlib
+
+    gindex = {w: i for i, w in enumerate(sorted(reference_words()))}
+    words = reference_words()
+    styles = ("art", "cartoon", "painting", "sketch", "toy")
+    for w in plan.wnids:
+        word = words[w].split(",")[0]
+        for i in range(plan.spec.val_per_class):
+            stem = f"{layout}-{w}-{i}"
+            rng = np.random.default_rng([plan.spec.seed, zlib.crc32(stem.encode())])
+            data = encode_jpeg(render(plan.wnids.index(w), len(plan.wnids), rng,
+                                      plan.spec.size))
+            if layout == "imagenet-v2":  # folder = sorted-WNID index, file = a sha1
+                name = f"{gindex[w]}/{hashlib.sha1(stem.encode()).hexdigest()}.jpeg"
+            elif layout == "imagenet-a":  # scores, words, spaces and dots in the name
+                a, b = rng.integers(0, 10**6, 2)
+                name = f"{w}/0.{a:06d}_{word} _ {word}_0.{b:06d}.jpg"
+            elif layout == "imagenet-r":  # the same names in every class
+                name = f"{w}/{styles[i % len(styles)]}_{i // len(styles)}.jpg"
+            else:  # imagenet-sketch
+                name = f"{w}/{i + 1}.JPEG"
+            yield name, data
+
+
+def _total(plan: SamplePlan, layout: str = "") -> int:
+    if layout in EVALSET_LAYOUTS:
+        return len(plan.wnids) * plan.spec.val_per_class
     return sum(map(len, plan.train.values())) + len(plan.val) + len(plan.test)
 
 
 def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True) -> SamplePlan:
     """Write a synthetic tree of `layout` under `out` (which must not exist or be empty)."""
-    if layout not in LAYOUTS:
-        raise PrepError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if layout not in LAYOUTS + EVALSET_LAYOUTS:
+        raise PrepError(f"unknown layout {layout!r}; choose one of "
+                        f"{', '.join(LAYOUTS + EVALSET_LAYOUTS)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PrepError(f"{out}: exists and is not an empty directory; choose a new path")
-    plan = plan_sample(spec)
-    bar = progress_bar(total=_total(plan), unit="img", desc=f"sample {layout}",
+    pool = None
+    if layout in ("imagenet-a", "imagenet-r"):
+        from prep.scoring import subset_wnids
+
+        pool = list(subset_wnids(layout))
+    plan = plan_sample(spec, pool, real_val=layout in REAL_VAL)
+    bar = progress_bar(total=_total(plan, layout), unit="img", desc=f"sample {layout}",
                        disable=not progress)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "ilsvrc2012-tar":
         _write_archives(out, plan, bar)
+    elif layout == "blurred-tar":  # the release's train_blurred.tar.gz / val_blurred.tar.gz
+        for split in ("train", "val"):
+            members = [(rel, data) for rel, data in _layout_files(plan, "blurred")
+                       if rel.startswith(f"{split}_blurred/")]
+            with tarfile.open(out / f"{split}_blurred.tar.gz", "w:gz",
+                              format=tarfile.GNU_FORMAT) as t:
+                for rel, data in members:
+                    _tar_add(t, rel, data)
+                    bar.update()
     else:
         made: set[Path] = set()
-        for rel, data in _layout_files(plan, layout):
+        files = _evalset_files(plan, layout) if layout in EVALSET_LAYOUTS else \
+            _layout_files(plan, layout)
+        for rel, data in files:
             path = out / rel
             if path.parent not in made:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +321,7 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
                 path.write_bytes(data)
             else:  # os-level create: 1.3 M zero-byte files in ~10 s instead of ~30 s
                 os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-            if rel.endswith(".JPEG"):
+            if rel.lower().endswith((".jpeg", ".jpg")):
                 bar.update()
     bar.close()
     info = {"tool": f"prep {__version__}", "layout": layout, "spec": asdict(spec),

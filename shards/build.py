@@ -37,6 +37,7 @@ from pathlib import Path
 
 from prep import __version__
 from prep.errors import PrepError, refuse_inside
+from prep.evalset import read_evalset
 from prep.progress import progress_bar
 from shards.dali_index import index_path
 from shards.image import pool_worker_init
@@ -74,11 +75,12 @@ class ShardReport:
 
 def make_plans(data: Path, s: ShardSettings) -> tuple[list[str], list[ShardPlan]]:
     wnids = read_classes(data)
+    evalset = read_evalset(data)  # an evaluation set: its one split, class-prefixed keys
     plans = []
-    for split in s.splits:
+    for split in ("val",) if evalset else s.splits:
         if split == "test" and not (data / "meta" / "test.txt").is_file():
             continue  # test is optional: present only when the copy has test images
-        samples = read_split(data, split, wnids)
+        samples = read_split(data, split, wnids, class_keys=evalset is not None)
         if s.num_shards:
             n = s.num_shards
         elif s.samples_per_shard:
@@ -365,7 +367,9 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
         splits = sorted({p.split for p in plans})
         names = [*OWN_MANIFEST, *(f"{s}.shardindex.json" for s in splits)]
         _record_manifest(manifest_file, dict.fromkeys(names))  # being written: ours
-        report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep)
+        evalset = read_evalset(data)
+        report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep,
+                                     {"evalset": evalset} if evalset else {})
         _record_manifest(manifest_file, {n: _stat_key(out / n) for n in names})
     report.seconds = time.perf_counter() - t0
     return report

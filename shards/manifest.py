@@ -47,8 +47,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep: dict) -> dict:
-    """Write all manifest files; returns the `_info.json` content."""
+def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep: dict,
+                   extra: dict | None = None) -> dict:
+    """Write all manifest files; returns the `_info.json` content. `extra` goes into
+    `_info.json` as it is (`evalset`: kind and classes of an evaluation set)."""
     splits: dict[str, list[ShardRecord]] = {}
     order = {"train": 0, "val": 1, "test": 2}
     for r in sorted(records, key=lambda r: (order.get(r.split, 3), r.name)):
@@ -65,6 +67,7 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
                                      "shard_lengths": [r.num_samples for r in recs]}
             for split, recs in splits.items()
         },
+        **(extra or {}),
         "prep": {**prep, "repairs": dict(sorted(repairs.items())),
                  "repaired_files": sorted(src for r in records for src, why in
                                           zip(r.rows["source"], r.rows["repaired"]) if why),
@@ -159,6 +162,14 @@ def parse_info(text: str | bytes, where: str) -> dict:
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict) or \
             not info["splits"]:
         raise bad('no "splits" object listing the splits')
+    if "num_classes" not in info and "prep" not in info:
+        # timm's own shards (timm/imagenet-1k-wds): no class count; ImageNet-1k's 1000
+        # classes in sorted-WNID order, which its `cls` labels use
+        from prep.classes import reference_words
+
+        info["num_classes"] = len(reference_words())
+        info.setdefault("classes", sorted(reference_words()))
+        info["format"] = "timm"
     ncls = info.get("num_classes")
     if not _count(ncls) or ncls == 0:
         raise bad(f'"num_classes" is {ncls!r}, not a positive integer')

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import PrepError
+from prep.evalset import evalset_key
 from prep.scan import sample_key
 
 
@@ -36,8 +37,11 @@ def read_classes(data: Path) -> list[str]:
                     "(--data is the imagenet/ dir it made, e.g. data/imagenet)")
 
 
-def read_split(data: Path, split: str, wnids: list[str]) -> list[Sample]:
-    """Samples of meta/<split>.txt; labels checked against the class table and folders."""
+def read_split(data: Path, split: str, wnids: list[str], class_keys: bool = False
+               ) -> list[Sample]:
+    """Samples of meta/<split>.txt; labels checked against the class table and folders.
+    `class_keys`: keys carry the class (`<wnid>_<stem>`: evaluation sets, whose file names
+    repeat across classes)."""
     ann = data / "meta" / f"{split}.txt"
     if not ann.is_file():
         raise PrepError(f"{ann}: missing; `prep imagenet` writes it (or drop {split} "
@@ -62,7 +66,7 @@ def read_split(data: Path, split: str, wnids: list[str]) -> list[Sample]:
                 if index.get(wnid) != label:
                     raise PrepError(f"{ann}:{n}: label {label} but folder {wnid} is class "
                                     f"{index.get(wnid, 'unknown')} in meta/classes.csv")
-            key = sample_key(path)
+            key = evalset_key(wnid, path.rsplit("/", 1)[-1]) if class_keys else sample_key(path)
             if key in keys:
                 raise PrepError(f"{ann}:{n}: sample key {key!r} repeats line {keys[key]}")
             keys[key] = n

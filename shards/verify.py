@@ -33,15 +33,18 @@ def _read_manifest(out: Path) -> tuple[dict, dict[str, str]]:
     if not info_file.is_file():
         raise PrepError(f"{info_file}: missing; is {out} a finished `prep shard` output? "
                         "(a partial one: rerun `prep shard` to finish it)")
-    if not sums_file.is_file():
-        raise PrepError(f"{sums_file}: missing")
     info = parse_info(info_file.read_bytes(), str(info_file))
+    if not sums_file.is_file():
+        if info.get("format") == "timm":  # timm's published shards carry no checksums
+            return info, {}
+        raise PrepError(f"{sums_file}: missing")
     return info, parse_sums(sums_file.read_bytes(), str(sums_file))
 
 
 def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: int | None,
-                labelled: bool, deep: bool) -> tuple[list[str], list[str]]:
-    """(problems, keys) for one shard file."""
+                labelled: bool, deep: bool, ours: bool = True) -> tuple[list[str], list[str]]:
+    """(problems, keys) for one shard file; `ours`: written by prep shard (it has DALI's
+    index beside it; timm's published shards do not)."""
     name = path.name
     if not path.is_file():
         return [f"{name}: missing"], []
@@ -70,7 +73,9 @@ def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: 
     if len(order) != expected_len:
         problems.append(f"{name}: {len(order)} samples, manifest says {expected_len}")
     idx = index_path(path)
-    if not idx.is_file():
+    if not ours:
+        pass
+    elif not idx.is_file():
         problems.append(f"{idx.name}: missing (DALI's index of {name}; rerun prep shard)")
     elif not problems and idx.read_bytes() != dali_index(path):
         problems.append(f"{idx.name}: does not match {name} (DALI would read wrong offsets)")
@@ -122,9 +127,9 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
     for split, s in info["splits"].items():
         for fname, n in zip(s["filenames"], s["shard_lengths"]):
             jobs.append((out / fname, n, sums.get(fname), info["num_classes"],
-                         split != "test", deep))
+                         split != "test", deep, info.get("format") != "timm"))
             splits_of.append(split)
-            if fname not in sums:
+            if fname not in sums and info.get("format") != "timm":
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
     seen: dict[str, dict[str, str]] = {}
     bar = progress_bar(total=len(jobs), unit="shard", desc="verify", disable=not progress)

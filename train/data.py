@@ -42,6 +42,7 @@ class SplitInfo:
     num_samples: int
     num_classes: int
     classes: list[str] | None = None  # WNIDs in label order, when the manifest has them
+    evalset: dict | None = None  # `prep evalset` shards: kind, classes present (manifest)
 
 
 def shard_url(data: str, name: str) -> str:
@@ -81,8 +82,9 @@ def read_split(data: str, split: str) -> SplitInfo:
     if not (isinstance(classes, list) and len(classes) == info["num_classes"]
             and all(isinstance(c, str) for c in classes)):
         classes = None
+    evalset = info.get("evalset") if isinstance(info.get("evalset"), dict) else None
     return SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
-                     info["num_classes"], classes)
+                     info["num_classes"], classes, evalset)
 
 
 class EpochShards(torch.utils.data.IterableDataset):

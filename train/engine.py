@@ -97,23 +97,44 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: str,
              num_classes: int, show: bool, tta_flip: bool = False,
-             keep: dict | None = None) -> dict:
+             keep: dict | None = None, valid: list[int] | None = None,
+             real=None, to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
     all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
     softmax scores and labels are stored in it by sample key (for the predictions pickle).
-    Unlabelled samples (test, label -1) count toward n but not toward accuracy."""
+    Unlabelled samples (test, label -1) count toward n but not toward accuracy.
+    `valid`: class indices the logits are restricted to (ImageNet-A/-R's 200 classes).
+    `real(key)`: ReaL's answers (global sorted-WNID indices) for a sample, or None to leave
+    it out; `to_global` maps the model's class index to that space (real_top1/real_top5)."""
     model.eval()
-    sums = torch.zeros(5, device=norm.device, dtype=torch.float64)  # c1, c5, loss, n, labelled
-    for images, labels, keys in progress_bar(loader, desc="eval", disable=not show, unit="batch"):
+    # c1, c5, loss, n, labelled, real c1, real c5, real n
+    sums = torch.zeros(8, device=norm.device, dtype=torch.float64)
+    mask = None
+    if valid is not None:
+        mask = torch.full((num_classes,), float("-inf"), device=norm.device)
+        mask[torch.tensor(valid, device=norm.device)] = 0.0
+    glob = torch.tensor(to_global, device=norm.device) if real is not None else None
+    for images, labels, keys in progress_bar(loader, desc="eval", disable=not show,
+                                             unit="batch"):
         x, y = norm(images), labels.to(norm.device)
         with autocast(norm.device, amp):
             logits = model(x)
             if tta_flip:
                 logits = (logits + model(x.flip(3))) / 2
         logits = logits.float()
+        if mask is not None:
+            logits = logits + mask
         if keep is not None:
             for k, score, label in zip(keys, logits.softmax(1).cpu(), labels.tolist()):
                 keep[k] = (score, label)
+        if real is not None:
+            top5_all = glob[logits.topk(min(5, num_classes), 1).indices].tolist()
+            for key, row in zip(keys, top5_all):
+                answers = real(key)
+                if answers:
+                    sums[5] += row[0] in answers
+                    sums[6] += any(p in answers for p in row)
+                    sums[7] += 1
         sums[3] += len(y)
         labelled = y >= 0
         if not labelled.all():
@@ -129,5 +150,10 @@ def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: s
     if n != num_samples:
         raise RuntimeError(f"evaluated {n} samples across all ranks, the manifest has "
                            f"{num_samples}: samples were dropped or counted twice")
-    return {"top1": (sums[0] / m).item(), "top5": (sums[1] / m).item(),
-            "val_loss": (sums[2] / m).item(), "val_samples": n}
+    out = {"top1": (sums[0] / m).item(), "top5": (sums[1] / m).item(),
+           "val_loss": (sums[2] / m).item(), "val_samples": n}
+    if real is not None and sums[7] > 0:
+        r = sums[7].item()
+        out |= {"real_top1": sums[5].item() / r, "real_top5": sums[6].item() / r,
+                "real_samples": int(r)}
+    return out

@@ -35,12 +35,14 @@ from prep.errors import (
     refuse_inside,
     refuse_overwrite,
 )
+from prep.scoring import RESTRICTED, global_index, real_for, subset_wnids
 from shards import tarread
 from train import checkpoint as ckpt
 from train import jpeg_region
 from train.config import TrainConfig, apply, load_config, parse_set
 from train.data import (
     SkipCounter,
+    SplitInfo,
     make_eval_loader,
     make_train_loader,
     read_split,
@@ -209,6 +211,23 @@ def load_weights(model: torch.nn.Module, state: dict, checkpoint: str, arch: str
                         ) from None
 
 
+def scoring(split: SplitInfo, classes: list[str] | None, split_name: str) -> dict:
+    """How `evaluate` scores this split: ImageNet-A/-R restrict the logits to their 200
+    classes; ImageNet val (any copy, any subset) adds ReaL's top-1/top-5."""
+    kind = (split.evalset or {}).get("kind")
+    if kind in RESTRICTED:
+        if classes is None:
+            raise PrepError(f"{kind}: the model's class list is unknown, so its logits cannot "
+                            "be restricted to the 200 classes; evaluate a checkpoint of this "
+                            "trainer or shards whose _info.json lists the classes")
+        index = {w: i for i, w in enumerate(classes)}
+        return {"valid": [index[w] for w in subset_wnids(kind) if w in index]}
+    if split.evalset is None and split_name in ("val", "validation") and classes and \
+            all(w in global_index() for w in classes):
+        return {"real": real_for, "to_global": [global_index()[w] for w in classes]}
+    return {}
+
+
 def _local(data: str) -> str | None:
     return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
@@ -240,7 +259,7 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
     kept: dict | None = {} if args.out else None
     metrics = evaluate(model, loader, make_norm(cfg, device, decode, cfg.val_crop),
                        split.num_samples, cfg.amp, cfg.num_classes, rank == 0, args.tta_flip,
-                       kept)
+                       kept, **scoring(split, classes, args.split))
     if args.out:
         out = Path(args.out)
         results = write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank,
@@ -346,7 +365,8 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
                                  f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
             val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin, decode)
             metrics |= evaluate(net, val_loader, val_norm, val_split.num_samples, cfg.amp,
-                                cfg.num_classes, rank == 0)
+                                cfg.num_classes, rank == 0,
+                                **scoring(val_split, train_split.classes, "val"))
             metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
             history.append(metrics)
             if rank == 0:

@@ -1,0 +1,56 @@
+"""How the evaluation sets papers report beside ImageNet val are scored, and their classes.
+
+- ImageNet-ReaL (Beyer et al. 2020, `real.json`, Apache-2.0, shipped): for val image i
+  (`ILSVRC2012_val_{i+1:08d}`) a list of sorted-WNID indices, every one a right answer; an
+  empty list leaves the image out of numerator and denominator.
+- ImageNet-A and ImageNet-R: 200 classes each (shipped lists); a 1000-class model is scored
+  with its logits restricted to those 200 classes (as the papers and timm's
+  `--valid-labels` do); labels stay in the 1000-class space.
+- ImageNetV2 (three variants) and ImageNet-Sketch: all 1000 classes, scored as val.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from functools import cache
+
+from prep.classes import package_data, reference_words
+
+RESTRICTED = {"imagenet-a": "imagenet_a_wnids.txt", "imagenet-r": "imagenet_r_wnids.txt"}
+
+
+@cache
+def subset_wnids(kind: str) -> tuple[str, ...] | None:
+    """The 200 WNIDs of ImageNet-A / -R (sorted); None for the 1000-class sets."""
+    if kind not in RESTRICTED:
+        return None
+    return tuple(package_data(RESTRICTED[kind]).decode().split())
+
+
+@cache
+def global_index() -> dict[str, int]:
+    """WNID -> index in the 1000-class sorted-WNID space."""
+    return {w: i for i, w in enumerate(sorted(reference_words()))}
+
+
+@cache
+def real_labels() -> tuple[tuple[int, ...], ...]:
+    """ReaL's 50,000 label lists (sorted-WNID indices), list i for val image i + 1."""
+    lists = json.loads(gzip.decompress(package_data("real.json.gz")))
+    return tuple(tuple(x) for x in lists)
+
+
+_VAL = re.compile(r"ILSVRC2012_val_(\d{8})")
+
+
+def real_for(key_or_path: str) -> tuple[int, ...] | None:
+    """ReaL's answers for a val image named by its key or path (`.JPEG` or `.jpg`, any
+    folder); None when it is not an ILSVRC2012 val image or ReaL leaves it out."""
+    m = _VAL.search(key_or_path.rsplit("/", 1)[-1])
+    if not m:
+        return None
+    i = int(m.group(1)) - 1
+    labels = real_labels()
+    return labels[i] if 0 <= i < len(labels) and labels[i] else None

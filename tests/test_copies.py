@@ -1,0 +1,172 @@
+"""The copies people have besides the ILSVRC downloads: the face-blurred release (folders or
+.tar.gz), Kaggle's imagenet-mini (class folders for train and val), timm's WebDataset
+shards."""
+
+import gzip
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from prep.cli import main as prep_main
+from prep.errors import PrepError
+from prep.imagenet import prepare_imagenet
+from prep.sample import SampleSpec, write_sample
+from tests.conftest import tree_hash
+
+SPEC = SampleSpec(classes=4, train_per_class=5, val_per_class=3, size=32)
+
+
+def _expected_val(plan, ext):
+    index = {w: i for i, w in enumerate(plan.wnids)}
+    return [f"{w}/{s}{ext} {index[w]}" for s, w in sorted(plan.val.items())]
+
+
+@pytest.mark.parametrize("layout", ["blurred", "blurred-tar"])
+def test_face_blurred_release(tmp_path, layout):
+    src = tmp_path / "src"
+    plan = write_sample(src, layout, SPEC, progress=False)
+    before = tree_hash(src)
+    r = prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=1)
+    assert r.layout.startswith("blurred")
+    assert r.label_sources == ["val class folders", "real ILSVRC2012 val labels (shipped)"]
+    val = (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines()
+    assert val == _expected_val(plan, ".jpg")  # the published .jpg names are kept
+    train = (tmp_path / "data/imagenet/meta/train.txt").read_text().splitlines()
+    assert len(train) == 20 and all(line.split()[0].endswith(".jpg") for line in train)
+    assert tree_hash(src) == before
+
+
+def test_face_blurred_val_folder_that_disagrees_with_the_real_labels(tmp_path):
+    src = tmp_path / "src"
+    plan = write_sample(src, "blurred", SPEC, progress=False)
+    stem, wnid = sorted(plan.val.items())[0]
+    other = next(w for w in plan.wnids if w != wnid)
+    shutil.move(src / "val_blurred" / wnid / f"{stem}.jpg",
+                src / "val_blurred" / other / f"{stem}.jpg")
+    with pytest.raises(PrepError, match=rf"{stem}: {other} in .*val_blurred but {wnid}"):
+        prepare_imagenet(src, tmp_path / "data", progress=False, workers=1)
+    assert not (tmp_path / "data/imagenet/meta/val.txt").exists()
+
+
+def test_face_blurred_truncated_tar_gz_names_the_file(tmp_path):
+    src = tmp_path / "src"
+    write_sample(src, "blurred-tar", SPEC, progress=False)
+    archive = src / "train_blurred.tar.gz"
+    raw = gzip.decompress(archive.read_bytes())
+    archive.write_bytes(gzip.compress(raw[: len(raw) // 2]))  # cut inside a member
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src", str(src),
+                                       "--link", str(tmp_path / "data"), "--extract-to",
+                                       str(tmp_path / "x")])
+    assert r.exit_code == 1 and "train_blurred.tar.gz: truncated or corrupt" in r.output
+    assert "Traceback" not in r.output
+    assert not (tmp_path / "x/train").exists()  # only the .partial folder: never trusted
+
+
+def test_face_blurred_archive_with_a_hostile_member(tmp_path):
+    src = tmp_path / "src"
+    write_sample(src, "blurred-tar", SPEC, progress=False)
+    with tarfile.open(src / "val_blurred.tar.gz", "w:gz") as t:
+        info = tarfile.TarInfo("val_blurred/../../evil.jpg")
+        info.size = 3
+        import io
+
+        t.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(PrepError, match="refusing to extract"):
+        prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=1)
+    assert not (tmp_path / "evil.jpg").exists()
+
+
+def test_kaggle_imagenet_mini_is_a_class_folder_subset(tmp_path):
+    """Kaggle's imagenet-mini: train/ and val/ both in WNID folders."""
+    src = tmp_path / "imagenet-mini"
+    plan = write_sample(src, "imagefolder", SPEC, progress=False)
+    r = prepare_imagenet(src, tmp_path / "data", progress=False, workers=1)
+    assert r.layout == "imagefolder (val in class folders)"
+    assert "subset: 4 of 1000 classes" in r.notes
+    val = (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines()
+    assert val == _expected_val(plan, ".JPEG")
+
+
+@pytest.fixture
+def timm_shards(tmp_path):
+    """Shards as timm/imagenet-1k-wds publishes them: `imagenet1k-{train,validation}-*.tar`,
+    samples `jpg` + `cls`, `_info.json` in timm's format (no class count)."""
+    from tests.conftest import sharded_sample
+
+    ours = sharded_sample(tmp_path / "ours", "ilsvrc2017", 2, classes=4, train_per_class=12,
+                          val_per_class=4, size=40)
+    out = tmp_path / "timm"
+    out.mkdir()
+    info = json.loads((ours / "_info.json").read_text())
+    splits = {}
+    from shards.tario import TarStream
+    from shards.tarread import samples
+
+    class _File:
+        def __init__(self, f):
+            self.f = f
+
+        def writev(self, buffers):
+            for b in buffers:
+                self.f.write(b)
+
+    for split, s in info["splits"].items():
+        names, lengths = [], []
+        for i, name in enumerate(s["filenames"]):
+            new = f"imagenet1k-{split}-{i:04d}.tar"
+            with open(out / new, "wb") as f:
+                tar = TarStream(_File(f))
+                n = 0
+                for smp in samples(str(ours / name)):
+                    tar.add_many([(f"{smp['__key__']}.cls", bytes(smp["cls"])),
+                                  (f"{smp['__key__']}.jpg", bytes(smp["jpg"]))])
+                    n += 1
+                tar.close()
+            names.append(new)
+            lengths.append(n)
+        splits[split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
+                         "shard_lengths": lengths}
+    (out / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": splits}))
+    return out, info
+
+
+def test_timm_wds_shards_verify_and_evaluate(timm_shards, tmp_path):
+    from shards.verify import verify_shards
+
+    out, info = timm_shards
+    r = verify_shards(out, progress=False)
+    assert r.ok, r.problems
+    assert r.samples == info["splits"]["train"]["num_samples"] + \
+        info["splits"]["validation"]["num_samples"]
+    bad = out / "imagenet1k-validation-0000.tar"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    r = verify_shards(out, progress=False)
+    assert not r.ok and any("imagenet1k-validation-0000.tar" in p for p in r.problems)
+
+
+def test_train_and_evaluate_on_timm_wds_shards(timm_shards, tmp_path):
+    from train.main import main as train_main
+
+    out, info = timm_shards
+    sets = [a for kv in ("arch=resnet18", "num_classes=1000", "image_size=32", "val_resize=36",
+                         "val_crop=32", "batch_size=8", "workers=1", "epochs=1")
+            for a in ("--set", kv)]
+    metrics = train_main(["--data", str(out), "--output-dir", str(tmp_path / "run"),
+                          "--device", "cpu", *sets])
+    assert metrics["val_samples"] == info["splits"]["validation"]["num_samples"]
+    ev = train_main(["--data", str(out), "--evaluate", "--checkpoint",
+                     str(tmp_path / "run/checkpoint.pt"), "--device", "cpu"])
+    assert ev["val_samples"] == 16
+
+
+def test_timm_shards_need_no_toolkit_files(timm_shards):
+    out, _ = timm_shards
+    assert sorted(p.name for p in Path(out).iterdir() if not p.name.endswith(".tar")) == \
+        ["_info.json"]
