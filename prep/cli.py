@@ -32,8 +32,9 @@ def main() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--layout", type=click.Choice(["ilsvrc2017", "kaggle", "ilsvrc2012",
                                              "ilsvrc2012-tar", "imagefolder", "blurred",
-                                             "blurred-tar", "imagenet-v2", "imagenet-a",
-                                             "imagenet-r", "imagenet-sketch"]),
+                                             "blurred-tar", "hf-tar", "hf-parquet",
+                                             "imagenet-v2", "imagenet-a", "imagenet-r",
+                                             "imagenet-sketch"]),
               default="ilsvrc2017", show_default=True,
               help="On-disk layout to imitate (the imagenet-* ones: evaluation sets, "
                    "--val-per-class images per class).")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prep.atomic import write_atomic
 from prep.classes import ClassInfo, build_class_table, reference_words
 from prep.errors import PrepError
 from prep.preds import Predictions
@@ -137,9 +138,7 @@ def _table(p, idx, sc, classes, fmt: str) -> bytes:
 def write_export(data: bytes, out: Path) -> None:
     if not out.parent.is_dir():
         raise PrepError(f"{out}: directory {out.parent} does not exist; create it first")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(out)
+    write_atomic(out, data)
 
 
 def real_scores(p: Predictions, classes: list[ClassInfo] | None,

@@ -25,6 +25,7 @@ from prep.classes import (
 )
 from prep.errors import PrepError, ignore_sigint
 from prep.extract import extract_class_archive, extract_flat_archive, extract_train_archive
+from prep.hf import extract_release
 from prep.labels import (
     LabelSource,
     cross_check,
@@ -71,12 +72,21 @@ def _rel(path: Path, root: Path) -> str:
     return os.path.relpath(path, root) if path.is_relative_to(root) else path.name
 
 
-def _extract(lay: Layout, extract_to: Path | None, progress: bool) -> Layout:
+def _extract(lay: Layout, extract_to: Path | None, progress: bool, workers: int) -> Layout:
     if extract_to is None:
-        raise PrepError(f"--src {lay.src}: holds {lay.name} archives "
-                        f"({', '.join(p.name for p in lay.archives.values())}); pass "
-                        "--extract-to DIR (outside the source, ~150 GB free) to unpack them")
+        files = [p.name for p in lay.archives.values()] + \
+            [p.name for ps in lay.hf_files.values() for p in ps[:1]]
+        raise PrepError(f"--src {lay.src}: holds {lay.name} archives ({', '.join(files)}"
+                        "...); pass --extract-to DIR (outside the source, ~150 GB free) to "
+                        "unpack them")
     dest = check_link_dir(extract_to, lay.src)  # same rule: never inside the source
+    if lay.hf_files:  # Hugging Face: suffixed names back to the original ones
+        dirs, lay.suffix_labels = extract_release(lay.name, lay.hf_files, dest, workers,
+                                                  progress)
+        lay.train_dir, lay.val_dir, lay.test_dir = (dirs.get(s) for s in
+                                                    ("train", "val", "test"))
+        require_splits(lay)
+        return lay
     if lay.name == "blurred":  # tar.gz files of class folders
         for split, archive in lay.archives.items():
             setattr(lay, f"{split}_dir",
@@ -156,6 +166,9 @@ def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
         sources.append(LabelSource("val class folders", lay.val_dir, labels))
     if ids is None and lay.map_clsloc:
         ids = read_map_clsloc(lay.map_clsloc)
+    if lay.suffix_labels is not None:
+        sources.append(LabelSource("file-name suffixes (Hugging Face)", lay.val_dir,
+                                   lay.suffix_labels))
     if lay.shipped_val_labels:
         sources.append(LabelSource(SHIPPED, Path("prep/data/LOC_val_solution.csv.gz"),
                                    reference_val_labels()))
@@ -252,8 +265,9 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     t0 = time.perf_counter()
     lay = detect_layout(src)
     link = check_link_dir(Path(link_dir), lay.src)
-    if lay.archives:
-        lay = _extract(lay, Path(extract_to) if extract_to else None, progress)
+    if lay.archives or lay.hf_files:
+        lay = _extract(lay, Path(extract_to) if extract_to else None, progress,
+                       workers or default_workers())
     scan = read_source(lay, check, workers or default_workers(), progress)
     if scan.problems.broken_links:
         links = scan.problems.broken_links

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from prep.classes import is_wnid
 from prep.errors import PrepError
+from prep.hf import find_release
 from prep.scan import is_litter
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
@@ -39,6 +40,8 @@ class Layout:
     # a release of the real ILSVRC2012 val images (face-blurred, Hugging Face): its val
     # labels are cross-checked against the real ones the package ships
     shipped_val_labels: bool = False
+    hf_files: dict[str, list[Path]] = field(default_factory=dict)  # Hugging Face release
+    suffix_labels: dict[str, str] | None = None  # val stem -> wnid from HF file names
 
     def describe(self) -> str:
         val = "val in class folders" if self.val_in_folders else "flat val"
@@ -115,6 +118,8 @@ def detect_layout(src: str | os.PathLike) -> Layout:
             if split not in lay.archives:
                 raise PrepError(f"{src}: found the ILSVRC2012 archives but not "
                                 f"{TRAIN_TAR if split == 'train' else VAL_TAR}")
+    elif release := find_release(src):
+        lay = Layout(release[0], src, hf_files=release[1], shipped_val_labels=True)
     elif any(_dir(src / d) or _file(src / f"{d}.tar.gz") for d in BLURRED.values()):
         lay = Layout("blurred", src, _dir(src / BLURRED["train"]), _dir(src / BLURRED["val"]))
         for split, d in BLURRED.items():  # the release ships tar.gz files of class folders
@@ -131,7 +136,7 @@ def detect_layout(src: str | os.PathLike) -> Layout:
             "and train/ + val/ (extracted ILSVRC2012 or class folders)"
         )
     _find_label_files(lay)
-    if not lay.archives:
+    if not lay.archives and not lay.hf_files:
         require_splits(lay)
     return lay
 

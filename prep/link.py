@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prep.atomic import write_atomic
 from prep.errors import PrepError
 
 LINK_THREADS = 4
@@ -142,7 +143,7 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
     try:
         _write(imagenet, meta_todo, todo, stale, ch)
         for path, data in report_todo:
-            _replace_file(path, data)
+            write_atomic(path, data)
     except OSError as exc:
         for tmp in (imagenet / "meta").glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -151,18 +152,6 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
                         "left. Free space (or fix the disk), then rerun: every link and meta "
                         "file is checked again, nothing is taken on trust") from None
     return ch
-
-
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file and a rename (the temp file is removed if
-    the write fails)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
@@ -213,6 +202,6 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
 def _write_meta(items: list[tuple[Path, bytes]], ch: Changes) -> None:
     for path, data in items:
         existed = path.exists()
-        _replace_file(path, data)
+        write_atomic(path, data)
         ch.replaced += existed
         ch.created += not existed

@@ -33,8 +33,9 @@ from prep.progress import progress_bar
 from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
 
 LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder", "blurred",
-           "blurred-tar")
-REAL_VAL = ("blurred", "blurred-tar")  # releases of the real val images: real stems, labels
+           "blurred-tar", "hf-tar", "hf-parquet")
+# releases of the real val images (real stems and labels, cross-checked by prep imagenet)
+REAL_VAL = ("blurred", "blurred-tar", "hf-tar", "hf-parquet")
 # evaluation sets (`prep evalset`): class folders with each set's own names; the classes
 # come from the set's pool (ImageNet-A/-R: their 200), `--val-per-class` images each
 EVALSET_LAYOUTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
@@ -299,6 +300,8 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     if layout == "ilsvrc2012-tar":
         _write_archives(out, plan, bar)
+    elif layout in ("hf-tar", "hf-parquet"):
+        _write_hf(out, plan, layout, bar)
     elif layout == "blurred-tar":  # the release's train_blurred.tar.gz / val_blurred.tar.gz
         for split in ("train", "val"):
             members = [(rel, data) for rel, data in _layout_files(plan, "blurred")
@@ -328,6 +331,44 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
             "planted_bad_files": {f"{s}.JPEG": k for s, k in plan.bad.items()}}
     (out / "SAMPLE.json").write_text(json.dumps(info, indent=2) + "\n")
     return plan
+
+
+def _write_hf(out: Path, plan: SamplePlan, layout: str, bar) -> None:
+    """Hugging Face `ILSVRC/imagenet-1k`: files renamed `<stem>_<wnid>.JPEG` (test: no
+    suffix), in tar.gz archives (train over two) or Parquet files under data/."""
+    rows: dict[str, list[tuple[str, bytes, int]]] = {"train": [], "val": [], "test": []}
+    index = {w: i for i, w in enumerate(sorted(reference_words()))}
+    for split, rel, data in _files(plan, val_folders=False):
+        stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        wnid = rel.split("/")[0] if split == "train" else plan.val.get(stem)
+        name = f"{stem}_{wnid}.JPEG" if wnid else f"{stem}.JPEG"
+        rows[split].append((name, data, index[wnid] if wnid else -1))
+    if layout == "hf-tar":
+        groups = {"train_images_0.tar.gz": rows["train"][::2],
+                  "train_images_1.tar.gz": rows["train"][1::2],
+                  "val_images.tar.gz": rows["val"], "test_images.tar.gz": rows["test"]}
+        for archive, members in groups.items():
+            if members:
+                with tarfile.open(out / archive, "w:gz", format=tarfile.GNU_FORMAT) as t:
+                    for name, data, _ in members:
+                        _tar_add(t, name, data)
+                        bar.update()
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (out / "data").mkdir()
+    for split, prefix in (("train", "train"), ("val", "validation"), ("test", "test")):
+        parts = [rows[split][::2], rows[split][1::2]] if split == "train" else [rows[split]]
+        parts = [p for p in parts if p]
+        for i, part in enumerate(parts):
+            image = pa.array([{"bytes": d, "path": n} for n, d, _ in part],
+                             pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+            table = pa.table({"image": image,
+                              "label": pa.array([lab for _, _, lab in part], pa.int64())})
+            pq.write_table(table, out / "data" / f"{prefix}-{i:05d}-of-{len(parts):05d}.parquet",
+                           row_group_size=8)
+            bar.update(len(part))
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

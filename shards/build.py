@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prep import __version__
+from prep.atomic import write_atomic
 from prep.errors import PrepError, refuse_inside
 from prep.evalset import read_evalset
 from prep.progress import progress_bar
@@ -43,8 +44,9 @@ from shards.dali_index import index_path
 from shards.image import pool_worker_init
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
+from shards.record import ShardRecord
 from shards.source import read_classes, read_split
-from shards.write import ShardOptions, ShardRecord, write_shard
+from shards.write import ShardOptions, write_shard
 
 STATE = ".prep-shard"
 LOCK = ".prep-shard.lock"
@@ -241,9 +243,7 @@ def _claim(out: Path, fp: str, settings: ShardSettings, data: Path, force: bool,
     if old is None:
         doc = {"fingerprint": fp, "data": str(data), "settings": asdict(settings),
                "tool": f"prep {__version__}", "shards": names}
-        tmp = state / f".plan.json.{os.getpid()}.tmp"  # parts on several machines race here
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, plan_file)
+        write_atomic(plan_file, json.dumps(doc, indent=1) + "\n")  # parts may race here
     return state / "parts"
 
 
@@ -286,15 +286,11 @@ def _finished(parts: Path, out: Path, plan: ShardPlan, data: Path) -> ShardRecor
 
 
 def _save(parts: Path, rec: ShardRecord) -> None:
-    tmp = parts / f".{rec.name}.json.tmp"
-    tmp.write_text(rec.to_json())
-    os.replace(tmp, parts / f"{rec.name}.json")
+    write_atomic(parts / f"{rec.name}.json", rec.to_json())
 
 
 def _record_manifest(path: Path, entries: dict[str, list[int] | None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(entries) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(entries) + "\n")
 
 
 def _source_roots(data: Path) -> dict[str, Path]:

@@ -14,6 +14,7 @@ import mmap
 import os
 from pathlib import Path
 
+from prep.atomic import write_atomic
 from shards.tarread import members
 
 VERSION = "v1.2"
@@ -54,8 +55,4 @@ def dali_index(tar: str | os.PathLike) -> bytes:
 
 def write_dali_index(tar: str | os.PathLike) -> Path:
     """Write `index_path(tar)` atomically; returns its path."""
-    path = index_path(tar)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(dali_index(tar))
-    os.replace(tmp, path)
-    return path
+    return write_atomic(index_path(tar), dali_index(tar))

@@ -10,17 +10,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from array import array
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from prep.atomic import write_atomic
 from prep.errors import PrepError
-
-if TYPE_CHECKING:  # readers (train/data.py) import parse_info without the writer's modules
-    from shards.write import ShardRecord
+from shards.record import INDEX_COLUMNS, ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
 # The toolkit says `val` (meta/val.txt, shard names, --split val); timm, Hugging Face and
@@ -39,12 +36,6 @@ def find_split(info: dict, split: str) -> str | None:
     aliases = {split, INFO_SPLIT_NAMES.get(split, split)}
     aliases |= {k for k, v in INFO_SPLIT_NAMES.items() if v == split}
     return next((k for k in info["splits"] if k in aliases), None)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep: dict,
@@ -75,13 +66,13 @@ def write_manifest(out: Path, records: list[ShardRecord], wnids: list[str], prep
     }
     _write_index(out / INDEX, records)
     sums = "".join(f"{r.sha256}  {r.name}\n" for r in sorted(records, key=lambda r: r.name))
-    _atomic_write(out / SUMS, sums.encode())
+    write_atomic(out / SUMS, sums.encode())
     for split, recs in splits.items():
         wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": split,
                 "shardlist": [{"url": r.name, "nsamples": r.num_samples,
                                "filesize": r.filesize} for r in recs]}  # md5sum: optional
-        _atomic_write(out / f"{split}.shardindex.json", json.dumps(wids, indent=1).encode())
-    _atomic_write(out / INFO, (json.dumps(info, indent=1) + "\n").encode())  # last: "done"
+        write_atomic(out / f"{split}.shardindex.json", json.dumps(wids, indent=1).encode())
+    write_atomic(out / INFO, (json.dumps(info, indent=1) + "\n").encode())  # last: "done"
     return info
 
 
@@ -91,8 +82,6 @@ def preload_manifest_libs() -> None:
     import pyarrow.parquet  # noqa: F401
 
 
-INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "label", "wnid", "width",
-                 "height", "repaired", "source")  # index.parquet's columns, in this order
 _TYPES = {"offset": "int64", "jpg_bytes": "int64", "label": "int32", "width": "int32",
           "height": "int32"}  # the others are strings
 
@@ -110,9 +99,9 @@ def _write_index(path: Path, records: list[ShardRecord]) -> None:
         values = [v for r in records for v in r.rows[name]]
         kind = _TYPES.get(name)
         cols[name] = _int_column(values, kind) if kind else _string_column(values)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, path)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf)
+    write_atomic(path, buf.getvalue().to_pybytes())
 
 
 def _int_column(values: list[int], kind: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prep.errors import PrepError
@@ -19,8 +19,8 @@ from shards import tarpack
 from shards.dali_index import write_dali_index
 from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
-from shards.manifest import INDEX_COLUMNS
 from shards.plan import ShardPlan
+from shards.record import INDEX_COLUMNS, ShardRecord
 from shards.tario import FdSink, TarStream
 
 
@@ -30,31 +30,6 @@ class ShardOptions:
     quality: int = 90  # JPEG quality when resizing
     on_error: str = "fail"  # "fail" | "skip" for undecodable images
     strict: bool = True  # entropy-decode every JPEG (prep.jpeg.strict_problem)
-
-
-@dataclass
-class ShardRecord:
-    """What finalize needs from a written shard (stored as JSON beside the outputs)."""
-
-    name: str
-    split: str
-    num_samples: int
-    filesize: int
-    sha256: str
-    # the per-sample index by column (INDEX_COLUMNS): lists pickle and dump to JSON ~3x
-    # faster than one dict per sample, and the workers send 1.28 M of them to the main process
-    rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX_COLUMNS})
-    skipped: list[str] = field(default_factory=list)
-    # what resume compares before keeping the shard: every source's size and mtime (plan
-    # order, skipped ones included) and the finished tar's own inode and mtime, so that a
-    # changed image or a tar another process replaced is never kept
-    source_stats: list[list[int]] = field(default_factory=list)
-    tar_inode: int = 0
-    tar_mtime_ns: int = 0
-
-    def to_json(self) -> str:
-        # vars(), not dataclasses.asdict: asdict deep-copies every column
-        return json.dumps(vars(self), separators=(",", ":"))
 
 
 def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> ShardRecord:

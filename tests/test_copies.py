@@ -170,3 +170,113 @@ def test_timm_shards_need_no_toolkit_files(timm_shards):
     out, _ = timm_shards
     assert sorted(p.name for p in Path(out).iterdir() if not p.name.endswith(".tar")) == \
         ["_info.json"]
+
+
+@pytest.mark.parametrize("layout", ["hf-tar", "hf-parquet"])
+def test_hugging_face_release_gets_the_original_names(tmp_path, layout):
+    src = tmp_path / "src"
+    spec = SampleSpec(classes=4, train_per_class=5, val_per_class=3, test_images=3, size=32)
+    plan = write_sample(src, layout, spec, progress=False)
+    before = tree_hash(src)
+    r = prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=2)
+    assert r.layout == f"{layout} (flat val)"
+    assert r.label_sources == ["file-name suffixes (Hugging Face)",
+                               "real ILSVRC2012 val labels (shipped)"]
+    val = (tmp_path / "data/imagenet/meta/val.txt").read_text().splitlines()
+    assert val == _expected_val(plan, ".JPEG")
+    index = {w: i for i, w in enumerate(plan.wnids)}
+    train = (tmp_path / "data/imagenet/meta/train.txt").read_text().splitlines()
+    assert sorted(train) == sorted(f"{w}/{s}.JPEG {index[w]}" for w, ss in plan.train.items()
+                                   for s in ss)
+    assert (tmp_path / "data/imagenet/meta/test.txt").read_text().split() == \
+        [f"ILSVRC2012_test_{i:08d}.JPEG" for i in (1, 2, 3)]
+    assert tree_hash(src) == before
+    again = prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x",
+                             progress=False, workers=2)
+    assert again.changes.nothing_to_do
+
+
+def test_hf_tar_and_parquet_give_byte_identical_shards(tmp_path):
+    from shards.build import ShardSettings, shard_dataset
+    from tests.conftest import sha256_files
+
+    spec = SampleSpec(classes=3, train_per_class=6, val_per_class=2, test_images=2, size=32)
+    for layout in ("hf-tar", "hf-parquet"):
+        write_sample(tmp_path / layout, layout, spec, progress=False)
+        prepare_imagenet(tmp_path / layout, tmp_path / f"data-{layout}",
+                         extract_to=tmp_path / f"x-{layout}", progress=False, workers=1)
+        shard_dataset(tmp_path / f"data-{layout}/imagenet", tmp_path / f"s-{layout}",
+                      ShardSettings(num_shards=2), workers=1, progress=False)
+    a = sha256_files((tmp_path / "s-hf-tar").glob("*.tar"))
+    assert a and a == sha256_files((tmp_path / "s-hf-parquet").glob("*.tar"))
+
+
+def _rewrite_parquet(path, change):
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(change(table), path)
+
+
+def test_hf_parquet_label_that_disagrees_with_the_suffix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    src = tmp_path / "src"
+    write_sample(src, "hf-parquet", SPEC, progress=False)
+    path = next((src / "data").glob("train-00000-*.parquet"))
+    _rewrite_parquet(path, lambda t: t.set_column(1, "label", pc.add(t["label"],
+                                                                     pa.scalar(1, pa.int64()))))
+    with pytest.raises(PrepError, match=r"train-00000-of-00002.parquet row 0: .* the label "
+                       r"column says"):
+        prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=1)
+    assert not (tmp_path / "x/train").exists()
+
+
+def test_hf_parquet_with_other_columns(tmp_path):
+    import pyarrow as pa
+
+    src = tmp_path / "src"
+    write_sample(src, "hf-parquet", SPEC, progress=False)
+    path = next((src / "data").glob("validation-*.parquet"))
+    _rewrite_parquet(path, lambda t: t.append_column("extra", pa.array([1] * len(t))))
+    with pytest.raises(PrepError, match=r"validation-00000-of-00001.parquet: columns"):
+        prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=1)
+
+
+def test_hf_tar_val_suffix_that_disagrees_with_the_real_labels(tmp_path):
+    import io
+
+    src = tmp_path / "src"
+    plan = write_sample(src, "hf-tar", SPEC, progress=False)
+    stem, wnid = sorted(plan.val.items())[0]
+    other = next(w for w in plan.wnids if w != wnid)
+    members = []
+    with tarfile.open(src / "val_images.tar.gz") as t:
+        for m in t:
+            data = t.extractfile(m).read()
+            name = m.name.replace(f"{stem}_{wnid}", f"{stem}_{other}")
+            members.append((name, data))
+    with tarfile.open(src / "val_images.tar.gz", "w:gz") as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    with pytest.raises(PrepError, match=rf"{stem}: {other} in .* but {wnid}"):
+        prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                         workers=1)
+
+
+def test_hf_tar_truncated_archive(tmp_path):
+    src = tmp_path / "src"
+    write_sample(src, "hf-tar", SPEC, progress=False)
+    archive = src / "train_images_1.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:-200])
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src", str(src),
+                                       "--link", str(tmp_path / "data"), "--extract-to",
+                                       str(tmp_path / "x")])
+    assert r.exit_code == 1 and "train_images_1.tar.gz: truncated or corrupt" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "x/train").exists()

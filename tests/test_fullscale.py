@@ -28,7 +28,8 @@ def caffe_val_txt():
 
 
 @pytest.mark.parametrize("layout", ["ilsvrc2017", "kaggle", "ilsvrc2012", "imagefolder",
-                                    "ilsvrc2012-tar", "blurred", "blurred-tar"])
+                                    "ilsvrc2012-tar", "blurred", "blurred-tar", "hf-tar",
+                                    "hf-parquet"])
 def test_full_scale_val_txt_equals_caffe(tmp_path, caffe_val_txt, layout):
     src = tmp_path / "src"
     write_sample(src, layout, FULL, progress=False)

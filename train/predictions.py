@@ -11,13 +11,13 @@ so that nothing depends on order alone.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from prep.atomic import write_atomic
 from shards.manifest import INFO_SPLIT_NAMES
 
 
@@ -62,10 +62,7 @@ def write_predictions(kept: dict, data: str, split: str, out: Path, num_classes:
         results.append(item)
     if merged:
         raise RuntimeError(f"{len(merged)} predicted samples are not in the manifest")
-    tmp = out.with_name(f".{out.name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(results, f, protocol=4)
-    os.replace(tmp, out)
+    write_atomic(out, pickle.dumps(results, protocol=4))
     return results
 
 

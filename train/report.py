@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 
-COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "top1", "top5", "train_img_s",
-           "data_wait", "epoch_s", "val_samples"]
+from prep.atomic import write_atomic
+
+COLUMNS = ["epoch", "lr", "train_loss", "val_loss", "top1", "top5", "real_top1", "real_top5",
+           "train_img_s", "data_wait", "epoch_s", "val_samples"]
 
 
 def write_metrics(out: Path, history: list[dict]) -> None:
@@ -17,18 +18,12 @@ def write_metrics(out: Path, history: list[dict]) -> None:
     rename) from the checkpoint's history: after a kill between the checkpoint and these
     files, the resumed run writes every epoch exactly once."""
     lines = "".join(json.dumps(row) + "\n" for row in history)
-    _replace(out / "metrics.jsonl", lines)
+    write_atomic(out / "metrics.jsonl", lines)
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, COLUMNS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(history)
-    _replace(out / "metrics.csv", buf.getvalue())
-
-
-def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(out / "metrics.csv", buf.getvalue())
 
 
 def plot_metrics(out: Path, history: list[dict]) -> Path | None:

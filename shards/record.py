@@ -1,0 +1,35 @@
+"""What a written shard leaves for the manifest and for resume: its record, and the columns
+of the per-sample index (index.parquet)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "label", "wnid", "width",
+                 "height", "repaired", "source")  # index.parquet's columns, in this order
+
+
+@dataclass
+class ShardRecord:
+    """What finalize needs from a written shard (stored as JSON beside the outputs)."""
+
+    name: str
+    split: str
+    num_samples: int
+    filesize: int
+    sha256: str
+    # the per-sample index by column (INDEX_COLUMNS): lists pickle and dump to JSON ~3x
+    # faster than one dict per sample, and the workers send 1.28 M of them to the main process
+    rows: dict[str, list] = field(default_factory=lambda: {c: [] for c in INDEX_COLUMNS})
+    skipped: list[str] = field(default_factory=list)
+    # what resume compares before keeping the shard: every source's size and mtime (plan
+    # order, skipped ones included) and the finished tar's own inode and mtime, so that a
+    # changed image or a tar another process replaced is never kept
+    source_stats: list[list[int]] = field(default_factory=list)
+    tar_inode: int = 0
+    tar_mtime_ns: int = 0
+
+    def to_json(self) -> str:
+        # vars(), not dataclasses.asdict: asdict deep-copies every column
+        return json.dumps(vars(self), separators=(",", ":"))
