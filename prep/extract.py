@@ -38,6 +38,12 @@ def _check_member(archive: str, m: tarfile.TarInfo) -> str:
     return m.name
 
 
+def corrupt(archive: Path | str, exc: BaseException) -> PrepError:
+    """The error for an archive that ends early or is damaged (what was extracted stays)."""
+    return PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then rerun: "
+                     "the files already extracted are kept")
+
+
 def _write_member(src: IO[bytes], size: int, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as out:
@@ -77,13 +83,12 @@ def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Pa
     partial = dest.with_name(f".{dest.name}.partial")
     partial.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
-               desc=f"extract {archive.name}", disable=not progress)
+                       desc=f"extract {archive.name}", disable=not progress)
     try:
         with _open(archive) as tar:
             _extract_flat(tar, str(archive), partial, bar)
     except (tarfile.TarError, EOFError) as exc:
-        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, "
-                        "then rerun: finished files are kept") from exc
+        raise corrupt(archive, exc) from exc
     finally:
         bar.close()
     os.replace(partial, dest)
@@ -94,7 +99,7 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
     """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`."""
     dest.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
-               desc=f"extract {archive.name}", disable=not progress)
+                       desc=f"extract {archive.name}", disable=not progress)
     try:
         with _open(archive) as outer:
             for m in outer:
@@ -114,8 +119,7 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
                 os.replace(partial, dest / wnid)
                 bar.update(m.size)
     except (tarfile.TarError, EOFError) as exc:
-        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, "
-                        "then rerun: finished classes are kept") from exc
+        raise corrupt(archive, exc) from exc
     finally:
         bar.close()
     return dest
@@ -171,8 +175,7 @@ def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> P
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and \
                 "gzip" not in str(exc).lower() and "compressed" not in str(exc).lower():
             raise
-        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then "
-                        "rerun: the files already extracted are kept") from exc
+        raise corrupt(archive, exc) from exc
     finally:
         bar.close()
     os.replace(partial, dest)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError, ignore_sigint
+from prep.extract import corrupt
 from prep.progress import progress_bar
 
 _SUFFIXED = re.compile(r"(?P<stem>[A-Za-z0-9_.\-]+)_(?P<wnid>n\d{8})\.(?P<ext>JPEG|jpeg|jpg)")
@@ -83,18 +84,25 @@ def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
 
 
 def _write(path: Path, data_or_src, size: int) -> None:
-    if path.is_file() and path.stat().st_size == size:
-        return  # written whole by an earlier run
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        if isinstance(data_or_src, bytes):
-            out.write(data_or_src)
-        else:
-            while chunk := data_or_src.read(1 << 20):
-                out.write(chunk)
-    if tmp.stat().st_size != size:
-        tmp.unlink()
+    """Write one image (bytes, or a member's file object) under a temp name and rename it;
+    skip it when an earlier run wrote it whole. One read, one write, one rename: the open
+    of a new file is most of the cost here, as for `tar -x`."""
+    try:
+        if os.stat(path).st_size == size:
+            return  # written whole by an earlier run
+    except FileNotFoundError:
+        pass
+    data = data_or_src if isinstance(data_or_src, bytes) else data_or_src.read()
+    if len(data) != size:
         raise PrepError(f"{path}: member is truncated ({size} bytes expected)")
+    tmp = f"{path.parent}/.{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -106,6 +114,7 @@ class Extracted:
 
 def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
     labels: dict[str, str] = {}
+    made: set[str] = set()
     n = 0
     try:
         with tarfile.open(archive, "r|gz") as tar:
@@ -119,8 +128,9 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
                     raise PrepError(f"{archive}: member {m.name!r} is not a flat file name; "
                                     "refusing to extract")
                 rel, wnid = original_name(split, m.name, str(archive))
-                if split == "train":
+                if split == "train" and wnid not in made:
                     (partial / wnid).mkdir(exist_ok=True)
+                    made.add(wnid)
                 _write(partial / rel, tar.extractfile(m), m.size)
                 if split == "val":
                     labels[rel.rsplit(".", 1)[0]] = wnid
@@ -128,8 +138,7 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, PrepError):
             raise
-        raise PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then "
-                        "rerun: the files already extracted are kept") from exc
+        raise corrupt(archive, exc) from exc
     return Extracted(n, labels)
 
 
@@ -140,7 +149,9 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
     import pyarrow.parquet as pq
 
     sorted_wnids = sorted(reference_words())
+    index = {w: i for i, w in enumerate(sorted_wnids)}
     labels: dict[str, str] = {}
+    made: set[str] = set()
     n = 0
     try:
         f = pq.ParquetFile(path)
@@ -157,16 +168,17 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                 if name is None:
                     raise PrepError(f"{where}: no image path")
                 rel, wnid = original_name(split, name, where)
-                if split != "test" and label != sorted_wnids.index(wnid):
+                if split != "test" and label != index[wnid]:
                     have = sorted_wnids[label] if isinstance(label, int) and \
                         0 <= label < len(sorted_wnids) else "no class"
                     raise PrepError(f"{where}: {name!r} says {wnid} (label "
-                                    f"{sorted_wnids.index(wnid)}), the label column says "
+                                    f"{index[wnid]}), the label column says "
                                     f"{label} ({have}); refusing to guess")
                 if split == "test" and label not in (-1, None):
                     raise PrepError(f"{where}: a test image with label {label} (expected -1)")
-                if wnid and split == "train":
+                if split == "train" and wnid not in made:
                     (partial / wnid).mkdir(exist_ok=True)
+                    made.add(wnid)
                 data = blobs[i].as_py()
                 _write(partial / rel, data, len(data))
                 if split == "val":

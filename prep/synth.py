@@ -56,7 +56,8 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
 
 
 def bad_file_bytes(kind: str, img: Image.Image) -> bytes:
-    """The files that break naive pipelines (IMAGENET.md), all named `.JPEG` by the caller."""
+    """The files that break naive pipelines (docs/design-notes.md); the caller names them
+    `.JPEG`."""
     buf = io.BytesIO()
     if kind == "cmyk":
         img.convert("CMYK").save(buf, format="JPEG", quality=90)

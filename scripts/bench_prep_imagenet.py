@@ -5,7 +5,7 @@ Tree: 1000 classes x 1281 zero-byte train files (1,281,000), the 50,000 real val
 and their 50,000 XMLs as the only label source (built once, reused). Trials alternate
 the baseline and the candidates on the same warm tree, each `prep` run into a fresh
 --link dir, and the table reports medians and the ratio to the baseline's median.
-Goal (issue 2): prep with its default check <= 3x find.
+Goal: prep with its default check <= 3x find.
 
     .venv/bin/python scripts/bench_prep_imagenet.py [--root /tmp/prep-bench] [--trials 5]
 """

@@ -1,1 +1,1 @@
-"""Write, verify and stream WebDataset tar shards (see the `prep shard` issue)."""
+"""WebDataset tar shards: `prep shard`, `prep verify` and the readers (docs/sharding.md)."""

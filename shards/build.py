@@ -45,7 +45,7 @@ from shards.image import pool_worker_init
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.record import ShardRecord
-from shards.source import read_classes, read_split
+from shards.source import read_classes, read_samples
 from shards.write import ShardOptions, write_shard
 
 STATE = ".prep-shard"
@@ -82,7 +82,7 @@ def make_plans(data: Path, s: ShardSettings) -> tuple[list[str], list[ShardPlan]
     for split in ("val",) if evalset else s.splits:
         if split == "test" and not (data / "meta" / "test.txt").is_file():
             continue  # test is optional: present only when the copy has test images
-        samples = read_split(data, split, wnids, class_keys=evalset is not None)
+        samples = read_samples(data, split, wnids, class_keys=evalset is not None)
         if s.num_shards:
             n = s.num_shards
         elif s.samples_per_shard:

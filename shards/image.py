@@ -1,7 +1,7 @@
 """What goes into a shard's `jpg`: the original bytes when they are a good RGB JPEG that
 needs no resize, otherwise an RGB JPEG re-encoded once.
 
-Repairs (IMAGENET.md): CMYK JPEG, PNG named .JPEG, grayscale -> RGB JPEG. Pre-resizing
+Repairs (docs/design-notes.md): CMYK JPEG, PNG named .JPEG, grayscale -> RGB JPEG. Pre-resizing
 (FFCV-style, `max_size`): shrink so the longer side is at most max_size, keep aspect,
 never upscale; JPEGs are decoded at a reduced DCT scale (PIL draft) when shrinking by 2x
 or more, which skips most of the decode work.

@@ -37,7 +37,7 @@ def read_classes(data: Path) -> list[str]:
                     "(--data is the imagenet/ dir it made, e.g. data/imagenet)")
 
 
-def read_split(data: Path, split: str, wnids: list[str], class_keys: bool = False
+def read_samples(data: Path, split: str, wnids: list[str], class_keys: bool = False
                ) -> list[Sample]:
     """Samples of meta/<split>.txt; labels checked against the class table and folders.
     `class_keys`: keys carry the class (`<wnid>_<stem>`: evaluation sets, whose file names

@@ -151,9 +151,10 @@ def test_a_and_r_logits_restricted_to_their_200_classes():
         table[i, a[i * 7 + 1]] = 4.0
         labels.append(truth)
     keys = [f"k{i}" for i in range(n)]
-    plain = evaluate(_Table(table), _loader(labels, keys), _Norm(), n, "none", 1000, False)
-    scored = evaluate(_Table(table), _loader(labels, keys), _Norm(), n, "none", 1000, False,
-                      valid=a)
+    plain = evaluate(_Table(table), _loader(labels, keys), _Norm(), num_samples=n,
+                     amp="none", num_classes=1000)
+    scored = evaluate(_Table(table), _loader(labels, keys), _Norm(), num_samples=n,
+                      amp="none", num_classes=1000, valid=a)
     assert plain["top1"] == 0.0
     assert scored["top1"] == 1.0 and scored["top5"] == 1.0
 
@@ -184,8 +185,8 @@ def test_real_top1_and_top5_on_known_predictions():
             counted += 1
             expect1 += i % 2 == 0
             expect5 += i % 2 == 0 or i % 4 == 1
-    m = evaluate(_Table(table), _loader([0] * n, keys), _Norm(), n, "none", 1000, False,
-                 real=real_for, to_global=list(range(1000)))
+    m = evaluate(_Table(table), _loader([0] * n, keys), _Norm(), num_samples=n, amp="none",
+                 num_classes=1000, real=real_for, to_global=list(range(1000)))
     assert m["real_samples"] == counted < n  # the excluded images are left out
     assert m["real_top1"] == pytest.approx(expect1 / counted)
     assert m["real_top5"] == pytest.approx(expect5 / counted)

@@ -81,13 +81,13 @@ def test_devkit_ground_truth(lines):
 @given(st.text(max_size=200))
 @example("n01440764/a.JPEG \u00b2\n")
 def test_meta_split_files(tmp_path_factory, text):
-    from shards.source import read_split
+    from shards.source import read_samples
 
     data = tmp_path_factory.mktemp("d")
     (data / "meta").mkdir()
     (data / "meta" / "train.txt").write_text(text)
     try:
-        read_split(data, "train", ["n01440764", "n01443537"])
+        read_samples(data, "train", ["n01440764", "n01443537"])
     except PrepError as exc:
         assert "train.txt" in str(exc)
 

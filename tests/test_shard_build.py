@@ -246,7 +246,7 @@ def test_disk_error_leaves_no_partial(prepared, tmp_path, monkeypatch):
 
     import shards.write as w
     from shards.plan import assign
-    from shards.source import read_classes, read_split
+    from shards.source import read_classes, read_samples
 
     data, _ = prepared()
     monkeypatch.setattr(w.tarpack, "_lib", None)  # the Python writer (C: tests/test_disk_full)
@@ -258,7 +258,7 @@ def test_disk_error_leaves_no_partial(prepared, tmp_path, monkeypatch):
         return real(fd, bufs)
 
     monkeypatch.setattr(os, "writev", full)
-    plan = assign("train", read_split(data, "train", read_classes(data)), 1, 0)[0]
+    plan = assign("train", read_samples(data, "train", read_classes(data)), 1, 0)[0]
     out = tmp_path / "s"
     out.mkdir()
     with pytest.raises(PrepError, match="No space left on device.*no partial shard"):

@@ -4,7 +4,7 @@ import pytest
 
 from prep.errors import PrepError
 from shards.plan import assign, default_num_shards
-from shards.source import Sample, read_classes, read_split
+from shards.source import Sample, read_classes, read_samples
 
 
 def _samples(n):
@@ -41,10 +41,10 @@ def test_read_split_matches_meta(prepared):
     data, plan = prepared()
     wnids = read_classes(data)
     assert wnids == plan.wnids
-    val = read_split(data, "val", wnids)
+    val = read_samples(data, "val", wnids)
     assert [s.key for s in val] == sorted(plan.val)
     assert all(s.label == wnids.index(plan.val[s.key]) for s in val)
-    test = read_split(data, "test", wnids)
+    test = read_samples(data, "test", wnids)
     assert [s.label for s in test] == [-1, -1]
 
 
@@ -59,14 +59,14 @@ def test_bad_meta_lines(prepared, line, message):
     ann = data / "meta/train.txt"
     ann.write_text(ann.read_text() + line.format(w=w, other=other) + "\n")
     with pytest.raises(PrepError, match=rf"train.txt:21: .*{message}"):
-        read_split(data, "train", read_classes(data))
+        read_samples(data, "train", read_classes(data))
 
 
 def test_missing_meta_files(prepared):
     data, _ = prepared()
     (data / "meta/val.txt").unlink()
     with pytest.raises(PrepError, match=r"meta/val.txt: missing"):
-        read_split(data, "val", read_classes(data))
+        read_samples(data, "val", read_classes(data))
     (data / "meta/classes.csv").unlink()
     (data / "meta/synsets.txt").unlink()
     with pytest.raises(PrepError, match="no classes.csv"):

@@ -94,12 +94,12 @@ def test_val_region_resize_equals_resize_then_center_crop(resize, crop, tol):
 
 def test_train_decoder_same_geometry_as_plain_path_and_flip_in_collate():
     """Same seed -> same boxes and flips as the plain path; the batch holds flipped pixels."""
-    from train.decode import rrc_box
+    from train.decode import derive_seed, rrc_box
 
     data = _jpeg()
     dec = train_decoder(96, 0.08, True, seed=5)
     outs = [dec({"jpg": data, "cls": b"1"}) for _ in range(6)]
-    rng = random.Random(5 * 1_000_003)
+    rng = random.Random(derive_seed(5, 0))  # the worker's stream (worker 0)
     batch, labels = collate(outs)
     assert batch.shape == (6, 3, 96, 96) and batch.dtype == torch.uint8
     assert labels.tolist() == [1] * 6

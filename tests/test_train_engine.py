@@ -24,23 +24,27 @@ def test_non_finite_loss_stops_with_a_clear_error():
         return nn.functional.cross_entropy(out, y) * float("nan")
 
     with pytest.raises(LossNotFinite, match="loss is nan at epoch 3 step 0"):
-        train_one_epoch(model, batches, 3, opt, sched, scaler, nan_loss,
-                        Normalize(torch.device("cpu"), False), cfg, 3, False)
+        train_one_epoch(model, batches, steps=3, optimizer=opt, scheduler=sched, scaler=scaler,
+                        criterion=nan_loss, norm=Normalize(torch.device("cpu"), False),
+                        cfg=cfg, epoch=3, show=False)
 
 
 def test_loader_ending_early_is_an_error():
     model, opt, sched, scaler, batches = _setup()
     cfg = TrainConfig(batch_size=2, log_every=1)
     with pytest.raises(RuntimeError, match="the loader ended early"):
-        train_one_epoch(model, batches, 5, opt, sched, scaler, nn.CrossEntropyLoss(),
-                        Normalize(torch.device("cpu"), False), cfg, 0, False)
+        train_one_epoch(model, batches, steps=5, optimizer=opt, scheduler=sched, scaler=scaler,
+                        criterion=nn.CrossEntropyLoss(),
+                        norm=Normalize(torch.device("cpu"), False), cfg=cfg, epoch=0,
+                        show=False)
 
 
 def test_eval_count_mismatch_fails_loudly():
     model, *_, batches = _setup()
     loader = [(x, y, ["k1", "k2"]) for x, y in batches]
     norm = Normalize(torch.device("cpu"), False)
-    assert evaluate(model, loader, norm, 6, "none", 4, False)["val_samples"] == 6
+    assert evaluate(model, loader, norm, num_samples=6, amp="none",
+                    num_classes=4)["val_samples"] == 6
     with pytest.raises(RuntimeError, match="evaluated 6 samples across all ranks, the "
                                            "manifest has 7"):
-        evaluate(model, loader, norm, 7, "none", 4, False)
+        evaluate(model, loader, norm, num_samples=7, amp="none", num_classes=4)

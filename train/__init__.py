@@ -1,1 +1,1 @@
-"""DDP trainer and evaluator streaming the shards (see the trainer issue)."""
+"""DDP trainer and evaluator streaming the shards: `train/main.py` (docs/training.md)."""

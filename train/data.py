@@ -1,4 +1,4 @@
-"""WebDataset input pipelines for DDP training and exact evaluation (STREAMING.md).
+"""WebDataset input pipelines for DDP training and exact evaluation (docs/design-notes.md).
 
 Train: shards shuffled per epoch identically on every rank (seed + epoch), split by rank
 then by worker, a sample shuffle buffer before decode, decode + RandomResizedCrop + flip
@@ -29,7 +29,7 @@ from prep.errors import PrepError, SettingError
 from shards import tarread
 from shards.manifest import find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
-from train.decode import train_decoder, val_decoder, worker_slot
+from train.decode import derive_seed, train_decoder, val_decoder, worker_slot
 from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
 
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet statistics, on the 0..255 scale
@@ -101,7 +101,7 @@ class EpochShards(torch.utils.data.IterableDataset):
         for ep in count(self.epoch) if self.repeat else [self.epoch]:
             order = list(self.urls)
             if self.repeat:
-                random.Random(self.seed * 100_003 + ep).shuffle(order)
+                random.Random(derive_seed(self.seed, ep)).shuffle(order)
             for url in order[self.rank :: self.world][worker::workers]:
                 yield {"url": url}
 
@@ -255,7 +255,7 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
     if steps == 0:
         raise SettingError(f"{split.num_samples} train samples are fewer than one global "
                            f"batch ({world} x {cfg.batch_size}): lower batch_size")
-    seed = cfg.seed * 7919 + epoch * 104_729 + rank
+    seed = derive_seed(cfg.seed, epoch, rank)
     collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
                                   decode)
     pipeline = wds.DataPipeline(

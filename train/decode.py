@@ -11,6 +11,7 @@ it can and raises a clear error otherwise. No float tensors on the CPU.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import random
@@ -24,6 +25,13 @@ from prep.jpeg import jpeg_sof, size_problem, to_rgb
 from train import jpeg_region
 
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
+
+
+def derive_seed(base: int, *parts: int) -> int:
+    """The seed of one random stream, e.g. derive_seed(seed, epoch, rank): distinct parts give
+    unrelated streams (a hash, not arithmetic that could make two parts collide)."""
+    digest = hashlib.blake2b(repr((base, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
 
 def worker_slot() -> tuple[int, int]:
@@ -131,7 +139,7 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
 
     def decode(sample: dict) -> tuple[np.ndarray, int]:
         if "rng" not in state:  # per worker, per epoch (workers are new each epoch)
-            state["rng"] = random.Random(seed * 1_000_003 + worker_slot()[0])
+            state["rng"] = random.Random(derive_seed(seed, worker_slot()[0]))
         rng = state["rng"]
         try:
             label = int(sample["cls"])

@@ -26,7 +26,14 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from prep.jpeg import jpeg_sof, size_problem, to_rgb
-from train.decode import CODE_ERRORS, center_box, rrc_box, sample_error, worker_slot
+from train.decode import (
+    CODE_ERRORS,
+    center_box,
+    derive_seed,
+    rrc_box,
+    sample_error,
+    worker_slot,
+)
 
 
 def _size(data: bytes) -> tuple[int, int]:
@@ -68,7 +75,7 @@ def raw_train_decoder(min_scale: float, hflip: bool, seed: int):
 
     def prepare(sample: dict) -> tuple:
         if "rng" not in state:
-            state["rng"] = random.Random(seed * 1_000_003 + worker_slot()[0])
+            state["rng"] = random.Random(derive_seed(seed, worker_slot()[0]))
         rng = state["rng"]
         data = sample["jpg"]
         box = rrc_box(*_size(data), (min_scale, 1.0), rng)

@@ -41,7 +41,7 @@ class LossNotFinite(RuntimeError):
     pass
 
 
-def train_one_epoch(model: nn.Module, loader, steps: int, optimizer, scheduler, scaler,
+def train_one_epoch(model: nn.Module, loader, *, steps: int, optimizer, scheduler, scaler,
                     criterion, norm: Normalize, cfg, epoch: int, show: bool,
                     log_step=None) -> dict:
     """One epoch of `steps` steps. `log_step(global_step, values)`, if given, receives the
@@ -95,8 +95,8 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, norm: Normalize, num_samples: int, amp: str,
-             num_classes: int, show: bool, tta_flip: bool = False,
+def evaluate(model: nn.Module, loader, norm: Normalize, *, num_samples: int, amp: str,
+             num_classes: int, show: bool = False, tta_flip: bool = False,
              keep: dict | None = None, valid: list[int] | None = None,
              real=None, to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the

@@ -233,6 +233,7 @@ def _local(data: str) -> str | None:
 
 
 def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    master_process = rank == 0  # prints and writes (nanoGPT's name)
     if not args.checkpoint:
         raise SettingError("--evaluate needs --checkpoint PATH")
     split = read_split(args.data, args.split)
@@ -258,8 +259,9 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
                               decode)
     kept: dict | None = {} if args.out else None
     metrics = evaluate(model, loader, make_norm(cfg, device, decode, cfg.val_crop),
-                       split.num_samples, cfg.amp, cfg.num_classes, rank == 0, args.tta_flip,
-                       kept, **scoring(split, classes, args.split))
+                       num_samples=split.num_samples, amp=cfg.amp, num_classes=cfg.num_classes,
+                       show=master_process, tta_flip=args.tta_flip, keep=kept,
+                       **scoring(split, classes, args.split))
     if args.out:
         out = Path(args.out)
         results = write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank,
@@ -267,7 +269,7 @@ def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device
         if results is not None:  # rank 0
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
-    if rank == 0:
+    if master_process:
         print(json.dumps(metrics))
     return metrics
 
@@ -290,11 +292,12 @@ def main(argv: list[str] | None = None) -> dict:
 def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] | None,
             data: str, model, optimizer, scheduler, scaler, rank: int) -> tuple:
     """(start epoch, best top-1, history) from a checkpoint; fresh when there is none."""
+    master_process = rank == 0
     if not path or (auto and not Path(path).is_file()):
         return 0, 0.0, []
     if auto:
         state, src, note = ckpt.load_for_resume(Path(path))
-        if note and rank == 0:
+        if note and master_process:
             print(note, flush=True)
     else:
         state, src = ckpt.load(Path(path)), Path(path)
@@ -308,12 +311,13 @@ def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] |
     except (KeyError, ValueError) as exc:
         raise PrepError(f"{src}: not a training checkpoint of this trainer (no optimizer "
                         f"state: {exc}); use it with --evaluate, or start a new run") from None
-    if rank == 0:
+    if master_process:
         print(f"resumed from {src}: epoch {start}, step {scheduler.last_epoch}")
     return start, best, history
 
 
 def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+    master_process = rank == 0  # prints and writes (nanoGPT's name)
     out = Path(args.output_dir)
     refuse_inside(out, {"shard directory": _local(args.data)}, "--output-dir")
     train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
@@ -326,53 +330,57 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
                            f"batch ({world} process(es) x batch_size {cfg.batch_size}): lower "
                            "batch_size")
     peak_lr = cfg.lr * world * cfg.batch_size / 256  # linear scaling rule (Goyal et al.)
-    model = build_model(cfg, device)
-    optimizer = build_optimizer(model, cfg, peak_lr)
+    model_without_ddp = build_model(cfg, device)  # torchvision's name; `model` is wrapped
+    optimizer = build_optimizer(model_without_ddp, cfg, peak_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     auto = args.resume == "auto"
     resume = str(out / "checkpoint.pt") if auto else args.resume
-    start, best, history = _resume(resume, auto, cfg, train_split.classes, args.data, model,
+    start, best, history = _resume(resume, auto, cfg, train_split.classes, args.data,
+                                   model_without_ddp,
                                    optimizer, scheduler, scaler, rank)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    model = torch.nn.parallel.DistributedDataParallel(model_without_ddp) if world > 1 \
+        else model_without_ddp
     if cfg.compile:
-        net = torch.compile(net)
-    if rank == 0:
+        model = torch.compile(model)
+    if master_process:
         out.mkdir(parents=True, exist_ok=True)
         resolved = {"config": cfg.to_dict(), "argv": sys.argv, "world_size": world,
                     "peak_lr": peak_lr, "steps_per_epoch": steps, "torch": torch.__version__}
         (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
     decode = resolve_decode(args.decode, device)
-    if rank == 0:
+    if master_process:
         print(f"decode: {decode}" + (" (region decoder)" if decode == "cpu" and
                                      jpeg_region.available() else ""), flush=True)
     val_norm = make_norm(cfg, device, decode, cfg.val_crop)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
     metrics: dict = {}
-    tb = TensorBoardLog(out, scheduler.last_epoch) if cfg.tensorboard and rank == 0 else None
+    tb = TensorBoardLog(out, scheduler.last_epoch) if cfg.tensorboard and master_process else None
     try:
         for epoch in range(start, cfg.epochs):
             loader = make_train_loader(train_split, cfg, rank, world, epoch,
                                        SkipCounter(cfg.max_skip_rate), pin, decode)
             norm = make_norm(cfg, device, decode, train_size(cfg, epoch))
             try:
-                metrics = train_one_epoch(net, loader, steps, optimizer, scheduler, scaler,
-                                          criterion, norm, cfg, epoch, rank == 0,
-                                          tb.step if tb else None)
+                metrics = train_one_epoch(
+                    model, loader, steps=steps, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, criterion=criterion, norm=norm, cfg=cfg, epoch=epoch,
+                    show=master_process, log_step=tb.step if tb else None)
             except LossNotFinite as exc:
                 raise SystemExit(f"{exc}: stopping. The last good checkpoint is "
                                  f"{out / 'checkpoint.pt'} (epoch {epoch - 1}).") from exc
             val_loader = make_eval_loader(val_split, cfg, rank, world, cfg.batch_size, pin, decode)
-            metrics |= evaluate(net, val_loader, val_norm, val_split.num_samples, cfg.amp,
-                                cfg.num_classes, rank == 0,
+            metrics |= evaluate(model, val_loader, val_norm, num_samples=val_split.num_samples,
+                                amp=cfg.amp, num_classes=cfg.num_classes, show=master_process,
                                 **scoring(val_split, train_split.classes, "val"))
             metrics |= {"epoch": epoch, "lr": scheduler.get_last_lr()[0]}
             history.append(metrics)
-            if rank == 0:
-                save_epoch(out, model, optimizer, scheduler, scaler, cfg, epoch, history,
-                           max(best, metrics["top1"]), metrics["top1"] > best,
-                           train_split.classes)
+            if master_process:
+                save_epoch(out, model=model_without_ddp, optimizer=optimizer,
+                           scheduler=scheduler, scaler=scaler, cfg=cfg, epoch=epoch,
+                           history=history, best=max(best, metrics["top1"]),
+                           is_best=metrics["top1"] > best, classes=train_split.classes)
                 if tb:
                     tb.epoch(scheduler.last_epoch, metrics)
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
@@ -384,7 +392,7 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
     return metrics
 
 
-def save_epoch(out: Path, model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int,
+def save_epoch(out: Path, *, model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int,
                history: list[dict], best: float, is_best: bool,
                classes: list[str] | None) -> None:
     state = {"model": ckpt.model_state(model), "optimizer": optimizer.state_dict(),
