@@ -144,7 +144,7 @@ def read_loc_csv(source: IO[str], name: str) -> dict[str, str]:
         raise PrepError(f"{name}:{reader.line_num}: malformed CSV ({exc})") from exc
 
 
-def _loc_rows(reader, name: str) -> dict[str, str]:
+def _loc_rows(reader: Iterable[list[str]], name: str) -> dict[str, str]:
     header = next(reader, None)
     if header is None or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
         raise PrepError(f"{name}:1: expected header 'ImageId,PredictionString', got {header}")

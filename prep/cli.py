@@ -18,7 +18,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 class ToolkitGroup(click.Group):
     """Every command's PrepError (and Ctrl-C) goes through prep.errors.exit_on_error."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: click.Context) -> object:
         return exit_on_error(super().invoke)(ctx)
 
 

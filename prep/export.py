@@ -113,7 +113,8 @@ def render(p: Predictions, fmt: str, k: int, classes: list[ClassInfo] | None) ->
     return _table(p, idx, sc, classes, fmt)
 
 
-def _table(p, idx, sc, classes, fmt: str) -> bytes:
+def _table(p: Predictions, idx: np.ndarray, sc: np.ndarray, classes: list[ClassInfo] | None,
+           fmt: str) -> bytes:
     cols: dict[str, list] = {"sample_idx": list(range(len(p.paths))), "path": p.paths,
                              "key": p.keys, "gt_label": p.labels.tolist()}
     for r in range(idx.shape[1]):

@@ -15,7 +15,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prep.classes import is_wnid
 from prep.errors import PrepError
@@ -54,7 +54,7 @@ def _write_member(src: IO[bytes], size: int, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar) -> int:
+def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) -> int:
     """Extract a stream of flat members into `target`; skip files already complete."""
     count = 0
     for m in tar:

@@ -26,6 +26,7 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError, ignore_sigint
@@ -83,7 +84,7 @@ def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
     return f"{stem}.JPEG", wnid
 
 
-def _write(path: Path, data_or_src, size: int) -> None:
+def _write(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
     """Write one image (bytes, or a member's file object) under a temp name and rename it;
     skip it when an earlier run wrote it whole. One read, one write, one rename: the open
     of a new file is most of the cost here, as for `tar -x`."""

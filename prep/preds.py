@@ -15,6 +15,7 @@ import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,7 +43,7 @@ ALLOWED = {
 
 
 class SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _load_storage  # its own loader would be torch.load(weights_only=False)
         if module == "torch" and name.endswith("Storage"):
@@ -55,7 +56,7 @@ class SafeUnpickler(pickle.Unpickler):
                                      "prediction pickles contain (a pickle can run code)")
 
 
-def safe_load(path: Path):
+def safe_load(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return SafeUnpickler(f).load()
@@ -80,7 +81,7 @@ class Predictions:
     wnids: list[str] | None = None  # predicted WNID per sample, when the pickle has them
 
 
-def _array(x, what: str, where: str) -> np.ndarray:
+def _array(x: Any, what: str, where: str) -> np.ndarray:
     """A numeric array from a tensor, array, list or number; PrepError for anything else
     (strings, dicts, ragged lists)."""
     try:
@@ -132,7 +133,7 @@ def _check_values(p: Predictions, path: Path) -> None:
                         f"{int(p.labels[i])}: the labels and scores do not belong together")
 
 
-def _label(gt, where: str) -> int:
+def _label(gt: Any, where: str) -> int:
     if gt is None:
         return -1
     arr = _array(gt, "gt_label", where).reshape(-1)

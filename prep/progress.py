@@ -15,6 +15,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def interval() -> float:
@@ -35,7 +39,8 @@ class PlainProgress:
     """tqdm's small API, writing one plain line per interval to `stream`."""
 
     def __init__(self, iterable: Iterable | None = None, total: int | None = None,
-                 desc: str = "", unit: str = "it", stream=None, every: float | None = None):
+                 desc: str = "", unit: str = "it", stream: TextIO | None = None,
+                 every: float | None = None) -> None:
         self.iterable, self.desc, self.unit = iterable, desc, unit
         self.total = total if total is not None else (
             len(iterable) if hasattr(iterable, "__len__") else None)
@@ -91,8 +96,9 @@ class PlainProgress:
         self.closed = True
 
 
-def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
-             unit: str = "it", disable: bool = False, **tqdm_options):
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
+                 desc: str = "", unit: str = "it", disable: bool = False,
+                 **tqdm_options: object) -> tqdm | PlainProgress:
     """A tqdm bar when stderr is a terminal, plain lines when it is a file (see above)."""
     from tqdm import tqdm
 

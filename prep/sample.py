@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -333,7 +334,7 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
     return plan
 
 
-def _write_hf(out: Path, plan: SamplePlan, layout: str, bar) -> None:
+def _write_hf(out: Path, plan: SamplePlan, layout: str, bar: Any) -> None:
     """Hugging Face `ILSVRC/imagenet-1k`: files renamed `<stem>_<wnid>.JPEG` (test: no
     suffix), in tar.gz archives (train over two) or Parquet files under data/."""
     rows: dict[str, list[tuple[str, bytes, int]]] = {"train": [], "val": [], "test": []}
@@ -377,7 +378,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_archives(out: Path, plan: SamplePlan, bar) -> None:
+def _write_archives(out: Path, plan: SamplePlan, bar: Any) -> None:
     """The three original ILSVRC2012 downloads: a tar of per-class tars, a flat val tar
     and the devkit tar.gz (plus a flat test tar when test images are asked for)."""
     files = list(_files(plan, val_folders=False))

@@ -24,6 +24,7 @@ import shutil
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
@@ -111,7 +112,7 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def output_lock(out: Path, shard_range: tuple[int, int], exclusive: bool):
+def output_lock(out: Path, shard_range: tuple[int, int], exclusive: bool) -> Iterator[None]:
     """One writer per output. The whole run (or --force, --finalize) takes OUT/.prep-shard.lock
     exclusively; a --shard-range part takes it shared plus its own part's lock, so parts run
     side by side but never twice, and never beside a whole run. flock: released by the

@@ -198,5 +198,5 @@ def parse_sums(text: str | bytes, where: str) -> dict[str, str]:
     return sums
 
 
-def _count(v) -> bool:
+def _count(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from shards.digest import BackgroundDigest
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and tarfile do
 MTIME = 1335830400  # 2012-05-01, the ILSVRC2012 release: any fixed value is reproducible
@@ -64,7 +66,7 @@ class FdSink:
     buffer: each copy of an image's bytes costs ~35-55 µs per 51 KB on this machine).
     `digest` (shards/digest.py) is told how many bytes each call appended."""
 
-    def __init__(self, fd: int, digest=None):
+    def __init__(self, fd: int, digest: BackgroundDigest | None = None) -> None:
         self.fd, self.digest = fd, digest
 
     def writev(self, buffers: list[bytes]) -> None:

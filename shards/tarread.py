@@ -47,7 +47,7 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def members(buf, url: str) -> Iterator[tuple[str, int, int]]:
+def members(buf: bytes | mmap.mmap, url: str) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file in the tar held by `buf`; the data
     may run past the end of a truncated file (see `samples`)."""
     end, pos, next_name = len(buf), 0, None

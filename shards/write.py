@@ -21,6 +21,7 @@ from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
 from shards.plan import ShardPlan
 from shards.record import INDEX_COLUMNS, ShardRecord
+from shards.source import Sample
 from shards.tario import FdSink, TarStream
 
 
@@ -93,7 +94,8 @@ def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: st
     return done
 
 
-def _add_row(rec: ShardRecord, plan: ShardPlan, s, offset: int, jpg_bytes: int, width: int,
+def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_bytes: int,
+             width: int,
              height: int, repaired: str | None) -> None:
     """Count a written sample and add its per-sample index row."""
     rec.num_samples += 1
@@ -103,7 +105,7 @@ def _add_row(rec: ShardRecord, plan: ShardPlan, s, offset: int, jpg_bytes: int, 
         rec.rows[column].append(value)
 
 
-def _write_sample(tar: TarStream, s, base: str, data: Path, plan: ShardPlan,
+def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardPlan,
                   opts: ShardOptions, rec: ShardRecord) -> None:
     src = base + s.path
     try:

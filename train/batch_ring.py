@@ -17,6 +17,7 @@ tensor, so a consumer that keeps batches can slow it down but never deadlock it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ class RingLoader:
     """Iterate a loader whose batches may carry a RingSlot first: yields the images as a
     view of the ring, and frees the slot when the next batch is asked for."""
 
-    def __init__(self, loader, ring: BatchRing):
+    def __init__(self, loader: Iterable, ring: BatchRing) -> None:
         self.loader, self.ring = loader, ring
         self.from_ring = 0  # batches that came through the ring (the rest: fallback)
 

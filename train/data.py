@@ -17,6 +17,7 @@ import math
 import random
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from itertools import count
@@ -29,6 +30,7 @@ from prep.errors import PrepError, SettingError
 from shards import tarread
 from shards.manifest import find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
+from train.config import TrainConfig
 from train.decode import derive_seed, train_decoder, val_decoder, worker_slot
 from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
 
@@ -117,13 +119,14 @@ class AllShards(torch.utils.data.IterableDataset):
             yield {"url": url}
 
 
-def read_shards(handler=None, keep: tuple[str, ...] = ("jpg", "cls")):
+def read_shards(handler: Callable[[Exception], bool] | None = None,
+                keep: tuple[str, ...] = ("jpg", "cls")) -> Callable[[Iterable], Iterator]:
     """Pipeline stage: {"url"} -> samples. Local shards through a memory map
     (shards.tarread: ~10x less time per sample than tarfile), remote URLs (`pipe:`, http)
     through webdataset. An unreadable shard goes to `handler` (True: go on with the next
     shard, keeping the samples read before the damage), or raises without one."""
 
-    def stage(sources):
+    def stage(sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
             url = source["url"]
             try:
@@ -138,8 +141,8 @@ def read_shards(handler=None, keep: tuple[str, ...] = ("jpg", "cls")):
     return stage
 
 
-def keep_every(rank: int, world: int):
-    def select(samples):
+def keep_every(rank: int, world: int) -> Callable[[Iterable], Iterator]:
+    def select(samples: Iterable[dict]) -> Iterator[dict]:
         worker, workers = worker_slot()
         slot, slots = rank * workers + worker, world * workers
         for i, s in enumerate(samples):
@@ -166,14 +169,14 @@ class SkipCounter:
         print(f"warning: skipping a sample: {exc}", flush=True)
         return True
 
-    def count(self, samples):
+    def count(self, samples: Iterable[dict]) -> Iterator[dict]:
         """Pipeline stage: counts samples that reached decoding."""
         for s in samples:
             self.seen += 1
             yield s
 
 
-def train_size(cfg, epoch: int) -> int:
+def train_size(cfg: TrainConfig, epoch: int) -> int:
     """Train crop size of an epoch: FFCV progressive resizing (e.g. 160 -> 192), in steps of
     32 px, linear up to `progressive_end_epoch`; `image_size` when it is off."""
     if not cfg.progressive_start or epoch >= cfg.progressive_end_epoch:
@@ -240,7 +243,7 @@ def train_steps(num_samples: int, world: int, batch_size: int) -> int:
     return num_samples // (world * batch_size)
 
 
-def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
+def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int, epoch: int,
                       skips: SkipCounter, pin: bool = False,
                       decode: str = "cpu") -> wds.WebLoader:
     """decode: "cpu" (region decoder, Pillow fallback), "pil" (Pillow only: the plain
@@ -272,7 +275,7 @@ def make_train_loader(split: SplitInfo, cfg, rank: int, world: int, epoch: int,
     return RingLoader(loader.with_epoch(steps), ring) if ring else loader.with_epoch(steps)
 
 
-def _train_map(cfg, epoch: int, seed: int, decode: str):
+def _train_map(cfg: TrainConfig, epoch: int, seed: int, decode: str) -> Callable:
     if decode == "gpu":
         if cfg.rotation or cfg.color_jitter:
             raise SettingError("--decode gpu does not do rotation or color_jitter; use "
@@ -282,7 +285,8 @@ def _train_map(cfg, epoch: int, seed: int, decode: str):
                          cfg.color_jitter, region=decode != "pil")
 
 
-def make_eval_loader(split: SplitInfo, cfg, rank: int, world: int, batch_size: int,
+def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
+                     batch_size: int,
                      pin: bool = False, decode: str = "cpu") -> wds.WebLoader:
     workers = max(cfg.workers, 1)
     if len(split.urls) >= world * workers:

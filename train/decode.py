@@ -15,6 +15,7 @@ import hashlib
 import io
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -85,7 +86,8 @@ def crop_resize(img: Image.Image, box: Box, size: int, draft: bool = True) -> Im
                       box=(x * sx, y * sy, (x + w) * sx, (y + h) * sy))
 
 
-def decode_crop(data: bytes, choose_box, size: int, region: bool = True) -> Image.Image:
+def decode_crop(data: bytes, choose_box: Callable[[int, int], Box], size: int,
+                region: bool = True) -> Image.Image:
     """The region `choose_box(width, height)` of an encoded image, resized to size x size
     (see the module docstring for which decoder runs)."""
     sof = jpeg_sof(data)
@@ -132,7 +134,8 @@ def sample_error(sample: dict, exc: Exception) -> SampleError:
 
 
 def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
-                  rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True):
+                  rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True
+                  ) -> Callable[[dict], tuple[np.ndarray, int]]:
     """sample -> (H x W x 3 uint8, label): RandomResizedCrop, flip (as a view), optional
     rotation and colour jitter; a per-worker random stream seeded from `seed`."""
     state: dict = {}
@@ -162,7 +165,8 @@ def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
     return decode
 
 
-def val_decoder(resize: int, crop: int, region: bool = True):
+def val_decoder(resize: int, crop: int, region: bool = True
+                ) -> Callable[[dict], tuple[np.ndarray, int, str]]:
     """sample -> (crop x crop x 3 uint8, label or -1, key): the standard resize + center
     crop, computed as one resize of the kept region."""
 

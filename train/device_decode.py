@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -47,7 +48,7 @@ def _size(data: bytes) -> tuple[int, int]:
     return w, h
 
 
-def _checked(prepare):
+def _checked(prepare: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
     """Name shard and member in any error of a worker-side step."""
 
     def run(sample: dict) -> tuple:
@@ -69,7 +70,7 @@ def _raw(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def raw_train_decoder(min_scale: float, hflip: bool, seed: int):
+def raw_train_decoder(min_scale: float, hflip: bool, seed: int) -> Callable[[dict], tuple]:
     """Worker side of the train path: sample -> (bytes tensor, box, flip, name, label)."""
     state: dict = {}
 
@@ -85,7 +86,7 @@ def raw_train_decoder(min_scale: float, hflip: bool, seed: int):
     return _checked(prepare)
 
 
-def raw_val_decoder(resize: int, crop: int):
+def raw_val_decoder(resize: int, crop: int) -> Callable[[dict], tuple]:
     """Worker side of the eval path: sample -> (bytes, box, False, name, label, key)."""
 
     def prepare(sample: dict) -> tuple:
@@ -160,7 +161,7 @@ def nvjpeg_works(device: torch.device) -> bool:
 class DecodeNormalize:
     """The trainer's `norm` for --decode gpu: raw batch -> decoded -> normalized."""
 
-    def __init__(self, decoder: DeviceDecoder, norm):
+    def __init__(self, decoder: DeviceDecoder, norm: Callable) -> None:
         self.decoder, self.norm, self.device = decoder, norm, norm.device
 
     def __call__(self, raw: tuple) -> torch.Tensor:

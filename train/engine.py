@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from prep.progress import progress_bar
 from train.data import MEAN, STD
@@ -30,7 +33,7 @@ class Normalize:
                             else torch.contiguous_format)
 
 
-def autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
     if amp == "none":
         return nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -41,9 +44,11 @@ class LossNotFinite(RuntimeError):
     pass
 
 
-def train_one_epoch(model: nn.Module, loader, *, steps: int, optimizer, scheduler, scaler,
-                    criterion, norm: Normalize, cfg, epoch: int, show: bool,
-                    log_step=None) -> dict:
+def train_one_epoch(model: nn.Module, loader: Iterable, *, steps: int,
+                    optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
+                    scaler: torch.amp.GradScaler, criterion: Callable, norm: Callable,
+                    cfg: Any, epoch: int, show: bool,
+                    log_step: Callable[[int, dict], None] | None = None) -> dict:
     """One epoch of `steps` steps. `log_step(global_step, values)`, if given, receives the
     loss, LR and img/s every `cfg.log_every` steps (TensorBoard)."""
     model.train()
@@ -95,10 +100,12 @@ def reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, norm: Normalize, *, num_samples: int, amp: str,
+def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples: int,
+             amp: str,
              num_classes: int, show: bool = False, tta_flip: bool = False,
              keep: dict | None = None, valid: list[int] | None = None,
-             real=None, to_global: list[int] | None = None) -> dict:
+             real: Callable[[str], tuple[int, ...] | None] | None = None,
+             to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
     all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
     softmax scores and labels are stored in it by sample key (for the predictions pickle).

@@ -18,7 +18,10 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+from torch.optim.lr_scheduler import LRScheduler
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -147,7 +150,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return model
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, peak_lr: float):
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
+                    peak_lr: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for p in model.parameters():  # norm weights and biases are the 1-d parameters
         (no_decay if cfg.no_wd_norm_bias and p.ndim <= 1 else decay).append(p)
@@ -170,7 +174,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress)  # linear (FFCV): down to 0 at the last step
 
 
-def make_norm(cfg: TrainConfig, device: torch.device, decode: str, size: int):
+def make_norm(cfg: TrainConfig, device: torch.device, decode: str, size: int) -> Callable:
     """uint8 batch -> normalized float on the device; with --decode gpu, decode first."""
     norm = Normalize(device, cfg.channels_last)
     return DecodeNormalize(DeviceDecoder(device, size), norm) if decode == "gpu" else norm
@@ -232,7 +236,8 @@ def _local(data: str) -> str | None:
     return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
 
-def run_eval(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
+             device: torch.device) -> dict:
     master_process = rank == 0  # prints and writes (nanoGPT's name)
     if not args.checkpoint:
         raise SettingError("--evaluate needs --checkpoint PATH")
@@ -290,7 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] | None,
-            data: str, model, optimizer, scheduler, scaler, rank: int) -> tuple:
+            data: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: LRScheduler, scaler: torch.amp.GradScaler, rank: int) -> tuple:
     """(start epoch, best top-1, history) from a checkpoint; fresh when there is none."""
     master_process = rank == 0
     if not path or (auto and not Path(path).is_file()):
@@ -316,7 +322,8 @@ def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] |
     return start, best, history
 
 
-def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
+def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
+        device: torch.device) -> dict:
     master_process = rank == 0  # prints and writes (nanoGPT's name)
     out = Path(args.output_dir)
     refuse_inside(out, {"shard directory": _local(args.data)}, "--output-dir")
@@ -392,7 +399,8 @@ def fit(args, cfg: TrainConfig, rank: int, world: int, device: torch.device) -> 
     return metrics
 
 
-def save_epoch(out: Path, *, model, optimizer, scheduler, scaler, cfg: TrainConfig, epoch: int,
+def save_epoch(out: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               scheduler: LRScheduler, scaler: torch.amp.GradScaler, cfg: TrainConfig, epoch: int,
                history: list[dict], best: float, is_best: bool,
                classes: list[str] | None) -> None:
     state = {"model": ckpt.model_state(model), "optimizer": optimizer.state_dict(),
