@@ -33,8 +33,8 @@ def main() -> None:
 @click.option("--layout", type=click.Choice(["ilsvrc2017", "kaggle", "ilsvrc2012",
                                              "ilsvrc2012-tar", "imagefolder", "blurred",
                                              "blurred-tar", "hf-tar", "hf-parquet",
-                                             "imagenet-v2", "imagenet-a", "imagenet-r",
-                                             "imagenet-sketch"]),
+                                             "timm-wds", "imagenet-v2", "imagenet-a",
+                                             "imagenet-r", "imagenet-sketch"]),
               default="ilsvrc2017", show_default=True,
               help="On-disk layout to imitate (the imagenet-* ones: evaluation sets, "
                    "--val-per-class images per class).")

@@ -34,7 +34,7 @@ from prep.progress import progress_bar
 from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
 
 LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder", "blurred",
-           "blurred-tar", "hf-tar", "hf-parquet")
+           "blurred-tar", "hf-tar", "hf-parquet", "timm-wds")
 # releases of the real val images (real stems and labels, cross-checked by prep imagenet)
 REAL_VAL = ("blurred", "blurred-tar", "hf-tar", "hf-parquet")
 # evaluation sets (`prep evalset`): class folders with each set's own names; the classes
@@ -303,6 +303,8 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
         _write_archives(out, plan, bar)
     elif layout in ("hf-tar", "hf-parquet"):
         _write_hf(out, plan, layout, bar)
+    elif layout == "timm-wds":
+        _write_timm_wds(out, plan, bar)
     elif layout == "blurred-tar":  # the release's train_blurred.tar.gz / val_blurred.tar.gz
         for split in ("train", "val"):
             members = [(rel, data) for rel, data in _layout_files(plan, "blurred")
@@ -370,6 +372,39 @@ def _write_hf(out: Path, plan: SamplePlan, layout: str, bar: Any) -> None:
             pq.write_table(table, out / "data" / f"{prefix}-{i:05d}-of-{len(parts):05d}.parquet",
                            row_group_size=8)
             bar.update(len(part))
+
+
+def _write_timm_wds(out: Path, plan: SamplePlan, bar: Any) -> None:
+    """timm's `timm/imagenet-1k-wds` shards: `imagenet1k-train-NNNN.tar` and
+    `imagenet1k-validation-NN.tar` with `jpg` + `cls` (global sorted-WNID index) samples,
+    and its `_info.json` (splits, filenames, shard lengths; no class count)."""
+    index = {w: i for i, w in enumerate(sorted(reference_words()))}
+    samples: dict[str, list[tuple[str, bytes, int]]] = {"train": [], "validation": []}
+    for split, rel, data in _files(plan, val_folders=False):
+        stem = rel.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        wnid = rel.split("/")[0] if split == "train" else plan.val.get(stem)
+        if split in ("train", "val"):
+            samples["train" if split == "train" else "validation"].append(
+                (stem, data, index[wnid]))
+    splits = {}
+    for split, items in samples.items():
+        n = 4 if split == "train" else 2
+        digits = 4 if split == "train" else 2
+        names, lengths = [], []
+        for i in range(n):
+            part = items[i::n]
+            name = f"imagenet1k-{split}-{i:0{digits}d}.tar"
+            with tarfile.open(out / name, "w", format=tarfile.GNU_FORMAT) as t:
+                for stem, data, label in part:
+                    _tar_add(t, f"{stem}.cls", str(label).encode())
+                    _tar_add(t, f"{stem}.jpg", data)
+                    bar.update()
+            names.append(name)
+            lengths.append(len(part))
+        splits[split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
+                         "shard_lengths": lengths}
+    (out / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": splits},
+                                               indent=1) + "\n")
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

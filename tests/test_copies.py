@@ -95,44 +95,15 @@ def test_kaggle_imagenet_mini_is_a_class_folder_subset(tmp_path):
 
 @pytest.fixture
 def timm_shards(tmp_path):
-    """Shards as timm/imagenet-1k-wds publishes them: `imagenet1k-{train,validation}-*.tar`,
-    samples `jpg` + `cls`, `_info.json` in timm's format (no class count)."""
-    from tests.conftest import sharded_sample
-
-    ours = sharded_sample(tmp_path / "ours", "ilsvrc2017", 2, classes=4, train_per_class=12,
-                          val_per_class=4, size=40)
+    """Shards as timm/imagenet-1k-wds publishes them (`prep sample --layout timm-wds`):
+    `imagenet1k-{train,validation}-*.tar`, samples `jpg` + `cls` (global sorted-WNID index),
+    `_info.json` in timm's format (no class count, no checksums)."""
     out = tmp_path / "timm"
-    out.mkdir()
-    info = json.loads((ours / "_info.json").read_text())
-    splits = {}
-    from shards.tario import TarStream
-    from shards.tarread import samples
-
-    class _File:
-        def __init__(self, f):
-            self.f = f
-
-        def writev(self, buffers):
-            for b in buffers:
-                self.f.write(b)
-
-    for split, s in info["splits"].items():
-        names, lengths = [], []
-        for i, name in enumerate(s["filenames"]):
-            new = f"imagenet1k-{split}-{i:04d}.tar"
-            with open(out / new, "wb") as f:
-                tar = TarStream(_File(f))
-                n = 0
-                for smp in samples(str(ours / name)):
-                    tar.add_many([(f"{smp['__key__']}.cls", bytes(smp["cls"])),
-                                  (f"{smp['__key__']}.jpg", bytes(smp["jpg"]))])
-                    n += 1
-                tar.close()
-            names.append(new)
-            lengths.append(n)
-        splits[split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
-                         "shard_lengths": lengths}
-    (out / "_info.json").write_text(json.dumps({"name": "imagenet-1k", "splits": splits}))
+    plan = write_sample(out, "timm-wds", SampleSpec(classes=4, train_per_class=12,
+                                                    val_per_class=4, size=40), progress=False)
+    info = json.loads((out / "_info.json").read_text())
+    assert "num_classes" not in info and set(info["splits"]) == {"train", "validation"}
+    assert info["splits"]["validation"]["num_samples"] == len(plan.val) == 16
     return out, info
 
 
@@ -144,11 +115,11 @@ def test_timm_wds_shards_verify_and_evaluate(timm_shards, tmp_path):
     assert r.ok, r.problems
     assert r.samples == info["splits"]["train"]["num_samples"] + \
         info["splits"]["validation"]["num_samples"]
-    bad = out / "imagenet1k-validation-0000.tar"
+    bad = out / "imagenet1k-validation-00.tar"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     r = verify_shards(out, progress=False)
-    assert not r.ok and any("imagenet1k-validation-0000.tar" in p for p in r.problems)
+    assert not r.ok and any("imagenet1k-validation-00.tar" in p for p in r.problems)
 
 
 def test_train_and_evaluate_on_timm_wds_shards(timm_shards, tmp_path):
@@ -169,7 +140,7 @@ def test_train_and_evaluate_on_timm_wds_shards(timm_shards, tmp_path):
 def test_timm_shards_need_no_toolkit_files(timm_shards):
     out, _ = timm_shards
     assert sorted(p.name for p in Path(out).iterdir() if not p.name.endswith(".tar")) == \
-        ["_info.json"]
+        ["SAMPLE.json", "_info.json"]
 
 
 @pytest.mark.parametrize("layout", ["hf-tar", "hf-parquet"])
