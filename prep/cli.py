@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,6 +21,16 @@ class ToolkitGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         return exit_on_error(super().invoke)(ctx)
+
+
+def workers_option(what: str) -> Callable:
+    """--workers, the same type and check in every command."""
+    return click.option("--workers", type=click.IntRange(1), default=None,
+                        help=f"Processes for {what}.")
+
+
+quiet_option = click.option("--quiet", "-q", is_flag=True,
+                            help="No progress bars (plain lines when output is a file).")
 
 
 @click.group(cls=ToolkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -77,9 +88,8 @@ def sample(out: Path, layout: str, **opts) -> None:
                    "every train file for zero-byte files; full: also decode every image.")
 @click.option("--force", is_flag=True,
               help="Replace links and meta files prep made earlier that now differ.")
-@click.option("--workers", type=int, default=None,
-              help="Processes for scanning and checks (default: CPU count, at most 8).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@workers_option("scanning and checks (default: CPU count, at most 8)")
+@quiet_option
 def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, force: bool,
              workers: int | None, quiet: bool) -> None:
     """Detect and validate an ImageNet copy, rebuild val class folders and write meta/ files.
@@ -117,22 +127,10 @@ def evalset(src: Path, link_dir: Path, name: str | None, kind: str | None,
     `prep shard --data LINK/NAME --out S` and `train/main.py --evaluate --data S`.
     """
     from prep.evalset import prepare_evalset
+    from prep.report import format_evalset
 
     r = prepare_evalset(src, link_dir, name=name, kind=kind, force=force)
-    what = f"{r.kind} ({r.variant})" if r.variant else r.kind
-    ch = r.changes
-    done = "up to date, nothing changed" if ch.nothing_to_do else \
-        f"{ch.created:,} created, {ch.replaced:,} replaced, {ch.removed:,} removed"
-    click.echo(f"  set      {what}\n  source   {r.src}\n  classes  {len(r.classes_present)} "
-               f"(labels: 1000-class sorted-WNID index)\n  images   {r.images:,}\n"
-               f"  output   {r.view}: {done}\n  time     {r.seconds:.1f} s")
-    for note in r.notes:
-        click.echo(f"  note: {note}")
-    if r.problems.ignored:
-        click.echo(f"  ignored {len(r.problems.ignored)} macOS / Windows metadata file(s)")
-    if r.problems.extra:
-        click.echo(f"  warning: {len(r.problems.extra)} non-image file(s): "
-                   + ", ".join(r.problems.extra[:5]))
+    click.echo(format_evalset(r))
 
 
 @main.command("export-preds")
@@ -159,7 +157,7 @@ def export_preds(result: Path, out: Path | None, fmt: str, topk: int,
     The pickle is loaded with a restricted unpickler: one that tries to run code is refused.
     """
     from prep.export import load_classes, plot, render, summary, write_export
-    from prep.preds import read_predictions
+    from prep.predictions import read_predictions
 
     for path, flag in ((out, "OUT"), (plot_path, "--plot")):
         if path is not None:
@@ -225,8 +223,7 @@ def _shard_range(value: str | None) -> tuple[int, int]:
               help="Samples per shard (default: ~1250, shard count rounded to a power of 2).")
 @click.option("--num-shards", type=click.IntRange(1), default=None,
               help="Shards per split (overrides --samples-per-shard).")
-@click.option("--workers", type=click.IntRange(1), default=None,
-              help="Processes writing shards (default: CPU count).")
+@workers_option("writing shards (default: CPU count)")
 @click.option("--seed", default=0, show_default=True, help="Seed of the train permutation.")
 @click.option("--max-size", type=click.IntRange(16), default=None,
               help="Pre-resize: longer side at most PX (FFCV-style; default: keep sizes).")
@@ -248,12 +245,13 @@ def _shard_range(value: str | None) -> tuple[int, int]:
               help="Only merge the manifests of a --shard-range run (all parts finished).")
 @click.option("--force", is_flag=True,
               help="Replace shards in --out made from other input or options.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@quiet_option
 def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int | None,
           workers: int | None, seed: int, max_size: int | None, quality: int, splits: str,
           on_error: str, check: str, shard_range: str | None, finalize: bool, force: bool,
           quiet: bool) -> None:
     """Write reproducible WebDataset tar shards and their manifest (resumable)."""
+    from prep.report import format_shard
     from shards.build import ShardSettings, shard_dataset
 
     settings = ShardSettings(
@@ -263,47 +261,21 @@ def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int 
     r = shard_dataset(data, out, settings, workers=workers or len(os.sched_getaffinity(0)),
                       shard_range=_shard_range(shard_range), force=force,
                       finalize_only=finalize, progress=not quiet)
-    n = sum(x.num_samples for x in r.written)
-    mb = sum(x.filesize for x in r.written) / 1e6
-    rate = f", {n / r.seconds:,.0f} img/s, {mb / r.seconds:,.1f} MB/s" if r.written else ""
-    click.echo(f"{out}: wrote {len(r.written)} shards ({n:,} samples, {mb:,.1f} MB) in "
-               f"{r.seconds:.1f} s{rate}; kept {r.kept} finished earlier")
-    if r.pending:
-        click.echo(f"  {r.pending} shards belong to other --shard-range parts; "
-                   "the last part to finish (or `prep shard --finalize`) writes the manifest")
-    if r.info:
-        for split, s in r.info["splits"].items():
-            lens = s["shard_lengths"]
-            click.echo(f"  {split:<10} {s['num_samples']:>9,} samples in {len(lens):>5} shards "
-                       f"({min(lens)}..{max(lens)} per shard)")
-        prep = r.info["prep"]
-        if prep["repairs"]:
-            click.echo("  repaired: " + ", ".join(f"{k} {v}" for k, v in prep["repairs"].items()))
-        if prep["skipped"]:
-            click.echo(f"  skipped {len(prep['skipped'])} undecodable: "
-                       + "; ".join(prep["skipped"][:3]))
-        click.echo(f"  manifest: {out}/_info.json, index.parquet, SHA256SUMS, "
-                   "<split>.shardindex.json")
+    click.echo(format_shard(r, out))
 
 
 @main.command()
 @click.argument("out", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--deep", is_flag=True, help="Also decode every image.")
-@click.option("--workers", type=click.IntRange(1), default=None,
-              help="Processes (default: CPU count).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@workers_option("checking shards (default: CPU count)")
+@quiet_option
 def verify(out: Path, deep: bool, workers: int | None, quiet: bool) -> None:
     """Check shards against the manifest: counts, checksums, members, keys, labels."""
+    from prep.report import format_verify
     from shards.verify import verify_shards
 
     r = verify_shards(out, deep, workers or len(os.sched_getaffinity(0)), not quiet)
-    for p in r.problems[:50]:
-        click.echo(f"  problem: {p}")
-    if len(r.problems) > 50:
-        click.echo(f"  ... and {len(r.problems) - 50} more")
-    verdict = "OK" if r.ok else f"{len(r.problems)} problem(s)"
-    click.echo(f"{out}: {r.shards} shards, {r.samples:,} samples"
-               f"{', images decoded' if deep else ''}: {verdict}")
+    click.echo(format_verify(r, out, deep))
     if not r.ok:
         raise SystemExit(1)
 

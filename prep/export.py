@@ -23,7 +23,7 @@ import numpy as np
 from prep.atomic import write_atomic
 from prep.classes import ClassInfo, build_class_table, reference_words
 from prep.errors import PrepError
-from prep.preds import Predictions
+from prep.predictions import Predictions
 
 FORMATS = ("ilsvrc", "kaggle", "mmcls", "txt", "csv", "parquet")
 

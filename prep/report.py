@@ -1,6 +1,10 @@
-"""The summary table `prep imagenet` prints."""
+"""What the `prep` commands print: the summary of `prep imagenet`, `prep evalset`,
+`prep shard` and `prep verify`."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 from prep.imagenet import EXPECTED, PrepReport
 
@@ -40,4 +44,61 @@ def format_report(r: PrepReport) -> str:
     if p.empty or p.extra or p.broken_links or p.undecodable or p.missing or p.unlisted or \
             p.ignored:
         lines.append(f"  full list: {r.link_dir}/imagenet/meta/problems.txt")
+    return "\n".join(lines)
+
+
+def format_shard(r: Any, out: Path) -> str:
+    """The summary `prep shard` prints (r: shards.build.ShardReport)."""
+    n = sum(x.num_samples for x in r.written)
+    mb = sum(x.filesize for x in r.written) / 1e6
+    rate = f", {n / r.seconds:,.0f} img/s, {mb / r.seconds:,.1f} MB/s" if r.written else ""
+    lines = [f"{out}: wrote {len(r.written)} shards ({n:,} samples, {mb:,.1f} MB) in "
+             f"{r.seconds:.1f} s{rate}; kept {r.kept} finished earlier"]
+    if r.pending:
+        lines.append(f"  {r.pending} shards belong to other --shard-range parts; the last "
+                     "part to finish (or `prep shard --finalize`) writes the manifest")
+    if r.info:
+        for split, s in r.info["splits"].items():
+            lens = s["shard_lengths"]
+            lines.append(f"  {split:<10} {s['num_samples']:>9,} samples in {len(lens):>5} "
+                         f"shards ({min(lens)}..{max(lens)} per shard)")
+        prep = r.info["prep"]
+        if prep["repairs"]:
+            lines.append("  repaired: " + ", ".join(f"{k} {v}"
+                                                    for k, v in prep["repairs"].items()))
+        if prep["skipped"]:
+            lines.append(f"  skipped {len(prep['skipped'])} undecodable: "
+                         + "; ".join(prep["skipped"][:3]))
+        lines.append(f"  manifest: {out}/_info.json, index.parquet, SHA256SUMS, "
+                     "<split>.shardindex.json, <shard>.idx (DALI)")
+    return "\n".join(lines)
+
+
+def format_verify(r: Any, out: Path, deep: bool, show: int = 50) -> str:
+    """What `prep verify` prints (r: shards.verify.VerifyReport)."""
+    lines = [f"  problem: {p}" for p in r.problems[:show]]
+    if len(r.problems) > show:
+        lines.append(f"  ... and {len(r.problems) - show} more")
+    verdict = "OK" if r.ok else f"{len(r.problems)} problem(s)"
+    lines.append(f"{out}: {r.shards} shards, {r.samples:,} samples"
+                 f"{', images decoded' if deep else ''}: {verdict}")
+    return "\n".join(lines)
+
+
+def format_evalset(r: Any) -> str:
+    """What `prep evalset` prints (r: prep.evalset.EvalsetReport)."""
+    what = f"{r.kind} ({r.variant})" if r.variant else r.kind
+    ch = r.changes
+    done = "up to date, nothing changed" if ch.nothing_to_do else \
+        f"{ch.created:,} created, {ch.replaced:,} replaced, {ch.removed:,} removed"
+    lines = [f"  set      {what}", f"  source   {r.src}",
+             f"  classes  {len(r.classes_present)} (labels: 1000-class sorted-WNID index)",
+             f"  images   {r.images:,}", f"  output   {r.view}: {done}",
+             f"  time     {r.seconds:.1f} s"]
+    lines += [f"  note: {note}" for note in r.notes]
+    if r.problems.ignored:
+        lines.append(f"  ignored {len(r.problems.ignored)} macOS / Windows metadata file(s)")
+    if r.problems.extra:
+        lines.append(f"  warning: {len(r.problems.extra)} non-image file(s): "
+                     + ", ".join(r.problems.extra[:5]))
     return "\n".join(lines)

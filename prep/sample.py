@@ -31,7 +31,7 @@ from prep.classes import (
 )
 from prep.errors import PrepError
 from prep.progress import progress_bar
-from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render
+from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render_class_image
 
 LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder", "blurred",
            "blurred-tar", "hf-tar", "hf-parquet", "timm-wds")
@@ -111,7 +111,7 @@ def _image(plan: SamplePlan, stem: str, wnid: str | None) -> bytes:
     # Seeded per file so content does not depend on generation order.
     rng = np.random.default_rng([plan.spec.seed, zlib.crc32(stem.encode())])
     pos = plan.wnids.index(wnid) if wnid else int(rng.integers(len(plan.wnids)))
-    img = render(pos, len(plan.wnids), rng, plan.spec.size)
+    img = render_class_image(pos, len(plan.wnids), rng, plan.spec.size)
     kind = plan.bad.get(stem)
     return bad_file_bytes(kind, img) if kind else encode_jpeg(img)
 
@@ -262,8 +262,8 @@ def _evalset_files(plan: SamplePlan, layout: str) -> Iterator[tuple[str, bytes]]
         for i in range(plan.spec.val_per_class):
             stem = f"{layout}-{w}-{i}"
             rng = np.random.default_rng([plan.spec.seed, zlib.crc32(stem.encode())])
-            data = encode_jpeg(render(plan.wnids.index(w), len(plan.wnids), rng,
-                                      plan.spec.size))
+            data = encode_jpeg(render_class_image(plan.wnids.index(w), len(plan.wnids), rng,
+                                                  plan.spec.size))
             if layout == "imagenet-v2":  # folder = sorted-WNID index, file = a sha1
                 name = f"{gindex[w]}/{hashlib.sha1(stem.encode()).hexdigest()}.jpeg"
             elif layout == "imagenet-a":  # scores, words, spaces and dots in the name

@@ -27,7 +27,8 @@ def class_style(position: int, num_classes: int) -> tuple[tuple[float, float, fl
     return rgb, angle, period
 
 
-def render(position: int, num_classes: int, rng: np.random.Generator, size: int) -> Image.Image:
+def render_class_image(position: int, num_classes: int, rng: np.random.Generator,
+                       size: int) -> Image.Image:
     """An RGB image of class `position` (0-based within the sample); longer side `size` px."""
     aspect = rng.uniform(0.75, 1.0)  # ImageNet photos are mostly 4:3 landscape or portrait
     w, h = size, max(8, int(size * aspect))

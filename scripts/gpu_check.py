@@ -125,7 +125,7 @@ def throughput(name: str, shards: Path | None, decode: str, compile_: bool, devi
     from train.config import TrainConfig
     from train.data import SkipCounter, make_train_loader, read_split
     from train.engine import autocast
-    from train.main import build_model, make_norm
+    from train.main import batch_transform, build_model
 
     cuda = device.type == "cuda"
     split = read_split(str(shards), "train") if shards else None
@@ -153,7 +153,7 @@ def throughput(name: str, shards: Path | None, decode: str, compile_: bool, devi
                 epoch += 1
 
         batches = forever()
-        norm = make_norm(cfg, device, decode, size)
+        norm = batch_transform(cfg, device, decode, size)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     images = steps = 0
     wait = 0.0

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from prep.synth import render
+from prep.synth import render_class_image
 from train.data import collate
 from train.decode import train_decoder, val_decoder
 from train.device_decode import (
@@ -20,7 +20,7 @@ from train.device_decode import (
 
 
 def _img(w, h, mode="RGB", fmt="JPEG", seed=0) -> bytes:
-    img = render(seed % 10, 10, np.random.default_rng(seed), max(w, h)).resize((w, h))
+    img = render_class_image(seed % 10, 10, np.random.default_rng(seed), max(w, h)).resize((w, h))
     buf = io.BytesIO()
     img.convert(mode).save(buf, fmt, quality=90)
     return buf.getvalue()

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from prep.cli import main as prep_main
 from prep.errors import PrepError
-from prep.synth import encode_jpeg, render
+from prep.synth import encode_jpeg, render_class_image
 from shards.build import ShardSettings, shard_dataset
 from tests.conftest import sha256_files, tree_hash
 
@@ -206,7 +206,7 @@ def test_resume_notices_a_replaced_source_image(prepared, tmp_path):
     out = tmp_path / "s"
     _shard(data, out, num_shards=3)
     first = (data / "meta/train.txt").read_text().split()[0]
-    new = encode_jpeg(render(2, 5, np.random.default_rng(99), 32))
+    new = encode_jpeg(render_class_image(2, 5, np.random.default_rng(99), 32))
     time.sleep(0.01)
     (data / "train" / first).write_bytes(new)
     r = _shard(data, out, num_shards=3)

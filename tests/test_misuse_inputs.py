@@ -240,8 +240,8 @@ def test_one_error_path_for_both_entry_points():
 def test_region_and_strict_check_agree_on_np_data():
     """Sanity: a normal image passes every check (the checks are not just refusing)."""
     from prep import jpeg
-    from prep.synth import encode_jpeg, render
+    from prep.synth import encode_jpeg, render_class_image
 
-    data = encode_jpeg(render(0, 3, np.random.default_rng(3), 80))
+    data = encode_jpeg(render_class_image(0, 3, np.random.default_rng(3), 80))
     assert jpeg.size_problem(*jpeg.jpeg_sof(data)[:2]) is None
     assert jpeg.strict_problem(data) is None

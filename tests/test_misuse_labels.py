@@ -14,9 +14,9 @@ from PIL import Image
 from prep.cli import main as prep_main
 from prep.errors import PrepError
 from prep.export import load_classes, render
-from prep.preds import read_predictions
+from prep.predictions import read_predictions
 from prep.synth import encode_jpeg
-from prep.synth import render as render_image
+from prep.synth import render_class_image as render_image
 from shards.image import UndecodableImage, encode_image
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from prep.errors import SampleError
-from prep.synth import encode_jpeg, render
+from prep.synth import encode_jpeg, render_class_image
 from tests.conftest import sharded_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,7 +219,7 @@ def test_zero_size_val_image_is_a_clear_error_in_evaluate(runs):
 def test_train_skip_messages_name_shard_member_and_reason(tmp_path):
     from train.decode import train_decoder, val_decoder
 
-    good = encode_jpeg(render(1, 3, np.random.default_rng(0), 48))
+    good = encode_jpeg(render_class_image(1, 3, np.random.default_rng(0), 48))
     zero = bytearray(good)
     i = 2
     while zero[i + 1] not in (0xC0, 0xC2):
@@ -270,7 +270,7 @@ def test_region_decoder_checks_its_request_in_c():
 
     if not jpeg_region.available():
         pytest.skip("the region decoder was not built")
-    good = encode_jpeg(render(0, 3, np.random.default_rng(0), 64))
+    good = encode_jpeg(render_class_image(0, 3, np.random.default_rng(0), 64))
     assert jpeg_region.decode_region(good, (0, 0, 32, 32), 16) is not None
     assert jpeg_region.decode_region(_bomb(False), (0, 0, 100, 100), 16) is None
     assert jpeg_region.decode_region(good, (0, 0, 5000, 5000), 16) is None  # outside

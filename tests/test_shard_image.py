@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prep.synth import bad_file_bytes, encode_jpeg, render
+from prep.synth import bad_file_bytes, encode_jpeg, render_class_image
 from shards.image import UndecodableImage, encode_image
 
 
 def _photo(w=500, h=375):
     rng = np.random.default_rng(0)
-    return render(3, 10, rng, max(w, h)).resize((w, h))
+    return render_class_image(3, 10, rng, max(w, h)).resize((w, h))
 
 
 def test_good_jpeg_is_stored_byte_for_byte():

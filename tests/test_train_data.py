@@ -113,10 +113,10 @@ def test_reduced_dct_decode_matches_full_decode(box):
     import numpy as np
     from PIL import Image
 
-    from prep.synth import render
+    from prep.synth import render_class_image
     from train.decode import crop_resize
 
-    src = render(2, 10, np.random.default_rng(1), 1200).resize((1200, 900))
+    src = render_class_image(2, 10, np.random.default_rng(1), 1200).resize((1200, 900))
     buf = io.BytesIO()
     src.save(buf, "JPEG", quality=90)
 

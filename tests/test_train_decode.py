@@ -8,13 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from prep.synth import render
+from prep.synth import render_class_image
 from train.data import collate
 from train.decode import center_box, crop_resize, decode_crop, pixels, train_decoder, val_decoder
 
 
 def _jpeg(w=500, h=375, mode="RGB", fmt="JPEG") -> bytes:
-    img = render(3, 10, np.random.default_rng(2), max(w, h)).resize((w, h)).convert(mode)
+    img = render_class_image(3, 10, np.random.default_rng(2), max(w, h))
+    img = img.resize((w, h)).convert(mode)
     buf = io.BytesIO()
     img.save(buf, fmt, quality=90)
     return buf.getvalue()

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from prep.synth import encode_jpeg, render
+from prep.synth import encode_jpeg, render_class_image
 from shards.tario import TarStream
 from train.config import TrainConfig
 from train.data import SkipCounter, make_train_loader, read_split
@@ -22,7 +22,7 @@ class _File:
 
 def _shards(tmp_path, bad: int, n: int = 60, num_shards: int = 2):
     rng = np.random.default_rng(0)
-    good = encode_jpeg(render(1, 4, rng, 48))
+    good = encode_jpeg(render_class_image(1, 4, rng, 48))
     names, lengths = [], []
     for s in range(num_shards):
         name = f"train-{s:06d}.tar"

@@ -28,7 +28,7 @@ import webdataset as wds
 
 from prep.errors import PrepError, SettingError
 from shards import tarread
-from shards.manifest import find_split, parse_info
+from shards.manifest import INFO_SPLIT_NAMES, find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.config import TrainConfig
 from train.decode import derive_seed, train_decoder, val_decoder, worker_slot
@@ -303,3 +303,13 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
                            worker_init_fn=worker_init)
     return RingLoader(loader, ring) if ring else loader
+
+
+def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
+    """(key, source path) of every sample of a split, in shard and member order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(Path(data) / "index.parquet", columns=["key", "split", "source"])
+    rows = table.to_pylist()
+    names = {split} | {k for k, v in INFO_SPLIT_NAMES.items() if v == split}  # validation: val
+    return [(r["key"], r["source"]) for r in rows if r["split"] in names]

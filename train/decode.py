@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from prep.errors import SampleError
-from prep.jpeg import jpeg_sof, size_problem, to_rgb
+from prep.jpeg import complete_jpeg, jpeg_sof, size_problem, to_rgb
 from train import jpeg_region
 
 Box = tuple[float, float, float, float]  # left, top, width, height in source pixels
@@ -98,7 +98,7 @@ def decode_crop(data: bytes, choose_box: Callable[[int, int], Box], size: int,
     # grayscale or colour 8-bit JPEG, complete (ends with EOI: the region decoder never reads
     # past the region, so a truncated file would otherwise pass unnoticed when the crop fits)
     if region and jpeg_region.available() and sof is not None and sof[2] in (1, 3) and \
-            data.endswith(b"\xff\xd9"):
+            complete_jpeg(data):
         box = choose_box(sof[0], sof[1])
         img = jpeg_region.decode_region(data, box, size)
         if img is not None:

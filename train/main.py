@@ -38,6 +38,7 @@ from prep.errors import (
     refuse_inside,
     refuse_overwrite,
 )
+from prep.predictions import per_class_accuracy, write_predictions
 from prep.scoring import RESTRICTED, global_index, real_for, subset_wnids
 from shards import tarread
 from train import checkpoint as ckpt
@@ -48,6 +49,7 @@ from train.data import (
     SplitInfo,
     make_eval_loader,
     make_train_loader,
+    manifest_order,
     read_split,
     train_size,
     train_steps,
@@ -55,8 +57,7 @@ from train.data import (
 from train.device_decode import DecodeNormalize, DeviceDecoder, resolve_decode
 from train.dist_init import init_process_group
 from train.engine import LossNotFinite, Normalize, evaluate, train_one_epoch
-from train.predictions import per_class_accuracy, write_predictions
-from train.report import plot_metrics, write_metrics
+from train.metrics import plot_metrics, write_metrics
 from train.tblog import TensorBoardLog
 
 
@@ -174,7 +175,7 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - progress)  # linear (FFCV): down to 0 at the last step
 
 
-def make_norm(cfg: TrainConfig, device: torch.device, decode: str, size: int) -> Callable:
+def batch_transform(cfg: TrainConfig, device: torch.device, decode: str, size: int) -> Callable:
     """uint8 batch -> normalized float on the device; with --decode gpu, decode first."""
     norm = Normalize(device, cfg.channels_last)
     return DecodeNormalize(DeviceDecoder(device, size), norm) if decode == "gpu" else norm
@@ -263,14 +264,15 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     loader = make_eval_loader(split, cfg, rank, world, cfg.batch_size, device.type == "cuda",
                               decode)
     kept: dict | None = {} if args.out else None
-    metrics = evaluate(model, loader, make_norm(cfg, device, decode, cfg.val_crop),
+    metrics = evaluate(model, loader, batch_transform(cfg, device, decode, cfg.val_crop),
                        num_samples=split.num_samples, amp=cfg.amp, num_classes=cfg.num_classes,
                        show=master_process, tta_flip=args.tta_flip, keep=kept,
                        **scoring(split, classes, args.split))
     if args.out:
         out = Path(args.out)
-        results = write_predictions(kept, args.data, args.split, out, cfg.num_classes, rank,
-                                    world, classes)
+        order = manifest_order(args.data, args.split) if master_process else []
+        results = write_predictions(kept, order, out, cfg.num_classes, rank, world,
+                                    classes or split.classes)
         if results is not None:  # rank 0
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -359,7 +361,7 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     if master_process:
         print(f"decode: {decode}" + (" (region decoder)" if decode == "cpu" and
                                      jpeg_region.available() else ""), flush=True)
-    val_norm = make_norm(cfg, device, decode, cfg.val_crop)
+    val_norm = batch_transform(cfg, device, decode, cfg.val_crop)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pin = device.type == "cuda"
     metrics: dict = {}
@@ -368,7 +370,7 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         for epoch in range(start, cfg.epochs):
             loader = make_train_loader(train_split, cfg, rank, world, epoch,
                                        SkipCounter(cfg.max_skip_rate), pin, decode)
-            norm = make_norm(cfg, device, decode, train_size(cfg, epoch))
+            norm = batch_transform(cfg, device, decode, train_size(cfg, epoch))
             try:
                 metrics = train_one_epoch(
                     model, loader, steps=steps, optimizer=optimizer, scheduler=scheduler,

@@ -1,4 +1,13 @@
-"""Load a predictions pickle safely and bring its three shapes to one table.
+"""The predictions pickle, both directions: the evaluator writes it, `prep export-preds`
+reads it (this toolkit's, mmpretrain 1.x's and mmcls 0.x's) safely into one table.
+
+Written: mmpretrain 1.x's layout (`tools/test.py --out result.pkl`), a list of per-sample
+dicts in dataset (manifest) order, whatever the world size: `sample_idx`, `img_path` (source
+path), `gt_label` (LongTensor (1,), labelled samples only), `pred_score` (FloatTensor (C,)),
+`pred_label` (LongTensor (1,)), `num_classes`, plus `key` and `wnid` (the predicted WNID)
+so that nothing depends on order alone.
+
+Read:
 
 A pickle can run code when loaded, so loading goes through an unpickler that allows only
 the types these formats need: builtin containers and scalars, OrderedDict, torch tensors
@@ -19,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from prep.atomic import write_atomic
 from prep.errors import PrepError
 
 
@@ -184,3 +194,53 @@ def _dataset_order(items: list[dict], path: Path) -> list[int]:
     for pos, i in enumerate(ints):
         order[i] = pos
     return order
+
+
+def write_predictions(kept: dict, order: list[tuple[str, str]], out: Path, num_classes: int,
+                      rank: int, world: int, classes: list[str] | None = None
+                      ) -> list[dict] | None:
+    """Gather every rank's kept predictions ({key: (scores, label)}) on rank 0 (through files
+    beside `out`: no 200 MB object all-gather) and write the pickle there, in `order`
+    ((key, source path) of every sample, the manifest's order); `wnid` is named from
+    `classes` (the checkpoint's class list). Returns the written list on rank 0."""
+    import torch
+    import torch.distributed as dist
+
+    part = out.with_name(f".{out.name}.rank{rank}")
+    torch.save(kept, part)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        return None
+    merged: dict = {}
+    for r in range(world):
+        p = out.with_name(f".{out.name}.rank{r}")
+        merged |= torch.load(p, weights_only=True)
+        p.unlink()
+    wnids = classes or []
+    results = []
+    for idx, (key, source) in enumerate(order):
+        score, label = merged.pop(key)
+        score = score.float()
+        pred = int(score.argmax())
+        item = {"sample_idx": idx, "img_path": source, "key": key,
+                "pred_score": score, "pred_label": torch.tensor([pred]),
+                "num_classes": num_classes, "wnid": wnids[pred] if pred < len(wnids) else ""}
+        if label >= 0:
+            item["gt_label"] = torch.tensor([label])
+        results.append(item)
+    if merged:
+        raise RuntimeError(f"{len(merged)} predicted samples are not in the manifest")
+    write_atomic(out, pickle.dumps(results, protocol=4))
+    return results
+
+
+def per_class_accuracy(results: list[dict], num_classes: int) -> list[float | None]:
+    """Top-1 accuracy of each true class (None for classes without labelled samples)."""
+    hits, totals = [0] * num_classes, [0] * num_classes
+    for r in results:
+        if "gt_label" in r:
+            y = int(r["gt_label"])
+            totals[y] += 1
+            hits[y] += int(r["pred_label"]) == y
+    return [h / t if t else None for h, t in zip(hits, totals)]
