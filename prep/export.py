@@ -146,7 +146,7 @@ def real_scores(p: Predictions, classes: list[ClassInfo] | None,
                 idx: np.ndarray | None = None) -> dict | None:
     """ReaL top-1/top-5 (fractions) over the ILSVRC2012 val images ReaL keeps; None when
     the predictions hold none or their classes are not known WNIDs."""
-    from prep.scoring import global_index, real_for
+    from prep.scoring import global_index, official_label, real_for
 
     gi = global_index()
     if classes is None or not all(c.wnid in gi for c in classes):
@@ -155,6 +155,8 @@ def real_scores(p: Predictions, classes: list[ClassInfo] | None,
     idx = topk(p, 5)[0] if idx is None else idx
     c1 = c5 = n = 0
     for i, name in enumerate(p.paths if p.named else []):
+        if p.labels[i] >= 0 and official_label(name) not in (None, to_global[p.labels[i]]):
+            return None  # not ImageNet's val images under their names: ReaL does not apply
         answers = real_for(name)
         if answers:
             row = to_global[idx[i]]

@@ -45,6 +45,22 @@ def real_labels() -> tuple[tuple[int, ...], ...]:
 _VAL = re.compile(r"ILSVRC2012_val_(\d{8})")
 
 
+@cache
+def _official() -> dict[str, int]:
+    from prep.classes import reference_val_labels
+
+    gi = global_index()
+    return {stem: gi[w] for stem, w in reference_val_labels().items()}
+
+
+def official_label(key_or_path: str) -> int | None:
+    """The official ILSVRC2012 val label (global sorted-WNID index) of a val image, or None.
+    ReaL is reported only when a copy's val labels are these: a synthetic or relabelled
+    set reusing the file names would get meaningless ReaL numbers."""
+    m = _VAL.search(key_or_path.rsplit("/", 1)[-1])
+    return _official().get(f"ILSVRC2012_val_{m.group(1)}") if m else None
+
+
 def real_for(key_or_path: str) -> tuple[int, ...] | None:
     """ReaL's answers for a val image named by its key or path (`.JPEG` or `.jpg`, any
     folder); None when it is not an ILSVRC2012 val image or ReaL leaves it out."""

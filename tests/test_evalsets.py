@@ -192,6 +192,19 @@ def test_real_top1_and_top5_on_known_predictions():
     assert m["real_top5"] == pytest.approx(expect5 / counted)
     assert real_for("val/n01751748/ILSVRC2012_val_00000002.jpg") == real[1]  # blurred name
     assert real_for("ILSVRC2012_test_00000002") is None
+    from prep.scoring import official_label
+
+    # labels that are not the official ones for these names: ReaL is not reported
+    relabelled = [(official_label(k) + 1) % 1000 for k in keys]
+    m = evaluate(_Table(table), _loader(relabelled, keys), _Norm(), num_samples=n, amp="none",
+                 num_classes=1000, real=real_for, official=official_label,
+                 to_global=list(range(1000)))
+    assert "real_top1" not in m
+    official = [official_label(k) for k in keys]
+    m = evaluate(_Table(table), _loader(official, keys), _Norm(), num_samples=n, amp="none",
+                 num_classes=1000, real=real_for, official=official_label,
+                 to_global=list(range(1000)))
+    assert m["real_top1"] == pytest.approx(expect1 / counted)
 
 
 @pytest.mark.slow
@@ -222,18 +235,49 @@ def test_evaluate_a_1000_class_checkpoint_on_imagenet_a_shards(tmp_path):
     assert os.path.exists(tmp_path / "r.metrics.json")
 
 
-def test_export_preds_summary_prints_real(tmp_path):
+def test_export_preds_summary_prints_real_only_for_the_real_val_labels(tmp_path):
+    from prep.scoring import official_label
+
     real = real_labels()
     items = []
     for i in range(1, 21):  # val images 2..21: ReaL's first answer as the top-1
         score = torch.zeros(1000)
         answers = real[i]
         score[answers[0] if answers else 0] = 1.0
-        items.append({"img_path": f"val/x/ILSVRC2012_val_{i + 1:08d}.JPEG", "pred_score": score,
-                      "gt_label": torch.tensor([answers[0] if answers else 0])})
+        name = f"val/x/ILSVRC2012_val_{i + 1:08d}.JPEG"
+        items.append({"img_path": name, "pred_score": score,
+                      "gt_label": torch.tensor([official_label(name)])})
     path = tmp_path / "r.pkl"
     path.write_bytes(pickle.dumps(items))
     r = CliRunner().invoke(prep_main, ["export-preds", str(path), "--summary"])
     kept = sum(1 for i in range(1, 21) if real[i])
     assert r.exit_code == 0, r.output
     assert f"ReaL top-1 100.00%   ReaL top-5 100.00%   on {kept:,} val images" in r.output
+    # the same names with other labels (a synthetic or relabelled set): no ReaL figures
+    items[3]["gt_label"] = torch.tensor([(official_label(items[3]["img_path"]) + 1) % 1000])
+    path.write_bytes(pickle.dumps(items))
+    r = CliRunner().invoke(prep_main, ["export-preds", str(path), "--summary"])
+    assert r.exit_code == 0 and "ReaL" not in r.output
+
+
+def test_export_of_an_evalset_pickle_with_spaces_in_names(tmp_path):
+    """ImageNet-A names hold spaces: the text formats keep one line per image."""
+    src, _ = _sample(tmp_path, "imagenet-a", classes=2, per_class=2)
+    prepare_evalset(src, tmp_path / "data")
+    items = []
+    for i, line in enumerate((tmp_path / "data/imagenet-a/meta/val.txt").read_text()
+                             .splitlines()):
+        path, label = line.rsplit(" ", 1)
+        score = torch.zeros(1000)
+        score[int(label)] = 1.0
+        items.append({"sample_idx": i, "img_path": f"val/{path}", "pred_score": score,
+                      "gt_label": torch.tensor([int(label)])})
+    path = tmp_path / "r.pkl"
+    path.write_bytes(pickle.dumps(items))
+    for fmt in ("csv", "txt", "mmcls"):
+        out = tmp_path / f"r.{fmt}"
+        r = CliRunner().invoke(prep_main, ["export-preds", str(path), str(out), "--format",
+                                           fmt, "--summary"])
+        assert r.exit_code == 0 and "top-1 100.00%" in r.output, r.output
+        text = out.read_text()
+        assert len(text.splitlines()) == 4 + (fmt == "csv")

@@ -1,14 +1,20 @@
 """Full-scale labels: 1000 classes and the 50,000 real val labels, every layout.
 
 meta/val.txt must equal what Caffe's val.txt + valprep.sh give, built here independently
-from ../shared/imagenet-meta (LOC_val_solution.csv + LOC_synset_mapping.txt).
+(plain csv/text parsing, none of prep's readers) from the real metadata the package ships
+in prep/data (LOC_val_solution.csv.gz + LOC_synset_mapping.txt), so the test needs no file
+outside the repository.
 """
+
+import gzip
+from pathlib import Path
 
 import pytest
 
 from prep.imagenet import prepare_imagenet
 from prep.sample import SampleSpec, write_sample
-from tests.conftest import SHARED_META
+
+DATA = Path(__file__).resolve().parents[1] / "prep" / "data"
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips these
 
@@ -17,12 +23,11 @@ FULL = SampleSpec(classes=1000, train_per_class=1, val_per_class=50, empty_files
 
 @pytest.fixture(scope="module")
 def caffe_val_txt():
-    if not SHARED_META.is_dir():
-        pytest.skip("../shared/imagenet-meta not present")
     sorted_wnids = [ln.split()[0] for ln in
-                    (SHARED_META / "LOC_synset_mapping.txt").read_text().splitlines()]
+                    (DATA / "LOC_synset_mapping.txt").read_text().splitlines()]
     index = {w: i for i, w in enumerate(sorted_wnids)}
-    rows = (SHARED_META / "LOC_val_solution.csv").read_text().splitlines()[1:]
+    rows = gzip.decompress((DATA / "LOC_val_solution.csv.gz").read_bytes()).decode()
+    rows = rows.splitlines()[1:]
     labels = {img: pred.split()[0] for img, pred in (r.split(",", 1) for r in rows)}
     return [f"{labels[s]}/{s}.JPEG {index[labels[s]]}" for s in sorted(labels)]
 

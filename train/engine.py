@@ -105,6 +105,7 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
              num_classes: int, show: bool = False, tta_flip: bool = False,
              keep: dict | None = None, valid: list[int] | None = None,
              real: Callable[[str], tuple[int, ...] | None] | None = None,
+             official: Callable[[str], int | None] | None = None,
              to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
     all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
@@ -112,10 +113,12 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
     Unlabelled samples (test, label -1) count toward n but not toward accuracy.
     `valid`: class indices the logits are restricted to (ImageNet-A/-R's 200 classes).
     `real(key)`: ReaL's answers (global sorted-WNID indices) for a sample, or None to leave
-    it out; `to_global` maps the model's class index to that space (real_top1/real_top5)."""
+    it out; `to_global` maps the model's class index to that space (real_top1/real_top5).
+    `official(key)`: the official val label; one labelled sample that disagrees with it
+    (not ImageNet's val images under their names) and no ReaL figures are reported."""
     model.eval()
-    # c1, c5, loss, n, labelled, real c1, real c5, real n
-    sums = torch.zeros(8, device=norm.device, dtype=torch.float64)
+    # c1, c5, loss, n, labelled, real c1, real c5, real n, labels unlike the official ones
+    sums = torch.zeros(9, device=norm.device, dtype=torch.float64)
     mask = None
     if valid is not None:
         mask = torch.full((num_classes,), float("-inf"), device=norm.device)
@@ -136,7 +139,10 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
                 keep[k] = (score, label)
         if real is not None:
             top5_all = glob[logits.topk(min(5, num_classes), 1).indices].tolist()
-            for key, row in zip(keys, top5_all):
+            for key, row, label in zip(keys, top5_all, labels.tolist()):
+                if official is not None and label >= 0 and \
+                        official(key) not in (None, to_global[label]):
+                    sums[8] += 1
                 answers = real(key)
                 if answers:
                     sums[5] += row[0] in answers
@@ -159,7 +165,7 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
                            f"{num_samples}: samples were dropped or counted twice")
     out = {"top1": (sums[0] / m).item(), "top5": (sums[1] / m).item(),
            "val_loss": (sums[2] / m).item(), "val_samples": n}
-    if real is not None and sums[7] > 0:
+    if real is not None and sums[7] > 0 and sums[8] == 0:
         r = sums[7].item()
         out |= {"real_top1": sums[5].item() / r, "real_top5": sums[6].item() / r,
                 "real_samples": int(r)}

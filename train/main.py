@@ -39,7 +39,7 @@ from prep.errors import (
     refuse_overwrite,
 )
 from prep.predictions import per_class_accuracy, write_predictions
-from prep.scoring import RESTRICTED, global_index, real_for, subset_wnids
+from prep.scoring import RESTRICTED, global_index, official_label, real_for, subset_wnids
 from shards import tarread
 from train import checkpoint as ckpt
 from train import jpeg_region
@@ -229,7 +229,8 @@ def scoring(split: SplitInfo, classes: list[str] | None, split_name: str) -> dic
         return {"valid": [index[w] for w in subset_wnids(kind) if w in index]}
     if split.evalset is None and split_name in ("val", "validation") and classes and \
             all(w in global_index() for w in classes):
-        return {"real": real_for, "to_global": [global_index()[w] for w in classes]}
+        return {"real": real_for, "official": official_label,
+                "to_global": [global_index()[w] for w in classes]}
     return {}
 
 
