@@ -6,6 +6,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+_JSON = json.JSONEncoder().encode  # keys already in sorted order: same bytes as sort_keys
+
+
+def sample_json(*, fmt: str, height: int, key: str, label: int, mode: str, repaired: str,
+                resized: bool, source: str, width: int, wnid: str) -> str:
+    """A sample's `json` member, the one definition (shards/tarpack.c fills in the size of
+    pass-through JPEGs around the same text; a test proves the bytes equal). Sorted keys;
+    one type per field in every sample of every split: Hugging Face infers the schema from
+    the first rows (a null in most samples and a string in a repaired one failed its load),
+    so `repaired` is "" when nothing was repaired; `label` is -1 on unlabelled test."""
+    return _JSON({"format": fmt, "height": height, "key": key, "label": label, "mode": mode,
+                  "repaired": repaired, "resized": resized, "source": source, "width": width,
+                  "wnid": wnid})
+
 INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "label", "wnid", "width",
                  "height", "repaired", "source")  # index.parquet's columns, in this order
 

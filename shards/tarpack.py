@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-from json.encoder import encode_basestring_ascii as _js
 from pathlib import Path
 
 from prep import jpeg
+from shards.record import sample_json
+from shards.source import Sample
 
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
@@ -45,6 +46,22 @@ def available() -> bool:
     return _lib is not None
 
 
+C_PREFIX = '{"format": "JPEG", "height": '  # what tarpack.c writes before the height
+_HEIGHT, _WIDTH = -1234567, -7654321  # placeholders the real sizes replace
+
+
+def _json_parts(s: Sample, split: str) -> tuple[bytes, bytes]:
+    """(between height and width, after width) of a pass-through sample's json."""
+    text = sample_json(fmt="JPEG", height=_HEIGHT, key=s.key, label=s.label, mode="RGB",
+                       repaired="", resized=False, source=f"{split}/{s.path}", width=_WIDTH,
+                       wnid=s.wnid)
+    head, rest = text.split(str(_HEIGHT), 1)
+    mid, end = rest.split(str(_WIDTH), 1)
+    if head != C_PREFIX:
+        raise RuntimeError(f"shards/tarpack.c writes {C_PREFIX!r}, sample_json {head!r}")
+    return mid.encode(), end.encode()
+
+
 def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
                   strict: bool = True) -> tuple[int, int, list[tuple[int, int, int, int, int]]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
@@ -56,10 +73,11 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     n = len(samples)
     enc = [p.encode() for p in paths]
     keys = [s.key.encode() for s in samples]
-    mids = [(f', "key": {_js(s.key)}, "label": {s.label}, "mode": "RGB", "repaired": "", '
-             f'"resized": false, "source": {_js(f"{split}/{s.path}")}, "width": ').encode()
-            for s in samples]
-    ends = [f', "wnid": {_js(s.wnid)}}}'.encode() for s in samples]
+    mids, ends = [], []
+    for s in samples:  # the one json definition, cut around the size the C loop fills in
+        mid, end = _json_parts(s, split)
+        mids.append(mid)
+        ends.append(end)
     strs = ctypes.c_char_p * n
     off = _I64(offset)
     starts, sizes = (_I64 * n)(), (_I64 * n)()

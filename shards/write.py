@@ -9,7 +9,6 @@ that looks finished. DALI's index of it (`NAME.idx`, shards/dali_index.py) follo
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from shards.dali_index import write_dali_index
 from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
 from shards.plan import ShardPlan
-from shards.record import INDEX_COLUMNS, ShardRecord
+from shards.record import INDEX_COLUMNS, ShardRecord, sample_json
 from shards.source import Sample
 from shards.tario import FdSink, TarStream
 
@@ -122,21 +121,15 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
             return
         raise PrepError(f"{src}: {exc}; rerun with --on-error skip to leave it out "
                         "(skips are listed in the manifest)") from exc
-    source = f"{plan.split}/{s.path}"
-    # sorted keys; one type per field in every sample of every split (Hugging Face infers
-    # the schema from the first rows: a null in most samples and a string in a repaired one
-    # failed its load), so `repaired` is "" when nothing was repaired
-    meta = {"format": info.format, "height": info.height, "key": s.key, "label": s.label,
-            "mode": info.mode, "repaired": info.repaired or "", "resized": info.resized,
-            "source": source, "width": info.width, "wnid": s.wnid}
+    meta = sample_json(fmt=info.format, height=info.height, key=s.key, label=s.label,
+                       mode=info.mode, repaired=info.repaired or "", resized=info.resized,
+                       source=f"{plan.split}/{s.path}", width=info.width, wnid=s.wnid)
     offset = tar.offset
     members = [(f"{s.key}.cls", str(s.label).encode()),  # -1 on unlabelled test samples
-               (f"{s.key}.jpg", jpg), (f"{s.key}.json", _JSON(meta).encode())]
+               (f"{s.key}.jpg", jpg), (f"{s.key}.json", meta.encode())]
     tar.add_many(members)
     _add_row(rec, plan, s, offset, len(jpg), info.width, info.height, info.repaired)
 
-
-_JSON = json.JSONEncoder().encode  # keys already in sorted order: same bytes as sort_keys
 
 
 def read_file(path: str | Path) -> tuple[bytes, os.stat_result]:
