@@ -17,7 +17,7 @@ from __future__ import annotations
 import mmap
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 BLOCK = 512
 _META = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta (matched at the start)
@@ -74,10 +74,33 @@ def members(buf: bytes | mmap.mmap, url: str) -> Iterator[tuple[str, int, int]]:
         pos = start + size + (-size % BLOCK)
 
 
-def samples(path: str, keep: Iterable[str] | None = None) -> Iterator[dict]:
-    """The samples of one local shard as webdataset dicts (`__key__`, `__url__`, one entry
-    per extension, bytes), keeping only the extensions in `keep` (all when None)."""
+def group_samples(files: Iterable[tuple[str, Callable[[], bytes]]], url: str,
+                  keep: Iterable[str] | None = None) -> Iterator[dict]:
+    """(member name, its data on demand) -> webdataset sample dicts (`__key__`, `__url__`,
+    one entry per extension), keeping only the extensions in `keep` (all when None): the
+    one grouping stage for local and remote shards (webdataset's `group_by_keys`), data
+    read only for the members kept."""
     keep = set(keep) if keep is not None else None
+    current: dict | None = None
+    for name, data in files:
+        if _META.match(name) or not (m := _KEY_EXT.match(name)):
+            continue
+        key, ext = m.group(1), m.group(2).lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        if ext in current:
+            raise ShardError(f"{url}: member {name} appears twice in sample {key}")
+        value = data()  # also for members not kept: a truncated one is still an error
+        if keep is None or ext in keep:
+            current[ext] = value
+    if current is not None:
+        yield current
+
+
+def local_files(path: str) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, data on demand) of each member of a local shard, through a memory map."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -85,26 +108,22 @@ def samples(path: str, keep: Iterable[str] | None = None) -> Iterator[dict]:
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         buf.madvise(mmap.MADV_SEQUENTIAL)
-        current: dict | None = None
         for name, start, n in members(buf, path):
-            if _META.match(name) or not (m := _KEY_EXT.match(name)):
-                continue
-            key, ext = m.group(1), m.group(2).lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": path}
-            if start + n > len(buf):
-                raise ShardError(f"{path}: truncated: member {name} at offset {start - BLOCK} "
-                                 f"needs {n} bytes, {max(len(buf) - start, 0)} left")
-            if ext in current:
-                raise ShardError(f"{path}: member {name} appears twice in sample {key}")
-            if keep is None or ext in keep:
-                current[ext] = buf[start : start + n]
-        if current is not None:
-            yield current
+            yield name, lambda name=name, start=start, n=n: _data(buf, path, name, start, n)
     finally:
         buf.close()
+
+
+def _data(buf: mmap.mmap, path: str, name: str, start: int, n: int) -> bytes:
+    if start + n > len(buf):  # raised when the member is read: the samples before it stand
+        raise ShardError(f"{path}: truncated: member {name} at offset {start - BLOCK} "
+                         f"needs {n} bytes, {max(len(buf) - start, 0)} left")
+    return buf[start : start + n]
+
+
+def samples(path: str, keep: Iterable[str] | None = None) -> Iterator[dict]:
+    """The samples of one local shard (see group_samples)."""
+    return group_samples(local_files(path), path, keep)
 
 
 def is_local(url: str) -> bool:

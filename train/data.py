@@ -131,9 +131,12 @@ def read_shards(handler: Callable[[Exception], bool] | None = None,
             url = source["url"]
             try:
                 if tarread.is_local(url):
-                    yield from tarread.samples(url.removeprefix("file://"), keep)
-                else:
-                    yield from wds.tarfile_to_samples()([source])
+                    files = tarread.local_files(url.removeprefix("file://"))
+                else:  # webdataset opens URLs and pipes; the grouping is the same stage
+                    files = ((f["fname"], lambda d=f["data"]: d)
+                             for f in wds.tariterators.tar_file_expander(
+                                 wds.tariterators.url_opener([source]), eof_value=None))
+                yield from tarread.group_samples(files, url, keep)
             except Exception as exc:
                 if handler is None or not handler(exc):
                     raise
