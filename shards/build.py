@@ -45,7 +45,7 @@ from shards.dali_index import index_path
 from shards.image import pool_worker_init
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
-from shards.record import ShardRecord
+from shards.record import INDEX_COLUMNS, ShardRecord
 from shards.source import read_classes, read_samples
 from shards.write import ShardOptions, write_shard
 
@@ -257,11 +257,18 @@ def clean(out: Path) -> None:
 
 
 def _read_record(rec_file: Path) -> ShardRecord | None:
+    """A shard's record, or None when it is missing or not one this version wrote whole
+    (then the shard is redone: same bytes)."""
     try:
         rec = ShardRecord(**json.loads(rec_file.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return rec if isinstance(rec.rows, dict) else None
+    rows = rec.rows
+    if not (isinstance(rows, dict) and set(rows) == set(INDEX_COLUMNS)
+            and all(isinstance(v, list) and len(v) == rec.num_samples for v in rows.values())
+            and isinstance(rec.source_stats, list)):
+        return None
+    return rec
 
 
 def _finished(parts: Path, out: Path, plan: ShardPlan, data: Path) -> ShardRecord | None:

@@ -129,7 +129,7 @@ def test_rerun_does_nothing_and_resume_after_loss(prepared, tmp_path):
     (out / "train-000001.tar").rename(out / "train-000001.tar.partial")
     (out / ".prep-shard/parts/val-000002.tar.json").unlink()
     (out / "test-000000.tar").unlink()
-    old = out / ".prep-shard/parts/train-000000.tar.json"  # rows as an older version kept them
+    old = out / ".prep-shard/parts/train-000000.tar.json"  # a record not written whole
     rec = json.loads(old.read_text())
     old.write_text(json.dumps({**rec, "rows": [dict(zip(rec["rows"], v))
                                               for v in zip(*rec["rows"].values())]}))
