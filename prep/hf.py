@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import IO
 
 from prep.classes import is_wnid, reference_words
-from prep.errors import PrepError, ignore_sigint
+from prep.errors import PrepError
 from prep.extract import corrupt
 from prep.progress import progress_bar
+from prep.workers import pool_worker_init
 
 _SUFFIXED = re.compile(r"(?P<stem>[A-Za-z0-9_.\-]+)_(?P<wnid>n\d{8})\.(?P<ext>JPEG|jpeg|jpg)")
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(JPEG|jpeg|jpg)")
@@ -212,7 +213,7 @@ def extract_release(kind: str, files: dict[str, list[Path]], dest: Path, workers
     bar = progress_bar(total=total, unit="B", desc=f"extract {kind}", disable=not progress)
     done: dict[str, list[Extracted]] = {}
     with ProcessPoolExecutor(max(1, min(workers, len(todo) or 1)),
-                             initializer=ignore_sigint) as pool:
+                             initializer=pool_worker_init) as pool:
         futures = {pool.submit(job, p, split, partial): (p, split) for p, split, partial in todo}
         for f, (p, split) in futures.items():
             done.setdefault(split, []).append(f.result())

@@ -23,7 +23,7 @@ from prep.classes import (
     read_map_clsloc,
     reference_val_labels,
 )
-from prep.errors import PrepError, ignore_sigint
+from prep.errors import PrepError
 from prep.extract import extract_class_archive, extract_flat_archive, extract_train_archive
 from prep.hf import extract_release
 from prep.labels import (
@@ -44,6 +44,7 @@ from prep.scan import (
     list_images,
     scan_class_split,
 )
+from prep.workers import pool_worker_init
 
 SHIPPED = "real ILSVRC2012 val labels (shipped)"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
@@ -118,7 +119,7 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
     """List every split and read every val label source. One process pool serves both the
     train listing and the XML parsing, submitted from two threads so they overlap while
     this process lists val and test."""
-    pool = ProcessPoolExecutor(workers, initializer=ignore_sigint) if workers > 1 else None
+    pool = ProcessPoolExecutor(workers, initializer=pool_worker_init) if workers > 1 else None
     try:
         with ThreadPoolExecutor(2) as threads:
             train_rel = _rel(lay.train_dir, lay.src)

@@ -41,8 +41,8 @@ from prep.atomic import write_atomic
 from prep.errors import PrepError, refuse_inside
 from prep.evalset import read_evalset
 from prep.progress import progress_bar
+from prep.workers import pool_worker_init
 from shards.dali_index import index_path
-from shards.image import pool_worker_init
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.record import INDEX_COLUMNS, ShardRecord

@@ -12,8 +12,8 @@ from pathlib import Path
 from prep.errors import PrepError
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
 from prep.progress import progress_bar
+from prep.workers import pool_worker_init
 from shards.dali_index import dali_index, index_path
-from shards.image import pool_worker_init
 from shards.manifest import INFO, SUMS, parse_info, parse_sums
 
 

@@ -71,7 +71,7 @@ def test_jpeg_sof_scan_agrees_with_pil(kind, comps):
 def test_allocator_tuning_applies_on_glibc():
     import platform
 
-    from shards.image import keep_image_buffers_in_heap
+    from prep.workers import keep_image_buffers_in_heap
 
     ok = keep_image_buffers_in_heap()
     assert ok == (platform.libc_ver()[0] == "glibc")

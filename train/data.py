@@ -191,7 +191,7 @@ def train_size(cfg: TrainConfig, epoch: int) -> int:
 
 def worker_init(_: int) -> None:
     """DataLoader workers: keep Pillow's image buffers in the heap (see shards.image)."""
-    from shards.image import keep_image_buffers_in_heap
+    from prep.workers import keep_image_buffers_in_heap
 
     keep_image_buffers_in_heap()
 
