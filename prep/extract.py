@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tarfile
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +21,6 @@ from prep.errors import PrepError
 from prep.progress import progress_bar
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
-_CHUNK = 1 << 20
 
 
 def _check_member(archive: str, m: tarfile.TarInfo) -> str:
@@ -44,13 +42,26 @@ def corrupt(archive: Path | str, exc: BaseException) -> PrepError:
                      "the files already extracted are kept")
 
 
-def _write_member(src: IO[bytes], size: int, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as out:
-        shutil.copyfileobj(src, out, _CHUNK)
-    if tmp.stat().st_size != size:
-        tmp.unlink()
+def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
+    """Write one image (bytes, or a member's file object) under a temp name and rename it;
+    skip it when an earlier run wrote it whole. One read, one write, one rename: the open
+    of a new file is most of the cost here, as for `tar -x`."""
+    try:
+        if os.stat(path).st_size == size:
+            return  # written whole by an earlier run
+    except FileNotFoundError:
+        pass
+    data = data_or_src if isinstance(data_or_src, bytes) else data_or_src.read()
+    if len(data) != size:
         raise PrepError(f"{path}: archive member is truncated ({size} bytes expected)")
+    tmp = f"{path.parent}/.{path.name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -59,12 +70,8 @@ def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) ->
     count = 0
     for m in tar:
         name = _check_member(archive, m)
-        path = target / name
-        if path.is_file() and path.stat().st_size == m.size:
-            bar.update(m.size)
-        else:
-            _write_member(tar.extractfile(m), m.size, path)
-            bar.update(m.size)
+        write_member(target / name, tar.extractfile(m), m.size)
+        bar.update(m.size)
         count += 1
     return count
 
@@ -167,9 +174,7 @@ def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> P
                     if wnid not in made:
                         (partial / wnid).mkdir(exist_ok=True)
                         made.add(wnid)
-                    path = partial / wnid / name
-                    if not (path.is_file() and path.stat().st_size == m.size):
-                        _write_member(tar.extractfile(m), m.size, path)
+                    write_member(partial / wnid / name, tar.extractfile(m), m.size)
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and \

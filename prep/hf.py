@@ -26,11 +26,10 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
-from prep.extract import corrupt
+from prep.extract import corrupt, write_member
 from prep.progress import progress_bar
 from prep.workers import pool_worker_init
 
@@ -85,29 +84,6 @@ def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
     return f"{stem}.JPEG", wnid
 
 
-def _write(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
-    """Write one image (bytes, or a member's file object) under a temp name and rename it;
-    skip it when an earlier run wrote it whole. One read, one write, one rename: the open
-    of a new file is most of the cost here, as for `tar -x`."""
-    try:
-        if os.stat(path).st_size == size:
-            return  # written whole by an earlier run
-    except FileNotFoundError:
-        pass
-    data = data_or_src if isinstance(data_or_src, bytes) else data_or_src.read()
-    if len(data) != size:
-        raise PrepError(f"{path}: member is truncated ({size} bytes expected)")
-    tmp = f"{path.parent}/.{path.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 @dataclass
 class Extracted:
     files: int
@@ -133,7 +109,7 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
                 if split == "train" and wnid not in made:
                     (partial / wnid).mkdir(exist_ok=True)
                     made.add(wnid)
-                _write(partial / rel, tar.extractfile(m), m.size)
+                write_member(partial / rel, tar.extractfile(m), m.size)
                 if split == "val":
                     labels[rel.rsplit(".", 1)[0]] = wnid
                 n += 1
@@ -182,7 +158,7 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                     (partial / wnid).mkdir(exist_ok=True)
                     made.add(wnid)
                 data = blobs[i].as_py()
-                _write(partial / rel, data, len(data))
+                write_member(partial / rel, data, len(data))
                 if split == "val":
                     labels[rel.rsplit(".", 1)[0]] = wnid
                 n += 1

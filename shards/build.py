@@ -76,7 +76,9 @@ class ShardReport:
     seconds: float = 0.0
 
 
-def make_plans(data: Path, s: ShardSettings) -> tuple[list[str], list[ShardPlan]]:
+def make_plans(data: Path, s: ShardSettings
+               ) -> tuple[list[str], list[ShardPlan], dict | None]:
+    """(classes, shard plans, the evaluation set's description or None)."""
     wnids = read_classes(data)
     evalset = read_evalset(data)  # an evaluation set: its one split, class-prefixed keys
     plans = []
@@ -91,7 +93,7 @@ def make_plans(data: Path, s: ShardSettings) -> tuple[list[str], list[ShardPlan]
         else:
             n = default_num_shards(len(samples))
         plans += assign(split, samples, min(n, len(samples)), s.seed)  # no empty shards
-    return wnids, plans
+    return wnids, plans, evalset
 
 
 def fingerprint(plans: list[ShardPlan], s: ShardSettings) -> str:
@@ -322,19 +324,20 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     t0 = time.perf_counter()
     data, out = Path(os.path.abspath(data)), Path(os.path.abspath(out))
     refuse_inside(out, _source_roots(data), "--out")
-    wnids, plans = make_plans(data, settings)
+    wnids, plans, evalset = make_plans(data, settings)
     out.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(plans, settings)
     with output_lock(out, shard_range, exclusive=force or finalize_only):
         parts = _claim(out, fp, settings, data, force, [p.name for p in plans])
         return _shard_locked(data, out, plans, wnids, fp, parts, settings, workers,
-                             shard_range, finalize_only, progress, t0)
+                             shard_range, finalize_only, progress, t0,
+                             extra={"evalset": evalset} if evalset else {})
 
 
 def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str], fp: str,
                   parts: Path, settings: ShardSettings, workers: int,
                   shard_range: tuple[int, int], finalize_only: bool, progress: bool,
-                  t0: float) -> ShardReport:
+                  t0: float, *, extra: dict) -> ShardReport:
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
@@ -371,9 +374,7 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
         splits = sorted({p.split for p in plans})
         names = [*OWN_MANIFEST, *(f"{s}.shardindex.json" for s in splits)]
         _record_manifest(manifest_file, dict.fromkeys(names))  # being written: ours
-        evalset = read_evalset(data)
-        report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep,
-                                     {"evalset": evalset} if evalset else {})
+        report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep, extra)
         _record_manifest(manifest_file, {n: _stat_key(out / n) for n in names})
     report.seconds = time.perf_counter() - t0
     return report
