@@ -1,7 +1,8 @@
 """`prep export-preds`: a predictions pickle -> the text formats people hand in.
 
-- ilsvrc: the official classification submission: one line per image in file-name order,
-  the top-5 ILSVRC2012_IDs (1..1000, devkit order), best first.
+- ilsvrc: the official classification submission: line n holds image n's top-5
+  ILSVRC2012_IDs (1..1000, devkit order), best first. Positional: the images must be
+  numbered 1..N without a gap (`positional_order`), else it is refused.
 - kaggle: `ImageId,PredictionString` with the top-k WNIDs, space separated.
 - mmcls: `path label score` per line (sorted-WNID labels, top-1), dataset order.
 - txt: tab-separated `path` then, for each of the top-k, `label score wnid words`.
@@ -29,6 +30,8 @@ FORMATS = ("ilsvrc", "kaggle", "mmcls", "txt", "csv", "parquet")
 
 
 def load_classes(classes_csv: Path | None, num_classes: int) -> list[ClassInfo] | None:
+    """The class table, in label order: row order does not count, the `index` column does
+    (a table sorted by another column is still right); indexes 0..C-1 and WNIDs each once."""
     if classes_csv is None:
         return build_class_table(reference_words()) if num_classes == 1000 else None
     try:
@@ -37,13 +40,22 @@ def load_classes(classes_csv: Path | None, num_classes: int) -> list[ClassInfo] 
         table = [ClassInfo(int(r["index"]), r["wnid"], r["words"],
                            int(r["ilsvrc2012_id"]) if r["ilsvrc2012_id"] else None)
                  for r in rows]
-    except (OSError, KeyError, ValueError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise PrepError(f"{classes_csv}: not a prep class table "
                         f"(index,wnid,ilsvrc2012_id,words): {exc}") from exc
     if len(table) != num_classes:
         raise PrepError(f"{classes_csv}: {len(table)} classes, the predictions have "
                         f"{num_classes}: they do not belong together")
-    return table
+    for column, values in (("index", [c.index for c in table]),
+                           ("wnid", [c.wnid for c in table])):
+        twice = sorted(v for v, n in Counter(values).items() if n > 1)
+        if twice:
+            raise PrepError(f"{classes_csv}: {column} {twice[0]!r} appears more than once; "
+                            "each class has one row")
+    if sorted(c.index for c in table) != list(range(num_classes)):
+        bad = next(c.index for c in table if not 0 <= c.index < num_classes)
+        raise PrepError(f"{classes_csv}: index {bad} is outside 0..{num_classes - 1}")
+    return sorted(table, key=lambda c: c.index)
 
 
 def topk(p: Predictions, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +77,46 @@ def _file_order(p: Predictions) -> list[int]:
     if not p.named:
         return list(range(len(p.paths)))
     return sorted(range(len(p.paths)), key=lambda i: natural_key(Path(p.paths[i]).name))
+
+
+_OFFICIAL = re.compile(r"ILSVRC2012_(val|test)_(\d{8})\.[A-Za-z]+")
+OFFICIAL_COUNT = {"val": 50_000, "test": 100_000}
+
+
+def positional_order(p: Predictions) -> list[int]:
+    """Sample positions in submission order for a format where line n is image n (the
+    ILSVRC devkit reads it so): the official names of one split, numbered 1..N with no gap
+    and no repeat, else a PrepError naming the first gap (a missing image would shift every
+    later prediction onto the wrong image's line)."""
+    if not p.named:  # mmcls 0.x: dataset order, which is file order for a whole split
+        if len(p.paths) in OFFICIAL_COUNT.values():
+            return list(range(len(p.paths)))
+        raise PrepError(f"--format ilsvrc: line n is image n, and these {len(p.paths):,} "
+                        "predictions carry no file names to tell which images they are (a "
+                        "whole split, 50,000 val or 100,000 test, is taken in dataset "
+                        "order); use --format csv")
+    numbers: dict[int, int] = {}
+    splits = set()
+    for i, path in enumerate(p.paths):
+        m = _OFFICIAL.fullmatch(Path(path).name)
+        if not m:
+            raise PrepError(f"--format ilsvrc: line n is image ILSVRC2012_val_n; sample {i} "
+                            f"is {path!r}, not an official ILSVRC2012 name; use --format "
+                            "kaggle or csv")
+        splits.add(m[1])
+        numbers[int(m[2])] = i
+    if len(splits) > 1:
+        raise PrepError("--format ilsvrc: the predictions mix val and test images")
+    split = splits.pop()
+    gap = next((n for n in range(1, len(numbers) + 1) if n not in numbers), None)
+    if gap is not None:
+        after = min(n for n in numbers if n > gap)
+        raise PrepError(f"--format ilsvrc: ILSVRC2012_{split}_{gap:08d} has no prediction, so "
+                        f"line {gap} would hold ILSVRC2012_{split}_{after:08d}'s; the format "
+                        f"is positional and needs images 1..N of the {split} set without a "
+                        f"gap (here {len(numbers):,} of {OFFICIAL_COUNT[split]:,}). Evaluate "
+                        "the whole split, or use --format kaggle (lines named by ImageId)")
+    return [numbers[n] for n in range(1, len(numbers) + 1)]
 
 
 def check_class_table(p: Predictions, classes: list[ClassInfo]) -> None:
@@ -97,7 +149,8 @@ def render(p: Predictions, fmt: str, k: int, classes: list[ClassInfo] | None) ->
         if any(c.ilsvrc2012_id is None for c in classes):
             raise PrepError("--format ilsvrc: the class table lacks ILSVRC2012_IDs")
         ids = np.array([c.ilsvrc2012_id for c in classes])
-        return "".join(" ".join(map(str, ids[idx[i]])) + "\n" for i in _file_order(p)).encode()
+        return "".join(" ".join(map(str, ids[idx[i]])) + "\n"
+                       for i in positional_order(p)).encode()
     if fmt == "kaggle":
         rows = [f"{p.keys[i]},{' '.join(classes[j].wnid for j in idx[i])}\n"
                 for i in _file_order(p)]

@@ -4,14 +4,24 @@ The ImageNet archives hold only flat regular files (`n01440764.tar` inside the t
 tar, `ILSVRC2012_val_00000001.JPEG` inside the val tar). Anything else (a `../` or
 absolute name, a folder, a symlink or hardlink, a device) is refused before a
 byte is written, so nothing can land outside the target. Each file is written
-under a temporary name and renamed; each class folder is built as `.nXXX.partial`
-and renamed when complete, so an interrupted run resumes where it stopped.
+under a temporary name and renamed; each split is built as `.NAME.partial` and renamed
+when complete, so an interrupted run resumes where it stopped.
+
+What exists is trusted only as far as a record says: `.NAME.extracted.json` beside each
+split folder holds the fingerprint (path, size, mtime) of the archives it came from. A
+finished folder is reused, and a partial one resumed, only while that fingerprint still
+matches the source (`claim_split`); two members that map to one output name are refused,
+naming both (`OutputNames`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
 import re
+import shutil
 import tarfile
 from pathlib import Path
 from typing import IO, Any
@@ -44,36 +54,155 @@ def corrupt(archive: Path | str, exc: BaseException) -> PrepError:
 
 def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
     """Write one image (bytes, or a member's file object) under a temp name and rename it;
-    skip it when an earlier run wrote it whole. One read, one write, one rename: the open
-    of a new file is most of the cost here, as for `tar -x`."""
+    skip it when a run from the same inputs wrote it whole (claim_split checked that). One
+    read, one write, one rename: the open of a new file is most of the cost, as for `tar -x`.
+    A failed write (full disk, no permission) leaves no temp file and names the cause."""
     try:
         if os.stat(path).st_size == size:
-            return  # written whole by an earlier run
+            return  # written whole by an earlier run from the same inputs
     except FileNotFoundError:
         pass
     data = data_or_src if isinstance(data_or_src, bytes) else data_or_src.read()
     if len(data) != size:
         raise PrepError(f"{path}: archive member is truncated ({size} bytes expected)")
     tmp = f"{path.parent}/.{path.name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise write_error(path, exc) from exc
+
+
+def write_error(path: Path | str, exc: OSError) -> PrepError:
+    """The error for an output that cannot be written: the disk, not the source."""
+    what = ("the disk is full: free space (or choose another --extract-to) and rerun; "
+            "what was extracted is kept" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "check the folder's permissions and free space")
+    return PrepError(f"{path}: cannot write it ({exc.strerror}); {what}")
+
+
+class OutputNames:
+    """Which input made each output name: a second input for one name is refused, naming
+    both (never the first picture kept under the second one's label)."""
+
+    def __init__(self) -> None:
+        self.origin: dict[str, str] = {}
+
+    def add(self, name: str, origin: str) -> None:
+        first = self.origin.setdefault(name, origin)
+        if first != origin:
+            raise PrepError(f"{first} and {origin} would both be extracted as {name}; a "
+                            "release holds each image once: remove one of them (or "
+                            "re-download the release) and rerun")
+
+    def merge(self, other: dict[str, str]) -> None:
+        for name, origin in other.items():
+            self.add(name, origin)
+
+
+def fingerprint(inputs: list[Path]) -> list[list]:
+    """[path, size, mtime_ns] of each input: what an extraction is valid for."""
+    out = []
+    for p in sorted(inputs):
+        st = os.stat(p)
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def record_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.extracted.json")
+
+
+def read_record(dest: Path) -> dict | None:
+    path = record_path(dest)
+    try:
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise PrepError(f"{path}: damaged ({exc}); remove it and {dest} and rerun to "
+                        "extract again") from exc
+    if not isinstance(rec, dict) or not isinstance(rec.get("inputs"), list):
+        raise PrepError(f"{path}: not an extraction record; remove it and {dest} and rerun")
+    return rec
+
+
+def claim_split(dest: Path, inputs: list[Path]) -> Path | None:
+    """None when `dest` is a finished extraction of exactly `inputs` (reuse it); else the
+    `.NAME.partial` folder to fill: the one an interrupted run from the same inputs left,
+    or a new one. A `dest` made from other inputs, or without a record, is refused."""
+    fp = fingerprint(inputs)
+    rec = read_record(dest)
+    if dest.exists() or dest.is_symlink():
+        if not dest.is_dir() or dest.is_symlink():
+            raise PrepError(f"{dest}: exists and is not a folder an extraction made; move "
+                            "it away (or choose another --extract-to) and rerun")
+        if rec is None or not rec.get("complete"):
+            raise PrepError(f"{dest}: exists but {record_path(dest).name} does not say what "
+                            "it was extracted from; move it away and rerun to extract again")
+        if rec["inputs"] != fp:
+            raise PrepError(f"{dest}: extracted from {_changes(rec['inputs'], fp)}; the "
+                            f"source has changed since. Remove {dest} and rerun to extract "
+                            "it again")
+        return None
+    partial = dest.with_name(f".{dest.name}.partial")
+    if partial.exists() and (rec is None or rec["inputs"] != fp):
+        shutil.rmtree(partial)  # ours by name, from other inputs: never resumed
+    partial.mkdir(parents=True, exist_ok=True)
+    write_record(dest, {"inputs": fp, "complete": False})
+    return partial
+
+
+def finish_split(dest: Path, partial: Path, inputs: list[Path], files: int,
+                 extra: dict | None = None) -> None:
+    """Record the finished extraction, then rename it into place."""
+    if files == 0:
+        raise PrepError(f"{', '.join(str(p) for p in inputs)}: no images in it; the download "
+                        "is incomplete or damaged: re-download it and rerun")
+    write_record(dest, {"inputs": fingerprint(inputs), "complete": True, "files": files,
+                        **(extra or {})})
+    os.replace(partial, dest)
+
+
+def write_record(dest: Path, rec: dict) -> None:
+    from prep.atomic import write_atomic
+
+    try:
+        write_atomic(record_path(dest), json.dumps(rec, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise write_error(record_path(dest), exc) from exc
+
+
+def _changes(old: list[list], new: list[list]) -> str:
+    was = {p: (s, m) for p, s, m in old}
+    now = {p: (s, m) for p, s, m in new}
+    for p in sorted(was.keys() | now.keys()):
+        if p not in now:
+            return f"{p}, which is gone"
+        if p not in was:
+            return f"inputs without {p}, which was added"
+        if was[p] != now[p]:
+            return f"{p} as it was before (its size or modification time changed)"
+    return "other inputs"
 
 
 def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) -> int:
     """Extract a stream of flat members into `target`; skip files already complete."""
-    count = 0
+    names = OutputNames()
     for m in tar:
         name = _check_member(archive, m)
+        names.add(name, f"{archive}: member {m.name!r} (#{len(names.origin) + 1})")
         write_member(target / name, tar.extractfile(m), m.size)
         bar.update(m.size)
-        count += 1
-    return count
+    return len(names.origin)
 
 
 def _open(archive: Path, mode: str = "r:") -> tarfile.TarFile:
@@ -85,28 +214,31 @@ def _open(archive: Path, mode: str = "r:") -> tarfile.TarFile:
 
 def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
     """Val or test tar -> `dest` (flat); built as `.NAME.partial` and renamed when complete."""
-    if dest.is_dir():
-        return dest  # finished by an earlier run
-    partial = dest.with_name(f".{dest.name}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = claim_split(dest, [archive])
+    if partial is None:
+        return dest  # finished by an earlier run from this very archive
     bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
                        desc=f"extract {archive.name}", disable=not progress)
     try:
         with _open(archive) as tar:
-            _extract_flat(tar, str(archive), partial, bar)
+            files = _extract_flat(tar, str(archive), partial, bar)
     except (tarfile.TarError, EOFError) as exc:
         raise corrupt(archive, exc) from exc
     finally:
         bar.close()
-    os.replace(partial, dest)
+    finish_split(dest, partial, [archive], files)
     return dest
 
 
 def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`."""
-    dest.mkdir(parents=True, exist_ok=True)
+    """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`;
+    each class is built as `.nXXXXXXXX.partial` inside the split's partial folder."""
+    partial = claim_split(dest, [archive])
+    if partial is None:
+        return dest
     bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
                        desc=f"extract {archive.name}", disable=not progress)
+    files, classes = 0, OutputNames()
     try:
         with _open(archive) as outer:
             for m in outer:
@@ -115,20 +247,23 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
                 if not is_wnid(wnid):
                     raise PrepError(f"{archive}: member {name!r} is not a class tar "
                                     "(expected nXXXXXXXX.tar)")
-                if (dest / wnid).is_dir():
-                    bar.update(m.size)  # finished by an earlier run
+                classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
+                if (partial / wnid).is_dir():
+                    files += sum(1 for _ in os.scandir(partial / wnid))
+                    bar.update(m.size)  # finished by an interrupted run of these inputs
                     continue
-                partial = dest / f".{wnid}.partial"
-                partial.mkdir(exist_ok=True)
-                inner_name = f"{archive}:{name}"
+                inner_partial = partial / f".{wnid}.partial"
+                inner_partial.mkdir(exist_ok=True)
                 with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
-                    _extract_flat(inner, inner_name, partial, _NullBar())
-                os.replace(partial, dest / wnid)
+                    files += _extract_flat(inner, f"{archive}:{name}", inner_partial,
+                                           _NullBar())
+                os.replace(inner_partial, partial / wnid)
                 bar.update(m.size)
     except (tarfile.TarError, EOFError) as exc:
         raise corrupt(archive, exc) from exc
     finally:
         bar.close()
+    finish_split(dest, partial, [archive], files)
     return dest
 
 
@@ -158,19 +293,21 @@ def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> P
     """A .tar(.gz) of class folders (`train_blurred/nXXXXXXXX/*.jpg`) -> `dest/nXXXXXXXX/`.
     Streamed (gzip is read once, front to back); built as `.NAME.partial` and renamed when
     complete; a rerun after a kill skips the files already written whole."""
-    if dest.is_dir():
-        return dest  # finished by an earlier run
-    partial = dest.with_name(f".{dest.name}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = claim_split(dest, [archive])
+    if partial is None:
+        return dest
     bar = progress_bar(total=archive.stat().st_size, unit="B", desc=f"extract {archive.name}",
                        disable=not progress)
     made: set[str] = set()
+    names = OutputNames()
     try:
         with open(archive, "rb") as raw, _open_stream(archive, raw) as tar:
             for m in tar:
                 where = _class_member(str(archive), m)
                 if where is not None:
                     wnid, name = where
+                    names.add(f"{wnid}/{name}", f"{archive}: member {m.name!r} "
+                              f"(#{len(names.origin) + 1})")
                     if wnid not in made:
                         (partial / wnid).mkdir(exist_ok=True)
                         made.add(wnid)
@@ -183,7 +320,7 @@ def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> P
         raise corrupt(archive, exc) from exc
     finally:
         bar.close()
-    os.replace(partial, dest)
+    finish_split(dest, partial, [archive], len(names.origin))
     return dest
 
 

@@ -14,8 +14,10 @@ Both are extracted into `--extract-to` as `train/<wnid>/<stem>.JPEG`, flat `val/
 `test/`, with the suffix stripped; val's suffix labels become a label source cross-checked
 against the real val labels the package ships. Archives (and Parquet files) are extracted
 in parallel, one process each; every file is written under a temp name and renamed, a
-rerun skips files already whole, and each split folder is renamed from `.NAME.partial`
-only when all of its archives are done.
+rerun from the same inputs skips files already whole, and each split folder is renamed
+from `.NAME.partial` only when all of its archives are done (records and reuse rules:
+prep.extract). A partial download (`-00000-of-00002` without `-00001`, `train_images_1`
+without `_0`) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -23,15 +25,14 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
-from prep.extract import corrupt, write_member
+from prep.extract import OutputNames, claim_split, corrupt, finish_split, read_record, write_member
 from prep.progress import progress_bar
-from prep.workers import pool_worker_init
+from prep.workers import process_pool
 
 _SUFFIXED = re.compile(r"(?P<stem>[A-Za-z0-9_.\-]+)_(?P<wnid>n\d{8})\.(?P<ext>JPEG|jpeg|jpg)")
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(JPEG|jpeg|jpg)")
@@ -52,6 +53,8 @@ def find_release(src: Path) -> tuple[str, dict[str, list[Path]]] | None:
             found = {split: [base / n for n in names if p.fullmatch(n)]
                      for split, p in patterns.items()}
             found = {k: v for k, v in found.items() if v}
+            for split, paths in found.items():
+                _check_complete(base, kind, split, paths)
             if found:
                 for split in ("train", "val"):
                     if split not in found:
@@ -59,6 +62,31 @@ def find_release(src: Path) -> tuple[str, dict[str, list[Path]]] | None:
                                         f"its {split} files")
                 return kind, found
     return None
+
+
+def _check_complete(base: Path, kind: str, split: str, paths: list[Path]) -> None:
+    """Every file of a split's numbered series: NNNNN-of-MMMMM (Parquet) or 0..N (tar)."""
+    if kind == "hf-parquet":
+        series = {}
+        for p in paths:
+            i, n = (int(x) for x in re.findall(r"\d+", p.name)[-2:])
+            series.setdefault(n, set()).add(i)
+        if len(series) > 1:
+            raise PrepError(f"{base}: {split} files of two downloads (-of-{sorted(series)[0]:05d}"
+                            f" and -of-{sorted(series)[1]:05d}); keep one set")
+        (n, have), = series.items()
+        missing = sorted(set(range(n)) - have)
+        name = f"{paths[0].name.split('-')[0]}-{{:05d}}-of-{n:05d}.parquet"
+    elif split == "train":  # val and test come in one archive each
+        have = {int(re.findall(r"\d+", p.name)[-1]) for p in paths}
+        missing = sorted(set(range(max(have) + 1)) - have)
+        name = f"{split}_images_{{}}.tar.gz"
+    else:
+        return
+    if missing:
+        raise PrepError(f"{base}: {name.format(missing[0])} is missing ({len(missing)} "
+                        f"{split} file(s) missing in all): the download is incomplete; "
+                        "download the rest and rerun")
 
 
 def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
@@ -88,11 +116,13 @@ def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
 class Extracted:
     files: int
     labels: dict[str, str]  # val stem -> wnid from the suffixes (val only)
+    names: dict[str, str]  # output path -> the member or row it came from
 
 
 def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
     labels: dict[str, str] = {}
     made: set[str] = set()
+    names = OutputNames()
     n = 0
     try:
         with tarfile.open(archive, "r|gz") as tar:
@@ -106,6 +136,7 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
                     raise PrepError(f"{archive}: member {m.name!r} is not a flat file name; "
                                     "refusing to extract")
                 rel, wnid = original_name(split, m.name, str(archive))
+                names.add(rel, f"{archive}: member {m.name!r} (#{n + 1})")
                 if split == "train" and wnid not in made:
                     (partial / wnid).mkdir(exist_ok=True)
                     made.add(wnid)
@@ -117,7 +148,7 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
         if isinstance(exc, PrepError):
             raise
         raise corrupt(archive, exc) from exc
-    return Extracted(n, labels)
+    return Extracted(n, labels, names.origin)
 
 
 PARQUET_COLUMNS = {"image", "label"}
@@ -130,13 +161,11 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
     index = {w: i for i, w in enumerate(sorted_wnids)}
     labels: dict[str, str] = {}
     made: set[str] = set()
+    outputs = OutputNames()
     n = 0
     try:
         f = pq.ParquetFile(path)
-        names = set(f.schema_arrow.names)
-        if names != PARQUET_COLUMNS:
-            raise PrepError(f"{path}: columns {sorted(names)}; the Hugging Face release has "
-                            f"{sorted(PARQUET_COLUMNS)} (image: bytes + path, label)")
+        _check_schema(path, f.schema_arrow)
         for batch in f.iter_batches(batch_size=256, columns=["image", "label"]):
             images = batch.column("image")
             paths = images.field("path").to_pylist()
@@ -146,6 +175,7 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                 if name is None:
                     raise PrepError(f"{where}: no image path")
                 rel, wnid = original_name(split, name, where)
+                outputs.add(rel, f"{where} ({name!r})")
                 if split != "test" and label != index[wnid]:
                     have = sorted_wnids[label] if isinstance(label, int) and \
                         0 <= label < len(sorted_wnids) else "no class"
@@ -158,6 +188,9 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                     (partial / wnid).mkdir(exist_ok=True)
                     made.add(wnid)
                 data = blobs[i].as_py()
+                if data is None:  # (an empty file is extracted and listed as one)
+                    raise PrepError(f"{where}: {name!r} has no image bytes (null); "
+                                    "re-download this file")
                 write_member(partial / rel, data, len(data))
                 if split == "val":
                     labels[rel.rsplit(".", 1)[0]] = wnid
@@ -167,47 +200,68 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
     except (OSError, ValueError) as exc:
         raise PrepError(f"{path}: not a readable Parquet file ({exc}); re-download it, then "
                         "rerun: the files already extracted are kept") from exc
-    return Extracted(n, labels)
+    return Extracted(n, labels, outputs.origin)
+
+
+def _check_schema(path: Path, schema: object) -> None:
+    """image: struct<bytes: binary, path: string>, label: integer (the release's schema)."""
+    import pyarrow as pa
+
+    names = set(schema.names)
+    ok = names == PARQUET_COLUMNS
+    if ok:
+        image, label = schema.field("image").type, schema.field("label").type
+        ok = (pa.types.is_struct(image) and {image.field(i).name for i in
+              range(image.num_fields)} >= {"bytes", "path"} and pa.types.is_integer(label))
+        if ok:
+            ok = pa.types.is_binary(image.field("bytes").type) or \
+                pa.types.is_large_binary(image.field("bytes").type)
+            ok = ok and pa.types.is_string(image.field("path").type)
+    if not ok:
+        have = ", ".join(f"{f.name}: {f.type}" for f in schema)
+        raise PrepError(f"{path}: schema {have}; the Hugging Face release has image: "
+                        "struct<bytes: binary, path: string>, label: int64")
 
 
 def extract_release(kind: str, files: dict[str, list[Path]], dest: Path, workers: int,
                     progress: bool = True) -> tuple[dict[str, Path], dict[str, str]]:
     """Extract every split into `dest/<split>` in parallel; ({split: dir}, val labels)."""
     job = _tar_job if kind == "hf-tar" else _parquet_job
-    dirs, labels, todo = {}, {}, []
+    dirs, labels, todo, partials = {}, {}, [], {}
     for split, paths in files.items():
-        final = dest / split
-        dirs[split] = final
-        if final.is_dir():
+        dirs[split] = dest / split
+        partial = claim_split(dest / split, paths)
+        if partial is None:  # finished earlier, from these very files
             if split == "val":
-                labels |= _read_labels(dest / ".val.labels.tsv")
-            continue  # finished by an earlier run
-        partial = dest / f".{split}.partial"
-        partial.mkdir(parents=True, exist_ok=True)
+                labels |= _recorded_labels(dest / split)
+            continue
+        partials[split] = partial
         todo += [(p, split, partial) for p in paths]
     total = sum(p.stat().st_size for p, _, _ in todo)
     bar = progress_bar(total=total, unit="B", desc=f"extract {kind}", disable=not progress)
     done: dict[str, list[Extracted]] = {}
-    with ProcessPoolExecutor(max(1, min(workers, len(todo) or 1)),
-                             initializer=pool_worker_init) as pool:
+    with process_pool(min(workers, len(todo) or 1)) as pool:
         futures = {pool.submit(job, p, split, partial): (p, split) for p, split, partial in todo}
         for f, (p, split) in futures.items():
             done.setdefault(split, []).append(f.result())
             bar.update(p.stat().st_size)
     bar.close()
-    for split in {s for _, s, _ in todo}:
-        partial = dest / f".{split}.partial"
+    for split, partial in partials.items():
+        names = OutputNames()  # one name from two archives or Parquet files: refused
+        for e in done[split]:
+            names.merge(e.names)
         split_labels = {k: v for e in done[split] for k, v in e.labels.items()}
-        if split == "val":  # beside the folder, written before it is renamed final
-            (dest / ".val.labels.tsv").write_text(
-                "".join(f"{k}\t{v}\n" for k, v in sorted(split_labels.items())))
-        os.replace(partial, dest / split)
+        finish_split(dest / split, partial, files[split], len(names.origin),
+                     {"labels": split_labels} if split == "val" else None)
         labels |= split_labels
     return dirs, labels
 
 
-def _read_labels(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise PrepError(f"{path}: missing (the val labels of an earlier extraction); remove "
-                        f"{path.parent / 'val'} and rerun to extract val again")
-    return dict(line.split("\t") for line in path.read_text().splitlines() if line)
+def _recorded_labels(val: Path) -> dict[str, str]:
+    rec = read_record(val) or {}
+    labels = rec.get("labels")
+    if not isinstance(labels, dict) or not labels or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise PrepError(f"{val}: its record holds no val labels; remove {val} and rerun to "
+                        "extract val again")
+    return labels

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from prep.extract import extract_class_archive, extract_flat_archive, extract_tr
 from prep.hf import extract_release
 from prep.labels import (
     LabelSource,
+    check_official,
     cross_check,
     read_devkit,
     read_loc_val_csv,
@@ -44,7 +45,7 @@ from prep.scan import (
     list_images,
     scan_class_split,
 )
-from prep.workers import pool_worker_init
+from prep.workers import process_pool
 
 SHIPPED = "real ILSVRC2012 val labels (shipped)"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
@@ -119,7 +120,7 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
     """List every split and read every val label source. One process pool serves both the
     train listing and the XML parsing, submitted from two threads so they overlap while
     this process lists val and test."""
-    pool = ProcessPoolExecutor(workers, initializer=pool_worker_init) if workers > 1 else None
+    pool = process_pool(workers) if workers > 1 else None
     try:
         with ThreadPoolExecutor(2) as threads:
             train_rel = _rel(lay.train_dir, lay.src)
@@ -145,9 +146,12 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
             vrel = [val_files[s] for s in sorted(val_files)]
             vprobs = check_images(lay.val_dir, vrel, pool, progress)
             probs.merge(_prefixed(vprobs, _rel(lay.val_dir, lay.src)))
-    finally:
+    except BaseException:
         if pool:
-            pool.shutdown(cancel_futures=True)
+            pool.stop()
+        raise
+    if pool:
+        pool.shutdown()
     return SourceScan(train, val_files, test, sources, ids, probs)
 
 
@@ -287,6 +291,7 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     val_labels = cross_check(scan.sources, scan.val_files)
     scan.problems.missing += _missing_val(scan.sources, scan.val_files, lay)
     _check_val_classes(val_labels, scan.train, lay)
+    check_official(val_labels, lay.val_dir)
     classes = build_class_table(scan.train, scan.ids)
     _check_known(classes, lay)
     counts = {"train": sum(map(len, scan.train.values())), "val": len(scan.val_files),

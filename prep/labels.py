@@ -4,7 +4,9 @@ Sources: PASCAL-VOC XMLs (`Annotations/CLS-LOC/val` or `ILSVRC2012_bbox_val_v3.t
 Kaggle `LOC_val_solution.csv`, the 2012 devkit ground truth (ILSVRC2012_IDs mapped
 through `meta.mat`, never through sorted order) and an existing class-folder val.
 Every source gives `{file stem: wnid}`; `cross_check` demands that all of them
-cover every val image and agree.
+cover every val image and agree. Whatever the layout, `check_official` then holds every
+official val name (`ILSVRC2012_val_00000001`) to the real ILSVRC2012 label shipped with
+the package: a val image filed under another class is refused, not trained against.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from prep.classes import is_wnid, read_loc_csv, read_meta_mat
+from prep.classes import is_wnid, read_loc_csv, read_meta_mat, reference_val_labels
 from prep.errors import PrepError
 
 _NAME_RE = re.compile(rb"<name>\s*([^<]*?)\s*</name>")
@@ -200,3 +202,18 @@ def cross_check(sources: list[LabelSource], val_stems: Iterable[str]) -> dict[st
         more = f"\n  ... and {len(conflicts) - 10} more" if len(conflicts) > 10 else ""
         raise PrepError(f"val label sources disagree on {len(conflicts)} image(s):\n  {head}{more}")
     return {s: first.labels[s] for s in stems}
+
+
+def check_official(val_labels: dict[str, str], where: Path | str) -> None:
+    """Every val image with an official name must carry its real ILSVRC2012 label (the
+    table shipped in prep/data): a Kaggle imagenet-mini or class-folder copy with an image
+    in the wrong folder is refused, naming the images."""
+    real = reference_val_labels()
+    wrong = [f"{s}: {w} in {where} but {real[s]} in the real ILSVRC2012 val labels"
+             for s, w in sorted(val_labels.items()) if s in real and real[s] != w]
+    if wrong:
+        head = "\n  ".join(wrong[:10])
+        more = f"\n  ... and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+        raise PrepError(f"{len(wrong)} official val image(s) filed under another class than "
+                        f"their real one (move each to its class, or rename images that are "
+                        f"not the official ones):\n  {head}{more}")

@@ -14,6 +14,12 @@ the types these formats need: builtin containers and scalars, OrderedDict, torch
 (their storages are loaded with torch.load(weights_only=True)) and numpy arrays. A pickle
 that reaches for anything else (os.system, eval, ...) is refused before it runs.
 
+A pickle can also ask for memory: a 60-byte file can name a 12 GB array or a 2**40-byte
+bytes object. Nothing it asks for may exceed the file's own size: the file is read whole
+(its size is known) and its opcodes scanned first (pickletools checks every counted length
+against the bytes that remain), and every callable it may reach refuses sizes larger than
+the file (`_bounded`).
+
 Shapes: this toolkit's and mmpretrain 1.x's list of per-sample dicts (`pred_score`,
 `gt_label`, `img_path`, ...) and mmcls 0.x's single dict (`class_scores` N x C, ...).
 """
@@ -48,37 +54,80 @@ ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # proto 5
 } | {("numpy.dtypes", n) for n in ("Float32DType", "Float64DType", "Float16DType",
                                    "Int64DType", "Int32DType", "BoolDType")}
 
 
+def _requested(value: Any) -> int:
+    """How many elements an argument asks for: an int is a size, a tuple/list of ints a
+    shape (their product); anything else asks for nothing by itself."""
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (tuple, list)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        n = 1
+        for v in value:
+            n *= max(v, 0)
+        return n
+    return 0
+
+
+class _Bounded:
+    """An allowed callable that refuses any call whose size or shape arguments ask for more
+    than `limit`; passed as an argument (`_reconstruct(ndarray, ...)`), it is the callable
+    itself again."""
+
+    def __init__(self, fn: Any, limit: int, name: str) -> None:
+        self.fn, self.limit, self.name = fn, limit, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.fn if isinstance(a, _Bounded) else a for a in args)
+        for value in (*args, *kwargs.values()):
+            if _requested(value) > self.limit:
+                raise pickle.UnpicklingError(
+                    f"refused {self.name}({str(value)[:40]}): asks for "
+                    f"{_requested(value):,} elements, more than the file's {self.limit:,} "
+                    "bytes could hold")
+        return self.fn(*args, **kwargs)
+
+
 class SafeUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, limit: int) -> None:
+        super().__init__(file)
+        self.limit = limit
+
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == ("torch.storage", "_load_from_bytes"):
             return _load_storage  # its own loader would be torch.load(weights_only=False)
-        if module == "torch" and name.endswith("Storage"):
-            import torch
-
-            return getattr(torch, name)
         if (module, name) in ALLOWED:
-            return super().find_class(module, name)
+            return _Bounded(super().find_class(module, name), self.limit, f"{module}.{name}")
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: not a type that "
                                      "prediction pickles contain (a pickle can run code)")
 
 
 def safe_load(path: Path) -> Any:
+    import pickletools
+
     try:
-        with open(path, "rb") as f:
-            return SafeUnpickler(f).load()
+        data = path.read_bytes()
+        for _ in pickletools.genops(io.BytesIO(data)):  # every counted length checked
+            pass
+        return SafeUnpickler(io.BytesIO(data), max(len(data), 1 << 16)).load()
     except FileNotFoundError as exc:
         raise PrepError(f"{path}: does not exist") from exc
+    except IsADirectoryError as exc:
+        raise PrepError(f"{path}: is a directory, not a predictions pickle") from exc
     except pickle.UnpicklingError as exc:
         if str(exc).startswith("refused"):
             raise PrepError(f"{path}: {exc}") from exc
         raise PrepError(f"{path}: truncated or not a predictions pickle ({exc})") from exc
-    except (EOFError, ValueError, IndexError, TypeError, AttributeError, KeyError) as exc:
+    except (EOFError, ValueError, IndexError, TypeError, AttributeError, KeyError,
+            RuntimeError, MemoryError, OverflowError) as exc:
         raise PrepError(f"{path}: truncated or not a predictions pickle "
-                        f"({type(exc).__name__}: {exc})") from exc
+                        f"({type(exc).__name__}: {str(exc)[:200]})") from exc
 
 
 @dataclass
@@ -169,12 +218,26 @@ def _from_list(items: list[dict], path: Path) -> Predictions:
     widths = {len(r) for r in rows}
     if len(widths) != 1:
         raise PrepError(f"{path}: samples have different class counts {sorted(widths)}")
+    if widths == {0}:
+        raise PrepError(f"{path}: pred_score holds no class scores (0 classes)")
     named = all(d.get("img_path", d.get("key")) is not None for d in items)
+    if named:
+        _check_unique(paths, path)
     order = _dataset_order(items, path)
     scores = np.stack(rows).astype(np.float32)[order]
     return Predictions(scores, np.asarray(labels)[order], [paths[i] for i in order],
                        [keys[i] for i in order], named,
                        [wnids[i] for i in order] if all(wnids) else None)
+
+
+def _check_unique(paths: list[str], path: Path) -> None:
+    """One prediction per image: a repeated img_path would put two lines for one image."""
+    seen: dict[str, int] = {}
+    for i, name in enumerate(paths):
+        if name in seen:
+            raise PrepError(f"{path}: samples {seen[name]} and {i} are both {name!r}; a "
+                            "predictions file holds each image once")
+        seen[name] = i
 
 
 def _dataset_order(items: list[dict], path: Path) -> list[int]:
@@ -184,9 +247,15 @@ def _dataset_order(items: list[dict], path: Path) -> list[int]:
     if all(i is None for i in idx):
         return list(range(len(items)))
     try:
-        ints = [int(_array(i, "sample_idx", str(path)).reshape(-1)[0]) for i in idx]
-    except (TypeError, IndexError, PrepError) as exc:
-        raise PrepError(f"{path}: sample_idx must be a whole number in every sample") from exc
+        vals = [_array(i, "sample_idx", str(path)).reshape(-1) for i in idx]
+        if any(v.size != 1 or v[0] != int(v[0]) for v in vals):
+            raise TypeError("not one whole number")
+        ints = [int(v[0]) for v in vals]
+    except (TypeError, IndexError, ValueError, OverflowError, PrepError) as exc:
+        first = next((i for i, v in enumerate(idx) if v is None or not isinstance(v, int)
+                      or isinstance(v, bool)), 0)
+        raise PrepError(f"{path}: sample_idx must be a whole number in every sample "
+                        f"(sample {first} has {str(idx[first])[:40]})") from exc
     if sorted(ints) != list(range(len(items))):
         raise PrepError(f"{path}: sample_idx is not a permutation of 0..{len(items) - 1} "
                         "(repeated or missing samples)")
@@ -196,13 +265,13 @@ def _dataset_order(items: list[dict], path: Path) -> list[int]:
     return order
 
 
-def write_predictions(kept: dict, order: list[tuple[str, str]], out: Path, num_classes: int,
-                      rank: int, world: int, classes: list[str] | None = None
-                      ) -> list[dict] | None:
-    """Gather every rank's kept predictions ({key: (scores, label)}) on rank 0 (through files
-    beside `out`: no 200 MB object all-gather) and write the pickle there, in `order`
-    ((key, source path) of every sample, the manifest's order); `wnid` is named from
-    `classes` (the checkpoint's class list). Returns the written list on rank 0."""
+def write_predictions(kept: dict, out: Path, num_classes: int, rank: int, world: int,
+                      classes: list[str] | None = None) -> list[dict] | None:
+    """Gather every rank's kept predictions ({key: (scores, label, (source, shard number,
+    member number))}) on rank 0 (through files beside `out`: no 200 MB object all-gather)
+    and write the pickle there in manifest order (shard, then member); `img_path` is the
+    sample's own `source`, `wnid` named from `classes` (the checkpoint's class list).
+    Nothing comes from index.parquet. Returns the written list on rank 0."""
     import torch
     import torch.distributed as dist
 
@@ -219,8 +288,8 @@ def write_predictions(kept: dict, order: list[tuple[str, str]], out: Path, num_c
         p.unlink()
     wnids = classes or []
     results = []
-    for idx, (key, source) in enumerate(order):
-        score, label = merged.pop(key)
+    ordered = sorted(merged.items(), key=lambda kv: (kv[1][2][1], kv[1][2][2], kv[0]))
+    for idx, (key, (score, label, (source, _, _))) in enumerate(ordered):
         score = score.float()
         pred = int(score.argmax())
         item = {"sample_idx": idx, "img_path": source, "key": key,
@@ -229,8 +298,6 @@ def write_predictions(kept: dict, order: list[tuple[str, str]], out: Path, num_c
         if label >= 0:
             item["gt_label"] = torch.tensor([label])
         results.append(item)
-    if merged:
-        raise RuntimeError(f"{len(merged)} predicted samples are not in the manifest")
     write_atomic(out, pickle.dumps(results, protocol=4))
     return results
 

@@ -35,8 +35,6 @@ from prep.synth import BAD_KINDS, bad_file_bytes, encode_jpeg, render_class_imag
 
 LAYOUTS = ("ilsvrc2017", "kaggle", "ilsvrc2012", "ilsvrc2012-tar", "imagefolder", "blurred",
            "blurred-tar", "hf-tar", "hf-parquet", "timm-wds")
-# releases of the real val images (real stems and labels, cross-checked by prep imagenet)
-REAL_VAL = ("blurred", "blurred-tar", "hf-tar", "hf-parquet")
 # evaluation sets (`prep evalset`): class folders with each set's own names; the classes
 # come from the set's pool (ImageNet-A/-R: their 200), `--val-per-class` images each
 EVALSET_LAYOUTS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
@@ -71,13 +69,16 @@ class SamplePlan:
 
 
 def plan_sample(spec: SampleSpec, pool: list[str] | None = None,
-                real_val: bool = False) -> SamplePlan:
+                real_val: bool = True) -> SamplePlan:
     """The sample's plan; classes are drawn from `pool` (default: the 1000). `real_val`:
     val is the first `val_per_class` real ILSVRC2012 val images of each class, with their
     real labels (a release of the real images is cross-checked against them)."""
     all_wnids = sorted(pool or reference_words())
     if not 1 <= spec.classes <= len(all_wnids):
         raise PrepError(f"--classes must be 1..{len(all_wnids)}, got {spec.classes}")
+    if real_val and not 0 <= spec.val_per_class <= 50:
+        raise PrepError(f"--val-per-class must be 0..50 (the real val set has 50 images per "
+                        f"class), got {spec.val_per_class}")
     rng = np.random.default_rng(spec.seed)
     picked = rng.choice(len(all_wnids), spec.classes, replace=False)
     wnids = sorted(all_wnids[i] for i in picked)
@@ -188,7 +189,8 @@ def write_meta_mat(path: Path | io.BytesIO) -> None:
 
 def _devkit_files(plan: SamplePlan) -> dict[str, bytes]:
     ids = reference_ids()
-    gt = "".join(f"{ids[w]}\n" for w in plan.val.values())  # file-name order, ID space
+    real = reference_val_labels()  # the real devkit's 50,000 lines: line i is image i
+    gt = "".join(f"{ids[real[f'ILSVRC2012_val_{i:08d}']]}\n" for i in range(1, 50_001))
     buf = io.BytesIO()
     write_meta_mat(buf)
     return {
@@ -295,7 +297,9 @@ def write_sample(out: Path, layout: str, spec: SampleSpec, progress: bool = True
         from prep.scoring import subset_wnids
 
         pool = list(subset_wnids(layout))
-    plan = plan_sample(spec, pool, real_val=layout in REAL_VAL)
+    # every ILSVRC layout names val images as the real ones, with their real labels: prep
+    # imagenet checks every official val name against them (prep.labels.check_official)
+    plan = plan_sample(spec, pool, real_val=layout not in EVALSET_LAYOUTS)
     bar = progress_bar(total=_total(plan, layout), unit="img", desc=f"sample {layout}",
                        disable=not progress)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,10 +25,10 @@ echo "== torchrun: 2 processes, ResNet-18, train/recipes/cpu_demo.yaml"
   --resume auto
 echo "== result: $DEMO/runs/cpu_demo (metrics.csv, curves.png, checkpoint.pt, best.pt)"
 column -s, -t < "$DEMO/runs/cpu_demo/metrics.csv" | cut -c1-100
-echo "== evaluate -> result.pkl -> prep export-preds (ILSVRC submission format)"
+echo "== evaluate -> result.pkl -> prep export-preds (Kaggle submission format)"
 .venv/bin/torchrun --standalone --nproc_per_node=2 train/main.py --data "$DEMO/shards" \
   --evaluate --checkpoint "$DEMO/runs/cpu_demo/best.pt" --device cpu \
   --out "$DEMO/runs/cpu_demo/result.pkl" 2>/dev/null | tail -1
-"$PREP" export-preds "$DEMO/runs/cpu_demo/result.pkl" "$DEMO/runs/cpu_demo/submission.txt" \
-  --format ilsvrc --classes "$DEMO/data/imagenet/meta/classes.csv" --summary
-head -3 "$DEMO/runs/cpu_demo/submission.txt"
+"$PREP" export-preds "$DEMO/runs/cpu_demo/result.pkl" "$DEMO/runs/cpu_demo/submission.csv" \
+  --format kaggle --classes "$DEMO/data/imagenet/meta/classes.csv" --summary
+head -3 "$DEMO/runs/cpu_demo/submission.csv"

@@ -90,6 +90,8 @@ def build_photo_tree(root: Path, per_class: int, val_per_class: int, cache: Path
                     size = (size[0] * 2, size[1] * 2)
                 img = variant(src[(c + i) % len(src)], rng, size)
                 n += 1
-                name = f"{w}_{n}.JPEG" if split == "train" else f"ILSVRC2012_val_{n:08d}.JPEG"
+                # val: not the official ILSVRC2012_val_ names, which carry real labels that
+                # prep imagenet checks (these photos are filed by class at random)
+                name = f"{w}_{n}.JPEG" if split == "train" else f"photo_val_{n:08d}.JPEG"
                 img.save(d / name, format="JPEG", quality=quality)
     return root

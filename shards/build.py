@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -28,7 +29,6 @@ from collections.abc import Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
-    ProcessPoolExecutor,
     ThreadPoolExecutor,
     wait,
 )
@@ -41,7 +41,7 @@ from prep.atomic import write_atomic
 from prep.errors import PrepError, refuse_inside
 from prep.evalset import read_evalset
 from prep.progress import progress_bar
-from prep.workers import pool_worker_init
+from prep.workers import interrupt_at_checks, process_pool
 from shards.dali_index import index_path
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
@@ -106,11 +106,34 @@ def fingerprint(plans: list[ShardPlan], s: ShardSettings) -> str:
 
 
 def _holder(path: Path) -> str:
+    """What the holder wrote into its lock file; when that process is gone (on this host)
+    but the lock is still held, the processes that hold it now (from /proc)."""
     try:
         text = path.read_text().strip()
     except OSError:
         text = ""
+    m = re.match(r"pid (\d+) on (\S+):", text)
+    if m and m[2] == socket.gethostname() and not os.path.exists(f"/proc/{m[1]}"):
+        pids = _processes_holding(path)
+        return (f"{text[:m.end() - 1]} is no longer running, yet the lock is held by "
+                f"{'pids ' + ', '.join(pids) if pids else 'another process'}, which it left "
+                "behind; end them (kill PID) and rerun")
     return text or "another process"
+
+
+def _processes_holding(path: Path) -> list[str]:
+    """Pids with an open descriptor on `path` (Linux /proc; empty elsewhere)."""
+    target, pids = os.stat(path), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
+                    pids.append(pid)
+                    break
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return pids
 
 
 @contextmanager
@@ -386,28 +409,30 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     total = sum(len(p.samples) for p in todo)
     bar = progress_bar(total=total, unit="img", desc="shard", disable=not progress or not todo)
     nbytes, t0 = 0, time.perf_counter()
-    pool = ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init)
+    pool = process_pool(workers)
     try:
-        futures: set[Future] = {pool.submit(write_shard, p, data, out, opts) for p in todo}
-        preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
-        while futures:
-            # FIRST_COMPLETED: each finished shard is recorded at once (a kill keeps it, the
-            # bar moves); FIRST_EXCEPTION would wait for all of them unless one failed
-            done, futures = wait(futures, return_when=FIRST_COMPLETED)
-            for f in done:
-                if f.exception():
-                    raise f.exception()
-                rec = f.result()
-                nbytes += rec.filesize
-                bar.set_postfix_str(f"{nbytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s")
-                bar.update(rec.num_samples + len(rec.skipped))
-                yield rec
-    except BaseException as exc:
+        with interrupt_at_checks() as check:
+            futures: set[Future] = {pool.submit(write_shard, p, data, out, opts)
+                                    for p in todo}
+            preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
+            while futures:
+                # FIRST_COMPLETED: each finished shard is recorded at once (a kill keeps it,
+                # the bar moves); FIRST_EXCEPTION would wait for all unless one failed
+                done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+                check()
+                for f in done:
+                    if f.exception():
+                        raise f.exception()
+                    rec = f.result()
+                    nbytes += rec.filesize
+                    bar.set_postfix_str(
+                        f"{nbytes / 1e6 / (time.perf_counter() - t0):.1f} MB/s")
+                    bar.update(rec.num_samples + len(rec.skipped))
+                    yield rec
+                    check()
+    except BaseException:
         bar.close()
-        if isinstance(exc, KeyboardInterrupt):  # stop now; workers ignore SIGINT themselves
-            for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.stop()  # workers ignore SIGINT themselves
         for p in todo:  # ours (planned names, under the lock): a rerun redoes them
             (out / f"{p.name}.partial").unlink(missing_ok=True)
         raise

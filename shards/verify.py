@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.errors import PrepError
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
 from prep.progress import progress_bar
-from prep.workers import pool_worker_init
+from prep.workers import process_pool
 from shards.dali_index import dali_index, index_path
 from shards.manifest import INFO, SUMS, parse_info, parse_sums
 
@@ -133,7 +132,7 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
     seen: dict[str, dict[str, str]] = {}
     bar = progress_bar(total=len(jobs), unit="shard", desc="verify", disable=not progress)
-    with ProcessPoolExecutor(max(1, workers), initializer=pool_worker_init) as pool:
+    with process_pool(workers) as pool:
         for job, split, (problems, keys) in zip(jobs, splits_of, pool.map(_check_job, jobs)):
             report.problems += problems
             report.shards += 1

@@ -77,3 +77,29 @@ def sharded_sample(tmp: Path, layout: str, num_shards: int, **spec) -> Path:
     shard_dataset(tmp / "data/imagenet", tmp / "shards", ShardSettings(num_shards=num_shards),
                   workers=1, progress=False)
     return tmp / "shards"
+
+
+def descendants(pid: int) -> set[int]:
+    """Every descendant of pid (from /proc)."""
+    kids: dict[int, list[int]] = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(p))
+    out, todo = set(), [pid]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.add(c)
+            todo.append(c)
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -60,15 +60,17 @@ def test_layout_without_a_split(make_sample, tmp_path, split):
 
 
 def test_missing_annotation_for_some_val_images(make_sample, tmp_path):
-    src, _ = make_sample("ilsvrc2017")
-    (src / "Annotations/CLS-LOC/val/ILSVRC2012_val_00000007.xml").unlink()
-    assert_refused(src, tmp_path / "data", "missing val annotations", "ILSVRC2012_val_00000007",
+    src, plan = make_sample("ilsvrc2017")
+    val = sorted(plan.val)  # real val names: sparse numbers
+    (src / f"Annotations/CLS-LOC/val/{val[6]}.xml").unlink()
+    assert_refused(src, tmp_path / "data", "missing val annotations", val[6],
                    src / "Annotations/CLS-LOC/val")
 
 
 def test_malformed_xml(make_sample, tmp_path):
-    src, _ = make_sample("ilsvrc2017")
-    bad = src / "Annotations/CLS-LOC/val/ILSVRC2012_val_00000003.xml"
+    src, plan = make_sample("ilsvrc2017")
+    val = sorted(plan.val)  # real val names: sparse numbers
+    bad = src / f"Annotations/CLS-LOC/val/{val[2]}.xml"
     bad.write_text("<annotation><object><name>n01440764</name></object>")  # not closed
     assert_refused(src, tmp_path / "data", bad, "malformed XML")
 
@@ -91,28 +93,31 @@ def test_malformed_csv(make_sample, tmp_path):
 
 
 def test_not_a_wnid_in_annotation(make_sample, tmp_path):
-    src, _ = make_sample("ilsvrc2017")
-    bad = src / "Annotations/CLS-LOC/val/ILSVRC2012_val_00000005.xml"
+    src, plan = make_sample("ilsvrc2017")
+    val = sorted(plan.val)  # real val names: sparse numbers
+    bad = src / f"Annotations/CLS-LOC/val/{val[4]}.xml"
     bad.write_text(bad.read_text().replace("<name>n", "<name>dog_n"))
     assert_refused(src, tmp_path / "data", bad, "is not a WNID")
 
 
 def test_annotation_class_without_train_folder(make_sample, tmp_path):
     src, plan = make_sample("ilsvrc2017")
-    bad = src / "Annotations/CLS-LOC/val/ILSVRC2012_val_00000005.xml"
-    wnid = plan.val["ILSVRC2012_val_00000005"]
+    val = sorted(plan.val)  # real val names: sparse numbers
+    bad = src / f"Annotations/CLS-LOC/val/{val[4]}.xml"
+    wnid = plan.val[val[4]]
     other = next(w for w in ("n01440764", "n01443537") if w not in plan.wnids)
     bad.write_text(bad.read_text().replace(wnid, other))
-    assert_refused(src, tmp_path / "data", "ILSVRC2012_val_00000005", other, "no train folder")
+    assert_refused(src, tmp_path / "data", val[4], other, "no train folder")
 
 
 def test_sources_disagree(make_sample, tmp_path):
     src, plan = make_sample("kaggle")
-    xml = src / "ILSVRC/Annotations/CLS-LOC/val/ILSVRC2012_val_00000004.xml"
-    old = plan.val["ILSVRC2012_val_00000004"]
+    val = sorted(plan.val)  # real val names: sparse numbers
+    xml = src / f"ILSVRC/Annotations/CLS-LOC/val/{val[3]}.xml"
+    old = plan.val[val[3]]
     new = next(w for w in plan.wnids if w != old)
     xml.write_text(xml.read_text().replace(old, new))
-    assert_refused(src, tmp_path / "data", "disagree", "ILSVRC2012_val_00000004", old, new,
+    assert_refused(src, tmp_path / "data", "disagree", val[3], old, new,
                    src / "LOC_val_solution.csv")
 
 

@@ -9,13 +9,13 @@ import torch
 
 from prep.synth import render_class_image
 from train.data import collate
-from train.decode import train_decoder, val_decoder
+from train.decode import TrainDecoder, ValDecoder
 from train.device_decode import (
     DeviceDecoder,
+    RawTrainDecoder,
+    RawValDecoder,
     collate_raw,
     nvjpeg_works,
-    raw_train_decoder,
-    raw_val_decoder,
 )
 
 
@@ -34,7 +34,7 @@ def _samples():
 def test_device_train_path_matches_cpu_path():
     """Same seed -> same boxes and flips; pixels within a little of the CPU path."""
     samples = _samples()
-    cpu_dec, raw_dec = train_decoder(64, 0.2, True, 7), raw_train_decoder(0.2, True, 7)
+    cpu_dec, raw_dec = TrainDecoder(64, 0.2, True, 7), RawTrainDecoder(0.2, True, 7)
     cpu_batch, cpu_labels = collate([cpu_dec(s) for s in samples])
     raw, labels = collate_raw([raw_dec(s) for s in samples])
     dev = DeviceDecoder(torch.device("cpu"), 64)(raw)
@@ -48,8 +48,8 @@ def test_device_train_path_matches_cpu_path():
 
 def test_device_val_path_matches_cpu_path():
     samples = _samples()
-    cpu = collate([val_decoder(72, 64)(s) for s in samples])
-    raw, labels, keys = collate_raw([raw_val_decoder(72, 64)(s) for s in samples])
+    cpu = collate([ValDecoder(72, 64)(s) for s in samples])
+    raw, labels, keys, _ = collate_raw([RawValDecoder(72, 64)(s) for s in samples])
     dev = DeviceDecoder(torch.device("cpu"), 64)(raw)
     assert list(keys) == list(cpu[2]) and torch.equal(labels, cpu[1])
     assert (dev.float() - cpu[0].float()).abs().mean() < 3.0
@@ -59,7 +59,7 @@ def test_refused_images_fall_back_one_by_one():
     samples = _samples()[:3]
     samples[1] = {"jpg": _img(200, 150, "CMYK", seed=1), "cls": b"1", "__key__": "cmyk"}
     samples.append({"jpg": _img(200, 150, fmt="PNG", seed=2), "cls": b"2", "__key__": "png"})
-    prepare = raw_train_decoder(0.5, False, 0)
+    prepare = RawTrainDecoder(0.5, False, 0)
     raw, _ = collate_raw([prepare(s) for s in samples])
     decoder = DeviceDecoder(torch.device("cpu"), 32)
     out = decoder(raw)
@@ -68,7 +68,7 @@ def test_refused_images_fall_back_one_by_one():
 
 
 def test_undecodable_image_raises_a_clear_error():
-    raw, _ = collate_raw([raw_train_decoder(0.5, False, 0)(
+    raw, _ = collate_raw([RawTrainDecoder(0.5, False, 0)(
         {"jpg": _img(100, 80), "cls": b"0", "__key__": "a", "__url__": "s.tar"})])
     broken = ([raw[0][0][:200]], *raw[1:])  # a JPEG cut short
     with pytest.raises(ValueError, match=r"s\.tar: member a\.jpg: undecodable"):

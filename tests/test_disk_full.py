@@ -76,3 +76,26 @@ def test_kill_during_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
     child.wait()
     assert tmp.exists(), "the kill came too late to test anything"
     assert ckpt.load(path)["epoch"] == 1
+
+
+@pytest.mark.parametrize("layout", ["hf-parquet", "blurred-tar"])
+def test_extraction_on_a_full_disk_blames_the_disk_and_leaves_no_temp_file(
+        small_disk, tmp_path, layout):
+    from click.testing import CliRunner
+
+    from prep.cli import main as prep_main
+    from prep.sample import SampleSpec, write_sample
+
+    write_sample(tmp_path / "src", layout, SampleSpec(classes=4, train_per_class=40,
+                 val_per_class=3, size=160), progress=False)
+    (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 200 * 1024))  # ~200 KB left
+    args = ["imagenet", "-q", "--workers", "1", "--src", str(tmp_path / "src"), "--link",
+            str(tmp_path / "data"), "--extract-to", str(small_disk / "x")]
+    r = CliRunner().invoke(prep_main, args)
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "No space left on device" in r.output and "the disk is full" in r.output
+    assert "re-download" not in r.output  # the archive is fine
+    assert not [p for p in (small_disk / "x").rglob("*.tmp")]
+    (small_disk / "filler").unlink()  # space freed: the rerun completes
+    r = CliRunner().invoke(prep_main, args)
+    assert r.exit_code == 0, r.output

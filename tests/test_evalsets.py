@@ -131,7 +131,8 @@ def _loader(labels, keys, batch=4):
         idx = list(range(s, min(s + batch, len(labels))))
         images = torch.zeros(len(idx), 3, 2, 2, dtype=torch.uint8)
         images[:, 0, 0, 0] = torch.tensor(idx, dtype=torch.uint8)
-        out.append((images, torch.tensor([labels[i] for i in idx]), [keys[i] for i in idx]))
+        out.append((images, torch.tensor([labels[i] for i in idx]), [keys[i] for i in idx],
+                    [(keys[i], 0, i) for i in idx]))  # origins: (source, shard, member)
     return out
 
 

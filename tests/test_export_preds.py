@@ -120,15 +120,101 @@ def test_mmcls_export_reproduces_top1(run):
     assert np.mean(np.array(pred) == np.array(gt)) == pytest.approx(metrics["top1"])
 
 
-def test_ilsvrc_file_scored_the_devkit_way_gives_top5(run):
-    tmp, metrics = run
-    out = _export(tmp, "ilsvrc", "--classes", str(tmp / "data/imagenet/meta/classes.csv"))
+def _preds_pickle(path, names, scores, labels=None, **extra):
+    items = [{"sample_idx": i, "img_path": n, "pred_score": torch.tensor(s),
+              **({"gt_label": torch.tensor([labels[i]])} if labels is not None else {}),
+              **{k: v[i] for k, v in extra.items()}}
+             for i, (n, s) in enumerate(zip(names, scores))]
+    path.write_bytes(pickle.dumps(items, protocol=4))
+    return path
+
+
+def test_ilsvrc_file_scored_the_devkit_way_gives_top5(tmp_path):
+    """Images 1..30 of the real val set, the true class put at a known rank in each: the
+    devkit's rule (line n vs ground-truth line n, in ILSVRC2012_IDs) gives the top-5 back."""
+    from prep.classes import reference_ids, reference_val_labels
+
+    real, gi = reference_val_labels(), {w: i for i, w in enumerate(sorted(reference_ids()))}
+    rng = np.random.default_rng(0)
+    names = [f"val/ILSVRC2012_val_{n:08d}.JPEG" for n in range(1, 31)]
+    scores = rng.random((30, 1000)).astype(np.float32) * 0.5
+    ranks = rng.integers(0, 8, 30)  # the true class's rank: top-5 when < 5
+    for i, n in enumerate(range(1, 31)):
+        order = np.argsort(-scores[i])
+        scores[i, gi[real[f"ILSVRC2012_val_{n:08d}"]]] = scores[i, order[ranks[i]]] + 1e-3 \
+            if ranks[i] == 0 else (scores[i, order[ranks[i] - 1]] + scores[i, order[ranks[i]]]) / 2
+    pkl = _preds_pickle(tmp_path / "r.pkl", names[::-1], scores[::-1])  # any dataset order
+    out = tmp_path / "sub.txt"
+    r = CliRunner().invoke(prep_main, ["export-preds", str(pkl), str(out), "--format", "ilsvrc"])
+    assert r.exit_code == 0, r.output
     guesses = [list(map(int, line.split())) for line in out.read_text().splitlines()]
-    gt_file = tmp / "src/ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"
-    truth = [int(x) for x in gt_file.read_text().split()]  # file-name order, ID space
+    ids = reference_ids()
+    truth = [ids[real[f"ILSVRC2012_val_{n:08d}"]] for n in range(1, 31)]  # line n: image n
     assert all(len(g) == 5 and all(1 <= x <= 1000 for x in g) for g in guesses)
-    top5_error = np.mean([t not in g for g, t in zip(guesses, truth)])
-    assert 1 - top5_error == pytest.approx(metrics["top5"])
+    assert [t in g for g, t in zip(guesses, truth)] == [bool(x < 5) for x in ranks]
+
+
+def test_ilsvrc_submission_with_a_gap_is_refused(tmp_path):
+    """Images 1 and 3: image 3's prediction would sit on image 2's line."""
+    scores = np.eye(1000, dtype=np.float32)[:2]
+    pkl = _preds_pickle(tmp_path / "r.pkl", ["ILSVRC2012_val_00000001.JPEG",
+                                             "ILSVRC2012_val_00000003.JPEG"], scores)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(pkl), str(tmp_path / "s.txt"),
+                                       "--format", "ilsvrc"])
+    assert r.exit_code == 1 and not (tmp_path / "s.txt").exists()
+    assert "ILSVRC2012_val_00000002 has no prediction, so line 2 would hold " \
+        "ILSVRC2012_val_00000003's" in r.output
+
+
+@pytest.mark.parametrize("case,message", [
+    ("duplicate path", "samples 0 and 2 are both 'ILSVRC2012_val_00000001.JPEG'"),
+    ("fractional sample_idx", "sample_idx must be a whole number"),
+    ("no classes", "holds no class scores (0 classes)"),
+])
+def test_odd_pickles_are_refused(tmp_path, case, message):
+    names = [f"ILSVRC2012_val_{n:08d}.JPEG" for n in (1, 2, 1 if case == "duplicate path"
+                                                      else 3)]
+    scores = np.zeros((3, 0 if case == "no classes" else 1000), np.float32)
+    extra = {}
+    pkl = _preds_pickle(tmp_path / "r.pkl", names, scores)
+    if case == "fractional sample_idx":
+        items = pickle.loads(pkl.read_bytes())
+        items[1]["sample_idx"], items[2]["sample_idx"] = 1.5, 0.5
+        pkl.write_bytes(pickle.dumps(items))
+    del extra
+    r = CliRunner().invoke(prep_main, ["export-preds", str(pkl), "--summary"])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output
+
+
+def _classes_csv(path, rows):
+    path.write_text("index,wnid,ilsvrc2012_id,words\n" + "".join(
+        f"{i},{w},{d},{words}\n" for i, w, d, words in rows))
+    return path
+
+
+def test_class_table_is_read_by_its_index_column(tmp_path):
+    from prep.classes import build_class_table, reference_words
+
+    table = build_class_table(sorted(reference_words())[:10])
+    rows = [(c.index, c.wnid, c.ilsvrc2012_id, f'"{c.words}"') for c in table]
+    scores = np.eye(10, dtype=np.float32)  # sample i predicts class i
+    pkl = _preds_pickle(tmp_path / "r.pkl", [f"v{i}.JPEG" for i in range(10)], scores)
+    outs = []
+    for name, order in (("sorted", rows), ("by-wnid-desc", sorted(rows, key=lambda r: r[1],
+                                                                  reverse=True))):
+        csv_path = _classes_csv(tmp_path / f"{name}.csv", order)
+        out = tmp_path / f"{name}.kaggle"
+        r = CliRunner().invoke(prep_main, ["export-preds", str(pkl), str(out), "--format",
+                                           "kaggle", "--classes", str(csv_path)])
+        assert r.exit_code == 0, r.output
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]
+    top1 = [line.split(",")[1].split()[0] for line in outs[1].splitlines()[1:]]
+    assert top1 == [c.wnid for c in table]
+    dup = _classes_csv(tmp_path / "dup.csv", [*rows[:9], (9, rows[0][1], 5, "x")])
+    r = CliRunner().invoke(prep_main, ["export-preds", str(pkl), str(tmp_path / "d.k"),
+                                       "--format", "kaggle", "--classes", str(dup)])
+    assert r.exit_code == 1 and f"wnid '{rows[0][1]}' appears more than once" in r.output
 
 
 def test_kaggle_csv_and_parquet(run):
@@ -138,7 +224,8 @@ def test_kaggle_csv_and_parquet(run):
     classes = str(tmp / "data/imagenet/meta/classes.csv")
     rows = _export(tmp, "kaggle", "--classes", classes).read_text().splitlines()
     assert rows[0] == "ImageId,PredictionString" and len(rows) == 31
-    assert rows[1].startswith("ILSVRC2012_val_00000001,n") and len(rows[1].split()) == 5
+    first = min(d["key"] for d in _load(tmp / "one.pkl"))  # real val names: sparse numbers
+    assert rows[1].startswith(f"{first},n") and len(rows[1].split()) == 5
     table = pq.read_table(_export(tmp, "parquet", "--classes", classes, "--topk", "3"))
     assert table.num_rows == 30 and "top3_wnid" in table.column_names
     csv_rows = _export(tmp, "csv").read_text().splitlines()
@@ -158,9 +245,12 @@ def test_mmcls_0x_and_mmpretrain_pickles(tmp_path):
         pickle.dump({"class_scores": scores, "pred_score": scores.max(1),
                      "pred_label": scores.argmax(1), "pred_class": ["x"] * 4}, f)
     r = CliRunner().invoke(prep_main, ["export-preds", str(old), str(tmp_path / "a.txt"),
-                                       "--format", "ilsvrc"])  # 1000 classes: shipped IDs
+                                       "--format", "kaggle"])  # 1000 classes: shipped IDs
     assert r.exit_code == 0, r.output
-    assert len((tmp_path / "a.txt").read_text().splitlines()) == 4
+    assert len((tmp_path / "a.txt").read_text().splitlines()) == 5
+    r = CliRunner().invoke(prep_main, ["export-preds", str(old), str(tmp_path / "b.txt"),
+                                       "--format", "ilsvrc"])  # positional: which images?
+    assert r.exit_code == 1 and "carry no file names to tell which images" in r.output
     new = tmp_path / "new.pkl"
     with open(new, "wb") as f:  # what mmengine.dump writes: tensors inside plain pickle
         pickle.dump([{"pred_score": torch.tensor(s), "gt_label": torch.tensor([1]),

@@ -5,7 +5,7 @@ import tarfile
 import pytest
 
 from prep.errors import PrepError
-from prep.extract import extract_flat_archive, extract_train_archive
+from prep.extract import claim_split, extract_flat_archive, extract_train_archive
 
 
 def _tar(path, members):
@@ -40,7 +40,8 @@ def test_hostile_members_are_refused_and_nothing_escapes(tmp_path, kind):
         extract_flat_archive(archive, target, progress=False)
     assert not target.exists()  # never renamed to its final name
     assert not (tmp_path / "escape.JPEG").exists() and not (tmp_path / "out/escape.JPEG").exists()
-    written = [p.name for p in tmp_path.rglob("*") if p.is_file()]
+    written = [p.name for p in tmp_path.rglob("*") if p.is_file()
+               and not p.name.endswith(".extracted.json")]  # the extraction's record
     assert "evil" not in [p.read_text() for p in tmp_path.rglob("*.JPEG") if p.is_file()]
     assert sorted(written) == ["ok.JPEG", "val.tar"]
 
@@ -87,12 +88,81 @@ def test_interrupted_class_is_redone_finished_classes_kept(tmp_path):
     archive = _tar(tmp_path / "train.tar",
                    [({"name": f"n0144076{n}.tar"}, class_tar(n)) for n in (4, 5)])
     dest = tmp_path / "train"
-    (dest / "n01440764").mkdir(parents=True)  # finished earlier: must be kept as is
-    (dest / "n01440764" / "marker").write_text("kept")
-    (dest / ".n01440765.partial").mkdir()  # interrupted earlier
-    (dest / ".n01440765.partial" / "n01440765_0.JPEG").write_bytes(b"im")  # half written
+    partial = claim_split(dest, [archive])  # what an interrupted run of this archive left
+    (partial / "n01440764").mkdir()  # finished earlier: must be kept as is
+    (partial / "n01440764" / "marker").write_text("kept")
+    (partial / ".n01440765.partial").mkdir()  # interrupted earlier
+    (partial / ".n01440765.partial" / "n01440765_0.JPEG").write_bytes(b"im")  # half written
     extract_train_archive(archive, dest, progress=False)
     assert (dest / "n01440764" / "marker").read_text() == "kept"
     assert sorted(p.name for p in (dest / "n01440765").iterdir()) == [
         f"n01440765_{i}.JPEG" for i in range(3)]
     assert (dest / "n01440765" / "n01440765_0.JPEG").read_bytes() == b"img0"
+
+
+def _val_tar(path, members):
+    return _tar(path, [({"name": n}, d) for n, d in members])
+
+
+def test_two_members_with_one_name_are_refused_naming_both(tmp_path):
+    """A tar can hold one name twice; extraction kept the first bytes under the second."""
+    archive = _val_tar(tmp_path / "val.tar", [("ILSVRC2012_val_00000001.JPEG", b"first"),
+                                              ("ILSVRC2012_val_00000002.JPEG", b"other"),
+                                              ("ILSVRC2012_val_00000001.JPEG", b"later")])
+    with pytest.raises(PrepError, match=r"val.tar: member 'ILSVRC2012_val_00000001.JPEG' "
+                       r"\(#1\) and .*val.tar: member 'ILSVRC2012_val_00000001.JPEG' \(#3\)"):
+        extract_flat_archive(archive, tmp_path / "val", progress=False)
+    assert not (tmp_path / "val").exists()
+
+
+def test_a_class_tar_twice_is_refused(tmp_path):
+    inner = io.BytesIO()
+    _tar(inner, [({"name": "n01440764_1.JPEG"}, b"x")])
+    archive = _tar(tmp_path / "train.tar", [({"name": "n01440764.tar"}, inner.getvalue()),
+                                            ({"name": "n01440764.tar"}, inner.getvalue())])
+    with pytest.raises(PrepError, match=r"member 'n01440764.tar' \(#1\) and .* \(#2\)"):
+        extract_train_archive(archive, tmp_path / "train", progress=False)
+
+
+def test_extraction_is_reused_only_while_its_source_is_unchanged(tmp_path):
+    archive = _val_tar(tmp_path / "val.tar", [("a.JPEG", b"one"), ("b.JPEG", b"two")])
+    dest = tmp_path / "val"
+    extract_flat_archive(archive, dest, progress=False)
+    extract_flat_archive(archive, dest, progress=False)  # unchanged: reused, no error
+    _val_tar(archive, [("a.JPEG", b"two"), ("b.JPEG", b"one")])  # same sizes, swapped
+    os.utime(archive, ns=(1, 10**18))
+    with pytest.raises(PrepError, match=r"val: extracted from .*val.tar as it was before .* "
+                       r"Remove .*val and rerun"):
+        extract_flat_archive(archive, dest, progress=False)
+    assert (dest / "a.JPEG").read_bytes() == b"one"  # untouched until the user removes it
+
+
+def test_partial_extraction_of_other_inputs_is_not_resumed(tmp_path):
+    """Same sizes, other bytes: a size check would have kept the old files."""
+    first = _val_tar(tmp_path / "val.tar", [("a.JPEG", b"AAA"), ("b.JPEG", b"BBB")])
+    dest = tmp_path / "val"
+    partial = claim_split(dest, [first])
+    (partial / "a.JPEG").write_bytes(b"BBB")  # left by a run on another download
+    _val_tar(first, [("a.JPEG", b"AAA"), ("b.JPEG", b"BBB")])
+    os.utime(first, ns=(1, 10**18))
+    extract_flat_archive(first, dest, progress=False)
+    assert (dest / "a.JPEG").read_bytes() == b"AAA"
+
+
+def test_a_folder_without_a_record_or_a_file_in_its_place_is_refused(tmp_path):
+    archive = _val_tar(tmp_path / "val.tar", [("a.JPEG", b"one")])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/val").write_text("my notes")
+    with pytest.raises(PrepError, match=r"x/val: exists and is not a folder"):
+        extract_flat_archive(archive, tmp_path / "x/val", progress=False)
+    assert (tmp_path / "x/val").read_text() == "my notes"
+    (tmp_path / "y/val").mkdir(parents=True)
+    with pytest.raises(PrepError, match=r"y/val: exists but .* does not say what"):
+        extract_flat_archive(archive, tmp_path / "y/val", progress=False)
+
+
+def test_an_empty_archive_is_refused(tmp_path):
+    archive = _val_tar(tmp_path / "val.tar", [])
+    with pytest.raises(PrepError, match=r"val.tar: no images in it"):
+        extract_flat_archive(archive, tmp_path / "val", progress=False)
+    assert not (tmp_path / "val").exists()

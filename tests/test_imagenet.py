@@ -2,7 +2,9 @@ import json
 import os
 
 import pytest
+from click.testing import CliRunner
 
+from prep.cli import main as prep_main
 from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
 from tests.conftest import expected_val_lines, tree_hash
@@ -163,12 +165,13 @@ def test_subset_counts_are_noted(make_sample, tmp_path):
 
 
 def test_missing_val_image_is_reported(make_sample, tmp_path):
-    src, _ = make_sample("ilsvrc2017")
-    (src / "Data/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG").unlink()
+    src, plan = make_sample("ilsvrc2017")
+    val = sorted(plan.val)  # real val names: sparse numbers
+    (src / f"Data/CLS-LOC/val/{val[3]}.JPEG").unlink()
     r = _prep(src, tmp_path / "data")
-    assert r.problems.missing == ["Data/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG"]
+    assert r.problems.missing == [f"Data/CLS-LOC/val/{val[3]}.JPEG"]
     assert r.counts["val"] == 14
-    assert "missing\tData/CLS-LOC/val/ILSVRC2012_val_00000004.JPEG" in \
+    assert f"missing\tData/CLS-LOC/val/{val[3]}.JPEG" in \
         (tmp_path / "data/imagenet/meta/problems.txt").read_text()
 
 
@@ -209,3 +212,25 @@ def test_bbox_val_archive_is_a_cross_checked_label_source(make_sample, tmp_path)
             t.add(path, arcname=f"val/{s}.xml")
     with pytest.raises(PrepError, match=f"{stem}: {other} in .*bbox_val_v3.tgz"):
         _prep(src, tmp_path / "data2")
+
+
+@pytest.mark.parametrize("layout", ["imagefolder", "kaggle-mini"])
+def test_official_val_image_in_the_wrong_class_folder_is_refused(make_sample, tmp_path,
+                                                                   layout):
+    """Class-folder copies (plain ImageFolder, Kaggle's imagenet-mini) label val by folder
+    alone: an official val image moved to another class must not be trained against."""
+    src, plan = make_sample("imagefolder")
+    if layout == "kaggle-mini":  # imagenet-mini: train/ and val/ class folders, fewer files
+        for w in plan.wnids:
+            for f in sorted((src / "train" / w).iterdir())[2:]:
+                f.unlink()
+    stem, wnid = sorted(plan.val.items())[0]
+    other = next(w for w in plan.wnids if w != wnid)
+    (src / "val" / wnid / f"{stem}.JPEG").rename(src / "val" / other / f"{stem}.JPEG")
+    before = tree_hash(src)
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--src", str(src), "--link",
+                                       str(tmp_path / "data")])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"{stem}: {other} in {src / 'val'} but {wnid} in the real ILSVRC2012 val labels" \
+        in r.output
+    assert tree_hash(src) == before and not (tmp_path / "data/imagenet/meta/val.txt").exists()

@@ -36,20 +36,25 @@ def _scores(n, c=1000, seed=0):
 
 
 def _top1_in_lines(lines, classes):
+    """Top-1 class of each line of an ILSVRC file (IDs) or a Kaggle one (ImageId,WNIDs)."""
     by_id = {c.ilsvrc2012_id: c.index for c in classes}
+    by_wnid = {c.wnid: c.index for c in classes}
+    if "," in lines[0]:
+        return [by_wnid[line.split(",")[1].split()[0]] for line in lines]
     return [by_id[int(line.split()[0])] for line in lines]
 
 
 @pytest.mark.parametrize("n", [12, 23])
-def test_ilsvrc_export_of_mmcls_dict_keeps_dataset_order(tmp_path, n):
+def test_export_of_mmcls_dict_keeps_dataset_order(tmp_path, n):
     scores = _scores(n)
     path = _pickle(tmp_path / "r.pkl", {"class_scores": scores})
     p = read_predictions(path)
     classes = load_classes(None, 1000)
-    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
-    assert _top1_in_lines(lines, classes) == [(7 * i) % 1000 for i in range(n)]
     kaggle = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
+    assert _top1_in_lines(kaggle, classes) == [(7 * i) % 1000 for i in range(n)]
     assert [line.split(",")[0] for line in kaggle] == [str(i) for i in range(n)]
+    with pytest.raises(PrepError, match="carry no file names"):  # positional: which images?
+        render(p, "ilsvrc", 5, classes)
 
 
 def test_list_without_img_path_uses_sample_idx_then_list_order(tmp_path):
@@ -59,11 +64,11 @@ def test_list_without_img_path_uses_sample_idx_then_list_order(tmp_path):
     items = [{"sample_idx": int(i), "pred_score": torch.from_numpy(scores[i])} for i in order]
     p = read_predictions(_pickle(tmp_path / "a.pkl", items))
     classes = load_classes(None, 1000)
-    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
     assert _top1_in_lines(lines, classes) == [(7 * i) % 1000 for i in range(n)]
     plain = [{"pred_score": torch.from_numpy(scores[i])} for i in range(n)]  # list order
     p = read_predictions(_pickle(tmp_path / "b.pkl", plain))
-    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
     assert _top1_in_lines(lines, classes) == [(7 * i) % 1000 for i in range(n)]
 
 
@@ -74,9 +79,15 @@ def test_real_names_sort_as_numbers_not_text(tmp_path):
              for i, nm in enumerate(names)]
     p = read_predictions(_pickle(tmp_path / "r.pkl", items))
     classes = load_classes(None, 1000)
-    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
     by_name = {int(nm.split("/")[1].split(".")[0]): (7 * i) % 1000 for i, nm in enumerate(names)}
     assert _top1_in_lines(lines, classes) == [by_name[k] for k in sorted(by_name)]
+    official = [{"img_path": f"val/ILSVRC2012_val_{i:08d}.JPEG",
+                 "pred_score": torch.from_numpy(scores[j])}
+                for j, i in enumerate((3, 1, 2, 5, 4))]  # ILSVRC: numbered 1..5 in any order
+    p = read_predictions(_pickle(tmp_path / "o.pkl", official))
+    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
+    assert _top1_in_lines(lines, classes) == [(7 * j) % 1000 for j in (1, 2, 0, 4, 3)]
 
 
 def test_sample_idx_that_is_not_a_permutation_is_refused(tmp_path):

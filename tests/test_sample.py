@@ -4,6 +4,7 @@ import tarfile
 import pytest
 from PIL import Image
 
+from prep.classes import reference_val_labels
 from prep.errors import PrepError
 from prep.sample import LAYOUTS, SampleSpec, plan_sample
 from tests.conftest import tree_hash
@@ -15,6 +16,8 @@ def test_plan_is_deterministic_and_uses_real_wnids():
     assert plan_sample(SampleSpec(seed=4)).wnids != a.wnids
     assert all(len(s) == 20 for s in a.train.values())
     assert sorted(set(a.val.values())) == a.wnids  # every class has val images
+    real = reference_val_labels()
+    assert all(real[s] == w for s, w in a.val.items())  # official names, real labels
 
 
 def test_full_size_plan_uses_real_val_labels():
@@ -25,14 +28,14 @@ def test_full_size_plan_uses_real_val_labels():
 
 
 @pytest.mark.parametrize("layout,files", [
-    ("ilsvrc2017", ["Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG",
-                    "Annotations/CLS-LOC/val/ILSVRC2012_val_00000001.xml",
+    ("ilsvrc2017", ["Data/CLS-LOC/val/{val}.JPEG",
+                    "Annotations/CLS-LOC/val/{val}.xml",
                     "ImageSets/CLS-LOC/train_cls.txt", "ImageSets/CLS-LOC/val.txt",
                     "ImageSets/CLS-LOC/test.txt", "devkit/data/map_clsloc.txt",
                     "Data/CLS-LOC/test/ILSVRC2012_test_00000001.JPEG"]),
-    ("kaggle", ["ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_00000001.JPEG",
+    ("kaggle", ["ILSVRC/Data/CLS-LOC/val/{val}.JPEG",
                 "LOC_val_solution.csv", "LOC_train_solution.csv", "LOC_synset_mapping.txt"]),
-    ("ilsvrc2012", ["val/ILSVRC2012_val_00000001.JPEG",
+    ("ilsvrc2012", ["val/{val}.JPEG",
                     "ILSVRC2012_devkit_t12/data/meta.mat",
                     "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"]),
     ("ilsvrc2012-tar", ["ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar",
@@ -40,8 +43,9 @@ def test_full_size_plan_uses_real_val_labels():
 ])
 def test_layout_files(make_sample, layout, files):
     src, plan = make_sample(layout)
+    first = sorted(plan.val)[0]  # real val names (and labels): sparse numbers
     for f in files:
-        assert (src / f).is_file(), f
+        assert (src / f.format(val=first)).is_file(), f
     assert layout in LAYOUTS
 
 
@@ -66,7 +70,9 @@ def test_ground_truth_is_in_id_order_not_sorted_order(make_sample):
     src, plan = make_sample("ilsvrc2012")
     gt = (src / "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
     ids = [int(x) for x in gt.read_text().split()]
-    assert ids == [reference_ids()[w] for _, w in sorted(plan.val.items())]
+    assert len(ids) == 50_000  # the real devkit's file: line n is ILSVRC2012_val_{n:08d}
+    for stem, w in plan.val.items():
+        assert ids[int(stem.rsplit("_", 1)[1]) - 1] == reference_ids()[w]
 
 
 def test_same_spec_gives_identical_tree(tmp_path):

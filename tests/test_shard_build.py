@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from prep.cli import main
 from prep.errors import PrepError
 from shards.build import ShardSettings, shard_dataset
-from tests.conftest import sha256_files
+from tests.conftest import descendants, running, sha256_files
 
 
 def _shard(data, out, workers=1, **kw):
@@ -158,15 +158,21 @@ def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
         parts = out / ".prep-shard" / "parts"  # a shard's record is saved once it is done
         while time.time() < deadline and len(list(parts.glob("train-*.json"))) < 3:
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: pool workers too
+        family = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer does
         proc.wait()
+        deadline = time.time() + 10  # its workers follow it (prep.workers.die_with_parent)
+        while time.time() < deadline and any(running(p) for p in family):
+            time.sleep(0.02)
+        assert [p for p in family if running(p)] == []
         recorded = len(list(parts.glob("*.json")))
         written = len(list(out.glob("*.tar")))
         if written < total:  # killed mid-run (a records-at-the-end bug never gets here)
             break
     assert recorded >= 3 and written < total  # records come as shards finish, not at the end
     assert not (out / "_info.json").exists()  # never looks finished
-    rerun = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    rerun = subprocess.run(cmd, capture_output=True, text=True)  # the lock died with it
+    assert rerun.returncode == 0, rerun.stderr
     kept = int(re.search(r"kept (\d+) finished earlier", rerun.stdout).group(1))
     assert kept >= recorded  # the rerun did not redo the shards finished before the kill
     assert sha256_files(out.glob("*.tar")) == sha256_files(ref.glob("*.tar"))

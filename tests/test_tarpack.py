@@ -4,7 +4,8 @@ and hands every sample it cannot pass through (repairs, resizes, broken files) t
 import pytest
 
 from shards import tarpack
-from shards.build import ShardSettings, shard_dataset
+from shards.build import ShardSettings, make_plans
+from shards.write import ShardOptions, write_shard
 from tests.conftest import sha256_files
 
 pytestmark = pytest.mark.skipif(not tarpack.available(),
@@ -14,26 +15,30 @@ pytestmark = pytest.mark.skipif(not tarpack.available(),
 @pytest.mark.parametrize("max_size", [None, 48])
 def test_c_writer_is_byte_identical_to_the_python_writer(prepared, tmp_path, monkeypatch,
                                                           max_size):
+    """Each shard written in this process (pool workers start from a forkserver and would
+    not see the monkeypatches) by the C writer, then by the Python one."""
     data, plan = prepared("ilsvrc2012", bad_files=True)  # CMYK, PNG, grayscale, truncated
-    settings = ShardSettings(num_shards=2, on_error="skip", max_size=max_size)
-    real, log = tarpack.write_samples, tmp_path / "c-samples"
+    _, plans, _ = make_plans(data, ShardSettings(num_shards=2))
+    opts = ShardOptions(max_size=max_size, on_error="skip")
+    real, via_c = tarpack.write_samples, []
 
-    def counting(*args):  # runs in the shard worker process: count through a file
+    def counting(*args):
         done, end, rows = real(*args)
-        with open(log, "a") as f:
-            f.write(f"{done}\n")
+        via_c.append(done)
         return done, end, rows
 
     monkeypatch.setattr(tarpack, "write_samples", counting)
-    fast = shard_dataset(data, tmp_path / "c", settings, workers=1, progress=False)
+    (tmp_path / "c").mkdir()
+    fast = [write_shard(p, data, tmp_path / "c", opts) for p in plans]
     monkeypatch.setattr(tarpack, "_lib", None)
-    slow = shard_dataset(data, tmp_path / "py", settings, workers=1, progress=False)
-    assert fast.info["prep"]["repairs"] == {"cmyk": 1, "grayscale": 1, "png": 1}
-    c, py = ([f for f in (tmp_path / d).iterdir() if f.is_file() and f.name[0] != "."]
-             for d in ("c", "py"))  # not the lock file
-    assert len(c) == 3 * 2 * 2 + 3 + 3  # 2 shards + DALI indexes, wids index per split; 3 more
+    (tmp_path / "py").mkdir()
+    slow = [write_shard(p, data, tmp_path / "py", opts) for p in plans]
+    repairs = sorted(x for r in fast for x in r.rows["repaired"] if x)
+    assert repairs == ["cmyk", "grayscale", "png"]
+    c, py = (sorted((tmp_path / d).iterdir()) for d in ("c", "py"))
+    assert len(c) == 2 * 2 * 3  # 2 shards + their DALI indexes, for each of 3 splits
     assert sha256_files(c) == sha256_files(py)
-    total = sum(r.num_samples for r in slow.written)
-    via_c = sum(map(int, log.read_text().split())) if log.exists() else 0
+    assert [r.rows for r in fast] == [r.rows for r in slow]
+    total = sum(r.num_samples for r in slow)
     # pass-through: every sample but the 3 repairs goes through C; resizing: none does
-    assert via_c == (total - 3 if max_size is None else 0)
+    assert sum(via_c) == (total - 3 if max_size is None else 0)

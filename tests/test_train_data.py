@@ -59,13 +59,18 @@ def test_too_few_train_shards_is_a_clear_error(shards):
 def test_eval_sees_every_sample_exactly_once(shards, val_dir):
     _, tmp, plan = shards
     split = read_split(str(tmp / val_dir), "val")
-    seen = Counter()
+    seen, places = Counter(), {}
     for rank in (0, 1):
-        for images, labels, batch_keys in make_eval_loader(split, CFG, rank, 2, 4):
+        for images, labels, batch_keys, origins in make_eval_loader(split, CFG, rank, 2, 4):
             assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32)
             seen.update(zip(batch_keys, labels.tolist()))
+            places.update((k, o) for k, o in zip(batch_keys, origins))
     index = {w: i for i, w in enumerate(plan.wnids)}
     assert seen == Counter((k, index[w]) for k, w in plan.val.items())  # each once
+    # each sample names its own source (its json) and its place in the shards
+    assert {k: src for k, (src, _, _) in places.items()} == {
+        k: f"val/{w}/{k}.JPEG" for k, w in plan.val.items()}
+    assert len({(shard, pos) for _, shard, pos in places.values()}) == len(plan.val)
 
 
 def test_rrc_box_stays_inside_and_respects_scale():
@@ -94,13 +99,13 @@ def test_rotation_and_color_jitter_change_pixels_not_shape():
     import numpy as np
     from PIL import Image
 
-    from train.decode import train_decoder
+    from train.decode import TrainDecoder
 
     buf = io.BytesIO()
     Image.effect_mandelbrot((96, 72), (-2, -1.2, 1, 1.2), 64).convert("RGB").save(buf, "JPEG")
     sample = {"jpg": buf.getvalue(), "cls": b"3"}
-    plain, label = train_decoder(48, 1.0, False, 0)(sample)
-    aug, _ = train_decoder(48, 1.0, False, 0, rotation=30, color_jitter=0.4)(sample)
+    plain, label = TrainDecoder(48, 1.0, False, 0)(sample)
+    aug, _ = TrainDecoder(48, 1.0, False, 0, rotation=30, color_jitter=0.4)(sample)
     assert plain.shape == aug.shape == (48, 48, 3) and plain.dtype == np.uint8
     assert label == 3 and not np.array_equal(plain, aug)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from prep.synth import render_class_image
 from train.data import collate
-from train.decode import center_box, crop_resize, decode_crop, pixels, train_decoder, val_decoder
+from train.decode import TrainDecoder, ValDecoder, center_box, crop_resize, decode_crop, pixels
 
 
 def _jpeg(w=500, h=375, mode="RGB", fmt="JPEG") -> bytes:
@@ -72,7 +72,7 @@ def test_cmyk_png_and_gray_decode_too(mode, fmt):
 @pytest.mark.parametrize("cut", [3000, 700])
 def test_damaged_jpeg_gives_a_clear_error_naming_the_member(cut):
     data = _jpeg()[:cut]  # libjpeg only warns on truncation: Pillow must report it
-    dec = train_decoder(64, 0.5, False, 0)
+    dec = TrainDecoder(64, 0.5, False, 0)
     with pytest.raises(ValueError, match=r"s\.tar: member k1\.jpg: OSError"):
         dec({"jpg": data, "cls": b"1", "__key__": "k1", "__url__": "s.tar"})
 
@@ -85,7 +85,9 @@ def test_val_region_resize_equals_resize_then_center_crop(resize, crop, tol):
     big = img.resize((round(500 * s), resize), Image.Resampling.BILINEAR)
     left, top = (big.width - crop) // 2, (big.height - crop) // 2
     ref = np.asarray(big.crop((left, top, left + crop, top + crop)), dtype=np.float32)
-    out, label, key = val_decoder(resize, crop)({"jpg": data, "cls": b"2", "__key__": "v"})
+    out, label, key, origin = ValDecoder(resize, crop)({"jpg": data, "cls": b"2",
+                                                        "__key__": "v"})
+    assert origin == ("v", -1, -1)  # no json: the key names it
     assert (label, key) == (2, "v") and out.shape == (crop, crop, 3)
     assert np.abs(out.astype(np.float32) - ref).mean() < tol
     x, y, w, h = center_box(500, 375, resize, crop)
@@ -98,7 +100,7 @@ def test_train_decoder_same_geometry_as_plain_path_and_flip_in_collate():
     from train.decode import derive_seed, rrc_box
 
     data = _jpeg()
-    dec = train_decoder(96, 0.08, True, seed=5)
+    dec = TrainDecoder(96, 0.08, True, seed=5)
     outs = [dec({"jpg": data, "cls": b"1"}) for _ in range(6)]
     rng = random.Random(derive_seed(5, 0))  # the worker's stream (worker 0)
     batch, labels = collate(outs)

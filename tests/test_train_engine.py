@@ -41,7 +41,7 @@ def test_loader_ending_early_is_an_error():
 
 def test_eval_count_mismatch_fails_loudly():
     model, *_, batches = _setup()
-    loader = [(x, y, ["k1", "k2"]) for x, y in batches]
+    loader = [(x, y, ["k1", "k2"], [("k1", 0, 0), ("k2", 0, 1)]) for x, y in batches]
     norm = Normalize(torch.device("cpu"), False)
     assert evaluate(model, loader, norm, num_samples=6, amp="none",
                     num_classes=4)["val_samples"] == 6

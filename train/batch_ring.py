@@ -40,6 +40,7 @@ class BatchRing:
         self.images = torch.empty((self.slots, batch, height, width, 3),
                                   dtype=torch.uint8).share_memory_()
         self.free = torch.ones(self.slots, dtype=torch.int8).share_memory_()
+        self.wait_s = WAIT_S  # read here: the workers get the ring pickled
         self._next: dict[int, int] = {}  # per worker process: its next slot to try
 
     def fits(self, n: int, image_shape: tuple[int, ...]) -> bool:
@@ -48,7 +49,7 @@ class BatchRing:
 
     def acquire(self, worker: int) -> int | None:
         """A free slot of this worker (marked busy), or None after WAIT_S."""
-        deadline = time.monotonic() + WAIT_S
+        deadline = time.monotonic() + self.wait_s
         first = worker * SLOTS
         while True:
             for k in range(SLOTS):

@@ -14,6 +14,7 @@ shards and keeps every (ranks x workers)-th sample.
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import warnings
@@ -27,12 +28,13 @@ import torch
 import webdataset as wds
 
 from prep.errors import PrepError, SettingError
+from prep.workers import die_with_parent, keep_image_buffers_in_heap, worker_context
 from shards import tarread
-from shards.manifest import INFO_SPLIT_NAMES, find_split, parse_info
+from shards.manifest import find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.config import TrainConfig
-from train.decode import derive_seed, train_decoder, val_decoder, worker_slot
-from train.device_decode import collate_raw, raw_train_decoder, raw_val_decoder
+from train.decode import TrainDecoder, ValDecoder, derive_seed, worker_slot
+from train.device_decode import RawTrainDecoder, RawValDecoder, collate_raw
 
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet statistics, on the 0..255 scale
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -104,8 +106,9 @@ class EpochShards(torch.utils.data.IterableDataset):
             order = list(self.urls)
             if self.repeat:
                 random.Random(derive_seed(self.seed, ep)).shuffle(order)
+            number = {url: i for i, url in enumerate(self.urls)}  # _info.json's order
             for url in order[self.rank :: self.world][worker::workers]:
-                yield {"url": url}
+                yield {"url": url, "shard": number[url]}
 
 
 class AllShards(torch.utils.data.IterableDataset):
@@ -115,18 +118,22 @@ class AllShards(torch.utils.data.IterableDataset):
         self.urls = urls
 
     def __iter__(self):
-        for url in self.urls:
-            yield {"url": url}
+        for i, url in enumerate(self.urls):
+            yield {"url": url, "shard": i}
 
 
-def read_shards(handler: Callable[[Exception], bool] | None = None,
-                keep: tuple[str, ...] = ("jpg", "cls")) -> Callable[[Iterable], Iterator]:
+class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's stages
     """Pipeline stage: {"url"} -> samples. Local shards through a memory map
     (shards.tarread: ~10x less time per sample than tarfile), remote URLs (`pipe:`, http)
     through webdataset. An unreadable shard goes to `handler` (True: go on with the next
-    shard, keeping the samples read before the damage), or raises without one."""
+    shard, keeping the samples read before the damage), or raises without one. A class:
+    the loader's workers receive the pipeline pickled (prep.workers)."""
 
-    def stage(sources: Iterable[dict]) -> Iterator[dict]:
+    def __init__(self, handler: Callable[[Exception], bool] | None = None,
+                 keep: tuple[str, ...] = ("jpg", "cls")):
+        self.handler, self.keep = handler, keep
+
+    def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
             url = source["url"]
             try:
@@ -136,23 +143,26 @@ def read_shards(handler: Callable[[Exception], bool] | None = None,
                     files = ((f["fname"], lambda d=f["data"]: d)
                              for f in wds.tariterators.tar_file_expander(
                                  wds.tariterators.url_opener([source]), eof_value=None))
-                yield from tarread.group_samples(files, url, keep)
+                for pos, sample in enumerate(tarread.group_samples(files, url, self.keep)):
+                    sample["__pos__"] = (source.get("shard", -1), pos)  # manifest order
+                    yield sample
             except Exception as exc:
-                if handler is None or not handler(exc):
+                if self.handler is None or not self.handler(exc):
                     raise
 
-    return stage
 
+class keep_every:  # noqa: N801 - a pipeline stage
+    """Eval fallback stage: this worker's share, every (ranks x workers)-th sample."""
 
-def keep_every(rank: int, world: int) -> Callable[[Iterable], Iterator]:
-    def select(samples: Iterable[dict]) -> Iterator[dict]:
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         worker, workers = worker_slot()
-        slot, slots = rank * workers + worker, world * workers
+        slot, slots = self.rank * workers + worker, self.world * workers
         for i, s in enumerate(samples):
             if i % slots == slot:
                 yield s
-
-    return select
 
 
 class SkipCounter:
@@ -189,11 +199,20 @@ def train_size(cfg: TrainConfig, epoch: int) -> int:
     return int(round(size / 32) * 32)
 
 
-def worker_init(_: int) -> None:
-    """DataLoader workers: keep Pillow's image buffers in the heap (see shards.image)."""
-    from prep.workers import keep_image_buffers_in_heap
-
+def worker_init(_: int, main_pid: int) -> None:
+    """DataLoader workers: die with the trainer, keep Pillow's image buffers in the heap."""
+    die_with_parent(main_pid)
     keep_image_buffers_in_heap()
+
+
+def worker_settings(workers: int) -> dict:
+    """DataLoader arguments for `workers` processes. They start from a forkserver, never
+    forked from the trainer, which runs threads by then (process group, TensorBoard): see
+    prep.workers. The forkserver imports this module (torch, webdataset, Pillow) once."""
+    if workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": workers, "multiprocessing_context": worker_context(["train.data"]),
+            "worker_init_fn": partial(worker_init, main_pid=os.getpid())}
 
 
 def _batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
@@ -273,8 +292,8 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         wds.map(_train_map(cfg, epoch, seed, decode), handler=skips),
         wds.batched(cfg.batch_size, collation_fn=collate_fn, partial=False),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers,
-                           pin_memory=pin, persistent_workers=False, worker_init_fn=worker_init)
+    loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin, persistent_workers=False,
+                           **worker_settings(cfg.workers))
     return RingLoader(loader.with_epoch(steps), ring) if ring else loader.with_epoch(steps)
 
 
@@ -283,8 +302,8 @@ def _train_map(cfg: TrainConfig, epoch: int, seed: int, decode: str) -> Callable
         if cfg.rotation or cfg.color_jitter:
             raise SettingError("--decode gpu does not do rotation or color_jitter; use "
                                "--decode cpu for recipes that set them")
-        return raw_train_decoder(cfg.min_scale, cfg.hflip, seed)
-    return train_decoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed, cfg.rotation,
+        return RawTrainDecoder(cfg.min_scale, cfg.hflip, seed)
+    return TrainDecoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed, cfg.rotation,
                          cfg.color_jitter, region=decode != "pil")
 
 
@@ -292,27 +311,19 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
                      batch_size: int,
                      pin: bool = False, decode: str = "cpu") -> wds.WebLoader:
     workers = max(cfg.workers, 1)
+    # json: what the predictions pickle says of a sample comes from the sample itself
+    read = read_shards(keep=("jpg", "cls", "json"))
     if len(split.urls) >= world * workers:
-        stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read_shards()]
+        stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read]
     else:  # too few shards: split at the sample level instead
-        stages = [AllShards(split.urls), read_shards(), keep_every(rank, world)]
+        stages = [AllShards(split.urls), read, keep_every(rank, world)]
     collate_fn, ring = _with_ring(cfg.workers, batch_size, cfg.val_crop, pin, decode)
     pipeline = wds.DataPipeline(
         *stages,
-        wds.map(raw_val_decoder(cfg.val_resize, cfg.val_crop) if decode == "gpu"
-                else val_decoder(cfg.val_resize, cfg.val_crop, region=decode != "pil")),
+        wds.map(RawValDecoder(cfg.val_resize, cfg.val_crop) if decode == "gpu"
+                else ValDecoder(cfg.val_resize, cfg.val_crop, region=decode != "pil")),
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
     )
-    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=cfg.workers, pin_memory=pin,
-                           worker_init_fn=worker_init)
+    loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin,
+                           **worker_settings(cfg.workers))
     return RingLoader(loader, ring) if ring else loader
-
-
-def manifest_order(data: str, split: str) -> list[tuple[str, str]]:
-    """(key, source path) of every sample of a split, in shard and member order."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(Path(data) / "index.parquet", columns=["key", "split", "source"])
-    rows = table.to_pylist()
-    names = {split} | {k for k, v in INFO_SPLIT_NAMES.items() if v == split}  # validation: val
-    return [(r["key"], r["source"]) for r in rows if r["split"] in names]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import random
 from collections.abc import Callable
@@ -133,52 +134,74 @@ def sample_error(sample: dict, exc: Exception) -> SampleError:
     return SampleError(f"{where}: {type(exc).__name__}: {exc}")
 
 
-def train_decoder(size: int, min_scale: float, hflip: bool, seed: int,
-                  rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True
-                  ) -> Callable[[dict], tuple[np.ndarray, int]]:
+class TrainDecoder:
     """sample -> (H x W x 3 uint8, label): RandomResizedCrop, flip (as a view), optional
-    rotation and colour jitter; a per-worker random stream seeded from `seed`."""
-    state: dict = {}
+    rotation and colour jitter; a per-worker random stream seeded from `seed`. A class, not
+    a closure: DataLoader workers start from a forkserver and receive it pickled."""
 
-    def decode(sample: dict) -> tuple[np.ndarray, int]:
-        if "rng" not in state:  # per worker, per epoch (workers are new each epoch)
-            state["rng"] = random.Random(derive_seed(seed, worker_slot()[0]))
-        rng = state["rng"]
+    def __init__(self, size: int, min_scale: float, hflip: bool, seed: int,
+                 rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True):
+        self.size, self.min_scale, self.hflip, self.seed = size, min_scale, hflip, seed
+        self.rotation, self.color_jitter, self.region = rotation, color_jitter, region
+        self.rng: random.Random | None = None  # per worker, per epoch (workers are new)
+
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
+        if self.rng is None:
+            self.rng = random.Random(derive_seed(self.seed, worker_slot()[0]))
+        rng = self.rng
         try:
             label = int(sample["cls"])
             if label < 0:
                 raise ValueError(f"label {label}: an unlabelled sample in a train split")
-            img = decode_crop(sample["jpg"], lambda w, h: rrc_box(w, h, (min_scale, 1.0), rng),
-                              size, region)
+            img = decode_crop(sample["jpg"],
+                              lambda w, h: rrc_box(w, h, (self.min_scale, 1.0), rng),
+                              self.size, self.region)
         except CODE_ERRORS:
             raise
         except Exception as exc:  # name shard + member (Pillow raises many kinds)
             raise sample_error(sample, exc) from exc
-        flip = hflip and rng.random() < 0.5
-        if rotation:
-            img = img.rotate(rng.uniform(-rotation, rotation), Image.Resampling.BILINEAR)
-        if color_jitter:
-            img = _jitter(img, color_jitter, rng)
+        flip = self.hflip and rng.random() < 0.5
+        if self.rotation:
+            img = img.rotate(rng.uniform(-self.rotation, self.rotation),
+                             Image.Resampling.BILINEAR)
+        if self.color_jitter:
+            img = _jitter(img, self.color_jitter, rng)
         out = pixels(img)
         return (out[:, ::-1] if flip else out), label
 
-    return decode
+
+def sample_origin(sample: dict) -> tuple[str, int, int]:
+    """(source path, shard number, member number) of an evaluated sample, from the sample
+    itself: its `json` (`source`, as `prep shard` writes it; `filename` in timm's shards;
+    else the key) and its place in the shards (read_shards' `__pos__`)."""
+    source = sample["__key__"]
+    if "json" in sample:
+        try:
+            meta = json.loads(sample["json"])
+            found = meta.get("source") or meta.get("filename") if isinstance(meta, dict) \
+                else None
+            source = found if isinstance(found, str) and found else source
+        except ValueError:
+            pass  # not JSON: the key names the sample
+    shard, pos = sample.get("__pos__", (-1, -1))
+    return source, shard, pos
 
 
-def val_decoder(resize: int, crop: int, region: bool = True
-                ) -> Callable[[dict], tuple[np.ndarray, int, str]]:
-    """sample -> (crop x crop x 3 uint8, label or -1, key): the standard resize + center
-    crop, computed as one resize of the kept region."""
+class ValDecoder:
+    """sample -> (crop x crop x 3 uint8, label or -1, key, origin): the standard resize +
+    center crop, computed as one resize of the kept region; origin: sample_origin."""
 
-    def decode(sample: dict) -> tuple[np.ndarray, int, str]:
+    def __init__(self, resize: int, crop: int, region: bool = True):
+        self.resize, self.crop, self.region = resize, crop, region
+
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int, str]:
         try:
             label = int(sample["cls"]) if "cls" in sample else -1
-            img = decode_crop(sample["jpg"], lambda w, h: center_box(w, h, resize, crop), crop,
-                              region)
+            img = decode_crop(sample["jpg"],
+                              lambda w, h: center_box(w, h, self.resize, self.crop),
+                              self.crop, self.region)
         except CODE_ERRORS:
             raise
         except Exception as exc:
             raise sample_error(sample, exc) from exc
-        return pixels(img), label, sample["__key__"]
-
-    return decode
+        return pixels(img), label, sample["__key__"], sample_origin(sample)

@@ -33,6 +33,7 @@ from train.decode import (
     derive_seed,
     rrc_box,
     sample_error,
+    sample_origin,
     worker_slot,
 )
 
@@ -48,20 +49,6 @@ def _size(data: bytes) -> tuple[int, int]:
     return w, h
 
 
-def _checked(prepare: Callable[[dict], tuple]) -> Callable[[dict], tuple]:
-    """Name shard and member in any error of a worker-side step."""
-
-    def run(sample: dict) -> tuple:
-        try:
-            return prepare(sample)
-        except CODE_ERRORS:
-            raise
-        except Exception as exc:
-            raise sample_error(sample, exc) from exc
-
-    return run
-
-
 def _name(sample: dict) -> str:
     return f"{sample.get('__url__', '?')}: member {sample.get('__key__', '?')}.jpg"
 
@@ -70,32 +57,44 @@ def _raw(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def raw_train_decoder(min_scale: float, hflip: bool, seed: int) -> Callable[[dict], tuple]:
+class RawTrainDecoder:
     """Worker side of the train path: sample -> (bytes tensor, box, flip, name, label)."""
-    state: dict = {}
 
-    def prepare(sample: dict) -> tuple:
-        if "rng" not in state:
-            state["rng"] = random.Random(derive_seed(seed, worker_slot()[0]))
-        rng = state["rng"]
-        data = sample["jpg"]
-        box = rrc_box(*_size(data), (min_scale, 1.0), rng)
-        flip = hflip and rng.random() < 0.5
-        return _raw(data), box, flip, _name(sample), int(sample["cls"])
+    def __init__(self, min_scale: float, hflip: bool, seed: int):
+        self.min_scale, self.hflip, self.seed = min_scale, hflip, seed
+        self.rng: random.Random | None = None  # per worker, per epoch
 
-    return _checked(prepare)
+    def __call__(self, sample: dict) -> tuple:
+        if self.rng is None:
+            self.rng = random.Random(derive_seed(self.seed, worker_slot()[0]))
+        try:
+            data = sample["jpg"]
+            box = rrc_box(*_size(data), (self.min_scale, 1.0), self.rng)
+            flip = self.hflip and self.rng.random() < 0.5
+            return _raw(data), box, flip, _name(sample), int(sample["cls"])
+        except CODE_ERRORS:
+            raise
+        except Exception as exc:
+            raise sample_error(sample, exc) from exc
 
 
-def raw_val_decoder(resize: int, crop: int) -> Callable[[dict], tuple]:
-    """Worker side of the eval path: sample -> (bytes, box, False, name, label, key)."""
+class RawValDecoder:
+    """Worker side of the eval path: sample -> (bytes, box, False, name, label, key,
+    origin)."""
 
-    def prepare(sample: dict) -> tuple:
-        data = sample["jpg"]
-        label = int(sample["cls"]) if "cls" in sample else -1
-        return (_raw(data), center_box(*_size(data), resize, crop), False, _name(sample),
-                label, sample["__key__"])
+    def __init__(self, resize: int, crop: int):
+        self.resize, self.crop = resize, crop
 
-    return _checked(prepare)
+    def __call__(self, sample: dict) -> tuple:
+        try:
+            data = sample["jpg"]
+            label = int(sample["cls"]) if "cls" in sample else -1
+            return (_raw(data), center_box(*_size(data), self.resize, self.crop), False,
+                    _name(sample), label, sample["__key__"], sample_origin(sample))
+        except CODE_ERRORS:
+            raise
+        except Exception as exc:
+            raise sample_error(sample, exc) from exc
 
 
 def collate_raw(batch: list[tuple]) -> tuple:

@@ -109,7 +109,8 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
              to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
     all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
-    softmax scores and labels are stored in it by sample key (for the predictions pickle).
+    softmax scores, labels and origins (train.decode.sample_origin) are stored in it by
+    sample key (for the predictions pickle).
     Unlabelled samples (test, label -1) count toward n but not toward accuracy.
     `valid`: class indices the logits are restricted to (ImageNet-A/-R's 200 classes).
     `real(key)`: ReaL's answers (global sorted-WNID indices) for a sample, or None to leave
@@ -124,8 +125,8 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
         mask = torch.full((num_classes,), float("-inf"), device=norm.device)
         mask[torch.tensor(valid, device=norm.device)] = 0.0
     glob = torch.tensor(to_global, device=norm.device) if real is not None else None
-    for images, labels, keys in progress_bar(loader, desc="eval", disable=not show,
-                                             unit="batch"):
+    for images, labels, keys, origins in progress_bar(loader, desc="eval", disable=not show,
+                                                      unit="batch"):
         x, y = norm(images), labels.to(norm.device)
         with autocast(norm.device, amp):
             logits = model(x)
@@ -135,8 +136,9 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
         if mask is not None:
             logits = logits + mask
         if keep is not None:
-            for k, score, label in zip(keys, logits.softmax(1).cpu(), labels.tolist()):
-                keep[k] = (score, label)
+            for k, score, label, origin in zip(keys, logits.softmax(1).cpu(),
+                                               labels.tolist(), origins):
+                keep[k] = (score, label, origin)
         if real is not None:
             top5_all = glob[logits.topk(min(5, num_classes), 1).indices].tolist()
             for key, row, label in zip(keys, top5_all, labels.tolist()):

@@ -49,7 +49,6 @@ from train.data import (
     SplitInfo,
     make_eval_loader,
     make_train_loader,
-    manifest_order,
     read_split,
     train_size,
     train_steps,
@@ -271,8 +270,7 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
                        **scoring(split, classes, args.split))
     if args.out:
         out = Path(args.out)
-        order = manifest_order(args.data, args.split) if master_process else []
-        results = write_predictions(kept, order, out, cfg.num_classes, rank, world,
+        results = write_predictions(kept, out, cfg.num_classes, rank, world,
                                     classes or split.classes)
         if results is not None:  # rank 0
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
