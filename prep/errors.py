@@ -8,6 +8,7 @@ and exits 130, from whichever process it reaches (pool workers ignore SIGINT, se
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import signal
@@ -104,3 +105,20 @@ def refuse_inside(out: str | os.PathLike, sources: dict[str, str | os.PathLike |
             raise PrepError(f"{flag} {out}: resolves to {real}, inside the {what} "
                             f"({src} -> {root}); nothing is written into a source. "
                             "Choose a directory outside it, e.g. ./out/shards")
+
+
+def read_error(path: str | os.PathLike, exc: OSError) -> PrepError:
+    """A source file or folder that cannot be read: named, with the cause (nothing was
+    written, so never the disk's space)."""
+    return PrepError(f"{path}: cannot read it ({exc.strerror or exc}); check its permissions "
+                     "(sources are only read, never changed)")
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> PrepError:
+    """An output that cannot be written: the disk or the folder's permissions, not the
+    source."""
+    what = ("the disk is full: free space (or choose another output) and rerun; what was "
+            "written whole is kept" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "the file system is read-only: choose another output" if exc.errno == errno.EROFS
+            else "check the folder's permissions")
+    return PrepError(f"{path}: cannot write it ({exc.strerror or exc}); {what}")

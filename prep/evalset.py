@@ -31,7 +31,7 @@ from prep.classes import NUM_CLASSES, build_class_table, classes_csv, is_wnid, r
 from prep.errors import PrepError
 from prep.layout import check_source
 from prep.link import SRC_VAL, Changes, Outputs, apply_outputs, check_link_dir
-from prep.scan import Problems, entry_kind, is_litter, list_images
+from prep.scan import IMAGE_EXTS, Problems, entry_kind, is_litter, list_images
 from prep.scoring import subset_wnids
 
 KINDS = ("imagenet-v2", "imagenet-a", "imagenet-r", "imagenet-sketch")
@@ -77,6 +77,7 @@ def class_folders(src: Path) -> dict[str, str]:
     folders as they are; anything else is an error naming the folder."""
     wnids = sorted(reference_words())
     folders: dict[str, str] = {}
+    loose: list[str] = []
     with os.scandir(src) as it:
         entries = sorted(it, key=lambda e: e.name)
     for e in entries:
@@ -86,6 +87,8 @@ def class_folders(src: Path) -> dict[str, str]:
         if kind == "loop":
             raise PrepError(f"{e.path}: a symlink loop; remove it")
         if kind != "dir":
+            if e.name.endswith(IMAGE_EXTS):  # an image has a class only through its folder
+                loose.append(e.name)
             continue  # README, LICENSE files beside the class folders
         if e.name.isascii() and e.name.isdigit():
             n = int(e.name)
@@ -100,6 +103,10 @@ def class_folders(src: Path) -> dict[str, str]:
         else:
             raise PrepError(f"{e.path}: folder {e.name!r} is neither a WNID (nXXXXXXXX) nor an "
                             "ImageNetV2 class number (0..999)")
+    if loose:
+        raise PrepError(f"--src {src}: {len(loose)} image(s) outside the class folders, e.g. "
+                        f"{', '.join(loose[:3])}: their class is unknown. Move each into its "
+                        "class folder, or out of --src")
     if not folders:
         raise PrepError(f"--src {src}: no class folders (ImageNetV2 `0`..`999`, or WNID folders "
                         "for ImageNet-A/-R/-Sketch)")

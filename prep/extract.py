@@ -17,7 +17,6 @@ naming both (`OutputNames`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from prep.classes import is_wnid
-from prep.errors import PrepError
+from prep.errors import PrepError, write_error
 from prep.progress import progress_bar
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
@@ -79,14 +78,6 @@ def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise write_error(path, exc) from exc
-
-
-def write_error(path: Path | str, exc: OSError) -> PrepError:
-    """The error for an output that cannot be written: the disk, not the source."""
-    what = ("the disk is full: free space (or choose another --extract-to) and rerun; "
-            "what was extracted is kept" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            else "check the folder's permissions and free space")
-    return PrepError(f"{path}: cannot write it ({exc.strerror}); {what}")
 
 
 class OutputNames:

@@ -282,7 +282,8 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     if scan.problems.bad_names:
         bad = scan.problems.bad_names
         raise PrepError(f"{len(bad)} file name(s) in {lay.src} hold a newline, tab or other "
-                        f"control character, which would break the index files: "
+                        f"control character, or bytes that are not UTF-8, which would break "
+                        f"the index files: "
                         + ", ".join(map(repr, bad[:5])) + "; rename them, then rerun")
     check_unique_keys((f"{w}/{n}" for w in sorted(scan.train) for n in scan.train[w]),
                       str(lay.train_dir))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.classes import is_wnid
-from prep.errors import PrepError
+from prep.errors import PrepError, read_error
 from prep.progress import progress_bar
 
 IMAGE_EXTS = (".JPEG", ".jpeg", ".jpg", ".JPG", ".png", ".PNG")
@@ -38,8 +38,15 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 def bad_name(name: str) -> bool:
     """Names that would break the line-based index files (meta/*.txt, train.txt-style
-    lists): control characters such as newline and tab."""
-    return _CONTROL.search(name) is not None
+    lists): control characters such as newline and tab, and bytes that are not UTF-8
+    (Python hands them over as surrogates; the index files are UTF-8)."""
+    if _CONTROL.search(name) is not None:
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def sample_key(name: str) -> str:
@@ -102,8 +109,11 @@ class Problems:
 def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str], Problems]:
     """Sorted image names in one directory; `rel` prefixes the paths in the problems.
     `sizes` stats each image to find zero-byte files (the only per-file syscall)."""
-    with os.scandir(directory) as it:
-        entries = list(it)
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except OSError as exc:
+        raise read_error(directory, exc) from exc
     # Fast path: is_file() answers from d_type without a syscall for regular files.
     probs = Problems()
     try:
@@ -150,7 +160,11 @@ def _list_classes(jobs: list[tuple[str, str, bool]]) -> list[tuple[str, Problems
 def class_dirs(split_dir: Path, rel: str) -> tuple[list[str], Problems]:
     """Sorted WNID folder names of a class-folder split; any other folder is an error."""
     wnids, probs = [], Problems()
-    with os.scandir(split_dir) as it:
+    try:
+        it = os.scandir(split_dir)
+    except OSError as exc:
+        raise read_error(split_dir, exc) from exc
+    with it:
         for e in it:
             kind = entry_kind(e)
             if is_litter(e.name):

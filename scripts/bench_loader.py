@@ -15,7 +15,7 @@ the same run:
 Rates are steady-state: the first batches (worker start, numba compile) are not timed.
 
     .venv/bin/python scripts/bench_loader.py [--root /tmp/loader-bench] [--trials 3]
-        [--workers 1,2] [--ffcv-python /tmp/ffcv-venv/bin/python]
+        [--workers 1,2] [--ffcv-python /tmp/ffcv-venv/bin/python] [--only toolkit]
 """
 
 from __future__ import annotations
@@ -75,13 +75,15 @@ def child_imagefolder(tree: Path, workers: int, n_batches: int, uint8: bool) -> 
     return timed(loader, n_batches)
 
 
-def child_toolkit(shards: Path, workers: int, n_batches: int) -> float:
+def child_toolkit(shards: Path, workers: int, n_batches: int, checked: bool = True) -> float:
+    """checked: each jpg's CRC-32 compared with index.parquet (what training does)."""
     from train.config import TrainConfig
     from train.data import SkipCounter, SplitInfo, make_train_loader, read_split
 
     split = read_split(str(shards), "train")
     n = (n_batches + WARM_BATCHES + 1) * BATCH
-    split = SplitInfo(split.urls, n, split.num_classes)  # the shard stream repeats
+    split = SplitInfo(split.urls, n, split.num_classes,  # the shard stream repeats
+                      checksums=split.checksums if checked else None)
     cfg = TrainConfig(batch_size=BATCH, workers=workers, shuffle_buffer=1000)
     loader = make_train_loader(split, cfg, 0, 1, 0, SkipCounter(cfg.max_skip_rate))
     return timed(loader, n_batches)
@@ -155,6 +157,8 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--batches", type=int, default=60, help="timed batches of 64 per run")
     ap.add_argument("--ffcv-python", default=None)
+    ap.add_argument("--only", default="", help="comma-separated parts of the loader names "
+                    "to run (e.g. toolkit)")
     ap.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -164,7 +168,7 @@ def main() -> None:
         elif kind.startswith("imagefolder"):
             rate = child_imagefolder(path, workers, a.batches, kind.endswith("uint8"))
         else:
-            rate = child_toolkit(path, workers, a.batches)
+            rate = child_toolkit(path, workers, a.batches, kind != "toolkit-unchecked")
         print(json.dumps(rate))
         return
 
@@ -184,11 +188,15 @@ def main() -> None:
              ["imagefolder-uint8", str(paths["tree"]), str(w)]),
             (f"toolkit, pass-through shards, {w} worker(s)", w,
              ["toolkit", str(paths["shards"]), str(w)]),
+            (f"toolkit without the per-sample CRC check, pass-through shards, {w} worker(s)",
+             w, ["toolkit-unchecked", str(paths["shards"]), str(w)]),
             (f"toolkit, --max-size 384 shards, {w} worker(s)", w,
              ["toolkit", str(paths["shards384"]), str(w)]),
         ]
         if a.ffcv_python:
             runs.append((f"FFCV 1.0.2, {w} worker(s)", w, ["ffcv", str(beton), str(w)]))
+    if a.only:  # keep the decode-only reference and the runs named
+        runs = runs[:1] + [r for r in runs[1:] if any(s in r[0] for s in a.only.split(","))]
     rates: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     for trial in range(a.trials):
         for name, _, child in runs:

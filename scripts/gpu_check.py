@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -290,11 +291,23 @@ def main() -> None:
                     help="the CPU dry run: small model, images and runs (< 1 min)")
     ap.add_argument("--seconds", type=float, default=None, help="per throughput configuration")
     a = ap.parse_args()
+    if a.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", a.device):
+        ap.error(f"--device {a.device!r}: expected cpu, cuda or cuda:N")
+    if a.out.exists() and not a.out.is_dir():
+        ap.error(f"--out {a.out}: is a file; give a directory for the results")
     t_start = time.perf_counter()
-    a.out.mkdir(parents=True, exist_ok=True)
+    try:
+        a.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        ap.error(f"--out {a.out}: cannot create it ({exc.strerror})")
     env = bootstrap(a.out)
     import torch
 
+    if a.device and a.device.startswith("cuda") and (
+            not torch.cuda.is_available()
+            or int((a.device.split(":") + ["0"])[1]) >= torch.cuda.device_count()):
+        ap.error(f"--device {a.device}: no such CUDA device here "
+                 f"({torch.cuda.device_count()} GPU(s)); use --device cpu for the dry run")
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     cores = len(os.sched_getaffinity(0))

@@ -16,6 +16,7 @@ by `--shard-range` parts, each of which also locks its own part) names the runni
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from prep import __version__
 from prep.atomic import write_atomic
-from prep.errors import PrepError, refuse_inside
+from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool
@@ -149,7 +150,10 @@ def output_lock(out: Path, shard_range: tuple[int, int], exclusive: bool) -> Ite
     me = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
     with ExitStack() as stack:
         for path, excl in files:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise write_error(path, exc) from exc
             stack.callback(os.close, fd)
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if excl else fcntl.LOCK_SH) | fcntl.LOCK_NB)
@@ -326,15 +330,31 @@ def _record_manifest(path: Path, entries: dict[str, list[int] | None]) -> None:
     write_atomic(path, json.dumps(entries) + "\n")
 
 
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
 def _source_roots(data: Path) -> dict[str, Path]:
-    """The trees `prep shard` reads: the view and what its split links point into."""
-    roots = {"dataset view": data}
+    """The trees `prep shard` reads: the view, what its split links point into, and the
+    whole source tree they come from (meta/prep.json's `src`; also the folders archives were
+    extracted to), so that `--out SRC/shards`, reached directly, through the view's
+    `DIR/ILSVRC2017` link or through `..`, is refused."""
+    roots: dict[str, Path] = {"dataset view": data}
     for split in ("train", "val", "test"):
         p = data / split
         if p.exists():
             roots[f"{split} source"] = p
     for p in data.glob(".src-*"):
         roots["val source"] = p
+    try:
+        made = json.loads((data / "meta" / "prep.json").read_text())
+    except (OSError, ValueError):
+        made = {}
+    if isinstance(made, dict):
+        for what, key in (("source", "src"), ("extracted train", "train_dir"),
+                          ("extracted val", "val_dir")):
+            if isinstance(made.get(key), str) and made[key] not in ("", "None"):
+                roots[what] = Path(made[key])
     return roots
 
 
@@ -348,7 +368,13 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     data, out = Path(os.path.abspath(data)), Path(os.path.abspath(out))
     refuse_inside(out, _source_roots(data), "--out")
     wnids, plans, evalset = make_plans(data, settings)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK):  # read-only file system or permissions: say it now
+            code = errno.EROFS if _read_only(out) else errno.EACCES
+            raise OSError(code, os.strerror(code))
+    except OSError as exc:
+        raise write_error(out, exc) from exc
     fp = fingerprint(plans, settings)
     with output_lock(out, shard_range, exclusive=force or finalize_only):
         parts = _claim(out, fp, settings, data, force, [p.name for p in plans])

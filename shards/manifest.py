@@ -20,6 +20,7 @@ from prep.errors import PrepError
 from shards.record import INDEX_COLUMNS, ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
+INFO_NAMES = (INFO, "_info.yaml")  # timm's shards may carry the YAML one
 # The toolkit says `val` (meta/val.txt, shard names, --split val); timm, Hugging Face and
 # TFDS say `validation`, and timm's reader looks the split up in `_info.json` by that name
 # (`create_dataset("wds/...", split="validation")`, its train.py's default). `_info.json`
@@ -82,8 +83,8 @@ def preload_manifest_libs() -> None:
     import pyarrow.parquet  # noqa: F401
 
 
-_TYPES = {"offset": "int64", "jpg_bytes": "int64", "label": "int32", "width": "int32",
-          "height": "int32"}  # the others are strings
+_TYPES = {"offset": "int64", "jpg_bytes": "int64", "jpg_crc32": "int64", "label": "int32",
+          "width": "int32", "height": "int32"}  # the others are strings
 
 
 def _write_index(path: Path, records: list[ShardRecord]) -> None:
@@ -145,19 +146,27 @@ def parse_info(text: str | bytes, where: str) -> dict:
         return PrepError(f"{where}: not a valid `prep shard` manifest: {why}")
 
     try:
-        info = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"not JSON ({exc})") from exc
+        if where.endswith((".yaml", ".yml")):  # timm writes either (_info.json, _info.yaml)
+            import yaml
+
+            info = yaml.safe_load(text)
+        else:
+            info = json.loads(text)
+    except Exception as exc:  # json's ValueError, yaml's YAMLError, bad bytes
+        raise bad(f"not {'YAML' if where.endswith(('.yaml', '.yml')) else 'JSON'} "
+                  f"({str(exc)[:200]})") from exc
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict) or \
             not info["splits"]:
         raise bad('no "splits" object listing the splits')
-    if "num_classes" not in info and "prep" not in info:
-        # timm's own shards (timm/imagenet-1k-wds): no class count; ImageNet-1k's 1000
-        # classes in sorted-WNID order, which its `cls` labels use
+    if not isinstance(info.get("prep"), dict):
+        # not written by `prep shard` (timm/imagenet-1k-wds, with or without a class count):
+        # no checksums, no index; ImageNet-1k's 1000 classes in sorted-WNID order, which
+        # its `cls` labels use, unless it names its own count
         from prep.classes import reference_words
 
-        info["num_classes"] = len(reference_words())
-        info.setdefault("classes", sorted(reference_words()))
+        if "num_classes" not in info:
+            info["num_classes"] = len(reference_words())
+            info.setdefault("classes", sorted(reference_words()))
         info["format"] = "timm"
     ncls = info.get("num_classes")
     if not _count(ncls) or ncls == 0:

@@ -20,8 +20,10 @@ def sample_json(*, fmt: str, height: int, key: str, label: int, mode: str, repai
                   "repaired": repaired, "resized": resized, "source": source, "width": width,
                   "wnid": wnid})
 
-INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "label", "wnid", "width",
-                 "height", "repaired", "source")  # index.parquet's columns, in this order
+INDEX_COLUMNS = ("key", "split", "shard", "offset", "jpg_bytes", "jpg_crc32", "label", "wnid",
+                 "width", "height", "repaired", "source")  # index.parquet's, in this order
+# jpg_crc32: zlib's CRC-32 of the jpg member, checked by the loader on every read (27 us per
+# 110 KB JPEG here, in the standard library of every machine; sha256 stays per shard)
 
 
 @dataclass

@@ -5,7 +5,9 @@
  * members (cls, jpg, json) to the tar with one writev, exactly the bytes shards/write.py
  * writes for it. A sample that is anything else (or unreadable, or with a name too long
  * for a USTAR header) stops the call *before* anything of it is written, so that Python
- * repairs or reports it. Used for pass-through sharding only (Python resizes).
+ * repairs or reports it. Used for pass-through sharding only (Python resizes). Each
+ * written JPEG's CRC-32 (zlib's, as Python's zlib.crc32) goes to the index, where the
+ * loader checks it on every read.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -15,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
+#include <zlib.h>
 
 #define BLOCK 512
 #define MTIME 011747623600LL /* 1335830400, as shards/tario.py */
@@ -113,13 +116,14 @@ typedef int (*check_fn)(const unsigned char *, unsigned long, unsigned long long
  * with errno on a write error. offset: where the next member goes; updated. A sample stops
  * the call when its size is 0 or above max_pixels, or when `check` (may be NULL) finds it
  * damaged: Python then applies --on-error to it. Outputs per written sample: start offset,
- * jpg size, width, height, source mtime (ns). The read buffer lives for one call: no state
+ * jpg size, width, height, source mtime (ns), jpg CRC-32. The read buffer lives for one call: no state
  * is shared between calls or threads. */
 static int write_samples(int out_fd, int n, const char **paths, const char **keys,
                          const int *labels, const char **json_mid, const char **json_end,
                          long long *offset, long long *starts, long long *sizes, int *widths,
-                         int *heights, long long *mtimes, check_fn check,
-                         unsigned long long max_pixels, unsigned char **buf, size_t *cap) {
+                         int *heights, long long *mtimes, unsigned int *crcs,
+                         check_fn check, unsigned long long max_pixels, unsigned char **buf,
+                         size_t *cap) {
     unsigned char hc[BLOCK], hj[BLOCK], hm[BLOCK];
     char cls[16], json[4096], msg[200];
     int dims[3];
@@ -163,6 +167,7 @@ static int write_samples(int out_fd, int n, const char **paths, const char **key
         widths[i] = w;
         heights[i] = h;
         mtimes[i] = mtime;
+        crcs[i] = (unsigned int)crc32(0L, *buf, (uInt)size);
     }
     return n;
 }
@@ -170,14 +175,18 @@ static int write_samples(int out_fd, int n, const char **paths, const char **key
 int tp_write(int out_fd, int n, const char **paths, const char **keys, const int *labels,
              const char **json_mid, const char **json_end, long long *offset,
              long long *starts, long long *sizes, int *widths, int *heights,
-             long long *mtimes, void *check, unsigned long long max_pixels) {
+             long long *mtimes, unsigned int *crcs, void *check,
+             unsigned long long max_pixels) {
     unsigned char *buf = NULL;
     size_t cap = 0;
     int done = write_samples(out_fd, n, paths, keys, labels, json_mid, json_end, offset,
-                             starts, sizes, widths, heights, mtimes, (check_fn)check,
+                             starts, sizes, widths, heights, mtimes, crcs, (check_fn)check,
                              max_pixels, &buf, &cap);
     int saved = errno;
     free(buf);
     errno = saved;
     return done;
 }
+
+/* The call signature's version: shards/tarpack.py loads only a library that matches. */
+int tp_abi(void) { return 2; }

@@ -24,18 +24,21 @@ from shards.source import Sample
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
+ABI = 2  # tarpack.c's tp_abi(): the signature of tp_write
 
 
 def _load():
     if not LIBRARY.exists():
         return None
     lib = ctypes.CDLL(str(LIBRARY), use_errno=True)
+    if not hasattr(lib, "tp_abi") or lib.tp_abi() != ABI:
+        return None  # built from an older tarpack.c: `make setup` rebuilds it
     p = ctypes.POINTER
     lib.tp_write.restype = ctypes.c_int
     lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int),
-                             p(_I64), ctypes.c_void_p, ctypes.c_ulonglong]
+                             p(_I64), p(ctypes.c_uint), ctypes.c_void_p, ctypes.c_ulonglong]
     return lib
 
 
@@ -66,7 +69,8 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
                   strict: bool = True) -> tuple[int, int, list[tuple[int, int, int, int, int]]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
-    [(sample start offset, jpg bytes, width, height, source mtime ns)] for them). Raises
+    [(sample start offset, jpg bytes, width, height, source mtime ns, jpg crc32)] for them).
+    Raises
     OSError on a write error; stops early at a sample Python must handle: not a clean RGB
     JPEG, size 0 or above prep.jpeg.MAX_PIXELS, or (`strict`, with prep/jpegcheck.c built)
     one whose entropy data ends early."""
@@ -82,20 +86,20 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     off = _I64(offset)
     starts, sizes = (_I64 * n)(), (_I64 * n)()
     widths, heights = (ctypes.c_int * n)(), (ctypes.c_int * n)()
-    mtimes = (_I64 * n)()
+    mtimes, crcs = (_I64 * n)(), (ctypes.c_uint * n)()
     check = jpeg.check_function_address() if strict else None
     done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
                          strs(*ends), ctypes.byref(off), starts, sizes, widths, heights,
-                         mtimes, check, jpeg.MAX_PIXELS)
+                         mtimes, crcs, check, jpeg.MAX_PIXELS)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return done, off.value, list(zip(starts[:done], sizes[:done], widths[:done],
-                                     heights[:done], mtimes[:done]))
+                                     heights[:done], mtimes[:done], crcs[:done]))
 
 
 if __name__ == "__main__":
     from prep import cbuild
 
-    cbuild.main(SOURCE, LIBRARY, (), "prep shard uses its Python writer")
+    cbuild.main(SOURCE, LIBRARY, ("-lz",), "prep shard uses its Python writer")

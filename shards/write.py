@@ -10,10 +10,11 @@ that looks finished. DALI's index of it (`NAME.idx`, shards/dali_index.py) follo
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from prep.errors import PrepError
+from prep.errors import PrepError, read_error, write_error
 from shards import tarpack
 from shards.dali_index import write_dali_index
 from shards.digest import BackgroundDigest
@@ -67,9 +68,8 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
         write_dali_index(final)  # NAME.idx for DALI's webdataset reader
     except OSError as exc:
         _remove(partial)
-        raise PrepError(f"{final}: write failed ({exc.strerror or exc}); no partial shard was "
-                        "left. Free space or fix the disk, then rerun: finished shards are kept"
-                        ) from exc
+        err = write_error(final, exc)
+        raise PrepError(f"{err}; no partial shard was left, finished shards are kept") from exc
     except BaseException:
         _remove(partial)
         raise
@@ -87,20 +87,19 @@ def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: st
                                                plan.split, opts.strict)
     digest.advance(end - tar.offset)
     tar.offset = end
-    for s, (offset, size, w, h, mtime) in zip(samples, written):
-        _add_row(rec, plan, s, offset, size, w, h, None)
+    for s, (offset, size, w, h, mtime, crc) in zip(samples, written):
+        _add_row(rec, plan, s, offset, size, crc, w, h, None)
         rec.source_stats.append([size, mtime])
     return done
 
 
 def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_bytes: int,
-             width: int,
-             height: int, repaired: str | None) -> None:
+             jpg_crc32: int, width: int, height: int, repaired: str | None) -> None:
     """Count a written sample and add its per-sample index row."""
     rec.num_samples += 1
     for column, value in zip(INDEX_COLUMNS, (
-            s.key, plan.split, plan.name, offset, jpg_bytes, s.label, s.wnid, width, height,
-            repaired or "", f"{plan.split}/{s.path}")):
+            s.key, plan.split, plan.name, offset, jpg_bytes, jpg_crc32, s.label, s.wnid,
+            width, height, repaired or "", f"{plan.split}/{s.path}")):
         rec.rows[column].append(value)
 
 
@@ -112,6 +111,8 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
     except FileNotFoundError as exc:
         raise PrepError(f"{data}/meta/{plan.split}.txt:{s.line}: {src} does not exist; "
                         "rerun `prep imagenet` to refresh meta/") from exc
+    except OSError as exc:  # a source that cannot be read: not the shard's disk
+        raise read_error(src, exc) from exc
     rec.source_stats.append([st.st_size, st.st_mtime_ns])
     try:
         jpg, info = encode_image(raw, opts.max_size, opts.quality, opts.strict)
@@ -128,7 +129,8 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
     members = [(f"{s.key}.cls", str(s.label).encode()),  # -1 on unlabelled test samples
                (f"{s.key}.jpg", jpg), (f"{s.key}.json", meta.encode())]
     tar.add_many(members)
-    _add_row(rec, plan, s, offset, len(jpg), info.width, info.height, info.repaired)
+    _add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
+             info.repaired)
 
 
 

@@ -22,9 +22,10 @@ def tree_hash(root: Path) -> str:
         for name in sorted(dirnames + filenames):
             p = os.path.join(dirpath, name)
             st = os.lstat(p)
-            h.update(f"{os.path.relpath(p, root)}|{st.st_mode}|{st.st_mtime_ns}".encode())
+            h.update(os.fsencode(os.path.relpath(p, root)))  # names need not be UTF-8
+            h.update(f"|{st.st_mode}|{st.st_mtime_ns}".encode())
             if os.path.islink(p):
-                h.update(os.readlink(p).encode())
+                h.update(os.fsencode(os.readlink(p)))
             elif os.path.isfile(p):
                 with open(p, "rb") as f:
                     h.update(f.read())
@@ -103,3 +104,30 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def as_nobody(args: list[str], **kwargs):
+    """Run `args` as user nobody (setpriv), where root's reads would ignore permissions; skips
+    the test where that cannot be done (not root, no setpriv, the venv out of reach)."""
+    import shutil
+    import subprocess
+
+    drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run a command as another user")
+    probe = subprocess.run([*drop, args[0], "-c", "import prep"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("the venv cannot be run as user nobody here")
+    return subprocess.run([*drop, *args], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A temporary directory every user can enter (for as_nobody)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="prep-nobody-"))
+    path.chmod(0o777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

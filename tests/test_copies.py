@@ -252,3 +252,77 @@ def test_hf_tar_truncated_archive(tmp_path):
                                        str(tmp_path / "x")])
     assert r.exit_code == 1 and "train_images_1.tar.gz: truncated or corrupt" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "x/train").exists()
+
+
+def _retar(path, change):
+    """Rewrite a shard, each sample's members through change(key, members) -> members."""
+    import io
+
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as t:
+        for m in t:
+            key, _, ext = m.name.partition(".")
+            samples.setdefault(key, {})[ext] = t.extractfile(m).read()
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+        for key, members in samples.items():
+            for ext, data in change(key, members).items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("cls 1000", "cls 1000 is outside 0..999"),
+    ("no cls", "no cls member (this split is labelled)"),
+])
+def test_evaluating_foreign_shards_checks_every_label(timm_shards, tmp_path, damage, message):
+    """An IndexError traceback, or a sample counted as unlabelled, before."""
+    import torch
+    import torchvision
+
+    from train.main import main as train_main
+
+    out, _ = timm_shards
+    first = [True]
+
+    def change(key, members):
+        if first[0]:
+            first[0] = False
+            if damage == "cls 1000":
+                members["cls"] = b"1000"
+            else:
+                del members["cls"]
+        return members
+
+    _retar(out / "imagenet1k-validation-00.tar", change)
+    model = torchvision.models.get_model("resnet18", num_classes=1000)
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    sets = [a for kv in ("arch=resnet18", "num_classes=1000", "val_resize=36", "val_crop=32",
+                         "batch_size=8", "workers=1") for a in ("--set", kv)]
+    with pytest.raises(SystemExit) as info:
+        train_main(["--data", str(out), "--evaluate", "--checkpoint",
+                    str(tmp_path / "w.pth"), "--device", "cpu", *sets])
+    text = str(info.value)
+    assert text.startswith("error: ") and "imagenet1k-validation-00.tar: member" in text
+    assert message in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("form", ["json with num_classes", "yaml"])
+def test_timm_manifests_are_not_taken_for_prep_outputs(timm_shards, form):
+    """timm's _info.json may carry num_classes, or come as _info.yaml: still timm's shards
+    (no SHA256SUMS to ask for), read by verify and the trainer alike."""
+    import yaml
+
+    from shards.verify import verify_shards
+    from train.data import read_split
+
+    out, info = timm_shards
+    if form == "yaml":
+        (out / "_info.json").unlink()
+        (out / "_info.yaml").write_text(yaml.safe_dump(info))
+    else:
+        (out / "_info.json").write_text(json.dumps({**info, "num_classes": 1000}))
+    r = verify_shards(out, progress=False)
+    assert r.ok, r.problems
+    split = read_split(str(out), "validation")
+    assert split.num_samples == 16 and split.num_classes == 1000 and split.checksums is None

@@ -62,6 +62,16 @@ def test_imagenet_v2_bad_folder_is_refused(tmp_path, bad):
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
 
 
+def test_an_image_outside_the_class_folders_is_refused_not_dropped(tmp_path):
+    src, _ = _sample(tmp_path, "imagenet-v2", classes=3)
+    some = next(src.glob("*/*.jpeg"), None) or next(p for p in src.rglob("*") if p.is_file())
+    (src / "stray.jpeg").write_bytes(some.read_bytes())
+    (src / "README.txt").write_text("beside the folders: fine")
+    with pytest.raises(PrepError, match=r"1 image\(s\) outside the class folders, e.g. "
+                       r"stray.jpeg: their class is unknown"):
+        prepare_evalset(src, tmp_path / "data")
+
+
 @pytest.mark.parametrize("layout", ["imagenet-a", "imagenet-r", "imagenet-sketch"])
 def test_wnid_sets_detected_sharded_every_file_kept(tmp_path, layout):
     src, plan = _sample(tmp_path, layout, classes=6, per_class=7)

@@ -304,3 +304,28 @@ def test_bad_inputs(run, tmp_path, case, message):
     r = CliRunner().invoke(prep_main, ["export-preds", str(src), str(out), *extra])
     assert r.exit_code != 0 and message in r.output, r.output
     assert "Traceback" not in r.output and not out.exists()
+
+
+def test_evaluator_names_samples_from_the_samples_not_the_index(run, tmp_path):
+    """With two val rows' source swapped in index.parquet, the pickle still gives each key
+    its own image path: nothing the evaluator writes comes from index.parquet."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from train.main import main as train_main
+
+    tmp, _ = run
+    shards = tmp_path / "shards"
+    shutil.copytree(tmp / "shards", shards)
+    rows = pq.read_table(shards / "index.parquet").to_pylist()
+    i, j = [k for k, r in enumerate(rows) if r["split"] == "val"][:2]
+    rows[i]["source"], rows[j]["source"] = rows[j]["source"], rows[i]["source"]
+    pq.write_table(pa.Table.from_pylist(rows), shards / "index.parquet")
+    train_main(["--data", str(shards), "--evaluate", "--checkpoint",
+                str(tmp / "run/checkpoint.pt"), "--device", "cpu", "--out",
+                str(tmp_path / "r.pkl")])
+    items = _load(tmp_path / "r.pkl")
+    assert all(d["img_path"].endswith(f"/{d['key']}.JPEG") for d in items)
+    assert [d["key"] for d in items] == [d["key"] for d in _load(tmp / "one.pkl")]

@@ -34,3 +34,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert "| configuration | img/s | real/synthetic | data wait | peak GiB |" in r.stdout
     assert result["env"]["c_helpers_built"] == {"prep.jpeg": True, "train.jpeg_region": True,
                                                 "shards.tarpack": True}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "tpu"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
+    (["--out", "FILE"], "is a file; give a directory for the results"),
+])
+def test_bad_arguments_are_one_line(tmp_path, args, message):
+    (tmp_path / "notes").write_text("mine")
+    args = [str(tmp_path / "notes") if a == "FILE" else a for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "gc")]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), *args, *out],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr
+    assert (tmp_path / "notes").read_text() == "mine"

@@ -97,8 +97,10 @@ def test_shard_out_through_a_link_into_the_source_is_refused(prepared, tmp_path)
     data, _ = prepared()
     src = tmp_path / "src-ilsvrc2017"
     before = tree_hash(src)
+    link = data.parent / src.name  # the view's own link to the source (DIR/ILSVRC2017)
     for out in (data / "train", data / "train" / "shards", data / "val", data / "shards",
-                data / ".src-val" / "x"):
+                data / ".src-val" / "x", src / "shards", link / "shards",
+                data / ".." / src.name / "x", src / "Data" / "shards"):
         r = CliRunner().invoke(prep_main, ["shard", "-q", "--data", str(data), "--out",
                                            str(out), "--workers", "1"])
         assert r.exit_code == 1 and "nothing is written into a source" in r.output, r.output

@@ -187,18 +187,32 @@ def test_bad_settings_are_one_line_errors(runs, args, message):
 
 
 def _patch_sof(tar: Path, member: str, width: int, height: int) -> None:
-    """Rewrite the SOF size of one jpg member of a shard in place."""
+    """Rewrite the SOF size of one jpg member of a shard in place, and its CRC-32 in the
+    index beside it: a shard written that way, not damaged later."""
+    import zlib
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from shards.tarread import members
 
     with open(tar, "r+b") as f:
         buf = mmap.mmap(f.fileno(), 0)
-        start = next(s for name, s, _ in members(buf, str(tar)) if name == member)
+        start, size = next((s, n) for name, s, n in members(buf, str(tar)) if name == member)
         i = start + 2
         while buf[i + 1] not in (0xC0, 0xC1, 0xC2):
             i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
         buf[i + 5 : i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
         buf.flush()
+        crc = zlib.crc32(buf[start : start + size])
         buf.close()
+    index = tar.parent / "index.parquet"
+    if index.is_file():
+        rows = pq.read_table(index).to_pylist()
+        for r in rows:
+            if r["shard"] == tar.name and f"{r['key']}.jpg" == member:
+                r["jpg_crc32"] = crc
+        pq.write_table(pa.Table.from_pylist(rows), index)
 
 
 def test_zero_size_val_image_is_a_clear_error_in_evaluate(runs):

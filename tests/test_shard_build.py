@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -14,6 +15,8 @@ from prep.cli import main
 from prep.errors import PrepError
 from shards.build import ShardSettings, shard_dataset
 from tests.conftest import descendants, running, sha256_files
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shard(data, out, workers=1, **kw):
@@ -79,9 +82,9 @@ def test_parquet_index_is_the_records_rows_with_its_types(prepared, tmp_path):
     r = _shard(data, tmp_path / "s", num_shards=3)
     table = pq.read_table(tmp_path / "s" / "index.parquet")
     s, i64, i32 = pa.string(), pa.int64(), pa.int32()
-    assert table.schema.names == ["key", "split", "shard", "offset", "jpg_bytes", "label",
-                                  "wnid", "width", "height", "repaired", "source"]
-    assert table.schema.types == [s, s, s, i64, i64, i32, s, i32, i32, s, s]
+    assert table.schema.names == ["key", "split", "shard", "offset", "jpg_bytes", "jpg_crc32",
+                                  "label", "wnid", "width", "height", "repaired", "source"]
+    assert table.schema.types == [s, s, s, i64, i64, i64, i32, s, i32, i32, s, s]
     recs = sorted(r.written, key=lambda rec: rec.name)
     assert table.to_pydict() == {c: [v for rec in recs for v in rec.rows[c]]
                                  for c in table.schema.names}
@@ -280,3 +283,57 @@ def test_cli_summary(prepared, tmp_path):
     assert "wrote 6 shards" in r.output
     assert re.search(r"train +20 samples in +3 shards \(6\.\.7 per shard\)", r.output)
     assert r.output.index(" train ") < r.output.index(" validation ") < r.output.index(" test ")
+
+
+def test_read_only_out_is_one_line(prepared, tmp_path):
+    data, _ = prepared()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        r = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out",
+                                           str(ro), "--workers", "1"])
+        assert r.exit_code == 1 and "Traceback" not in r.output
+        assert r.output.strip() == f"error: {ro}: cannot write it (Read-only file system); " \
+            "the file system is read-only: choose another output"
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_unreadable_source_image_is_not_blamed_on_the_disk(prepared, shared_tmp):
+    """Reading the source failed, not writing the shard: the error says which."""
+    import shutil
+
+    from tests.conftest import as_nobody
+
+    data, plan = prepared()
+    src = data.parent.parent / "src-ilsvrc2017"
+    shutil.copytree(src, shared_tmp / "src-ilsvrc2017", symlinks=True)
+    for d, _, _ in os.walk(shared_tmp):
+        os.chmod(d, 0o777)
+    view = shared_tmp / "data"
+    prepare = [sys.executable, "-c", "import sys; from prep.imagenet import prepare_imagenet;"
+               f"prepare_imagenet({str(shared_tmp / 'src-ilsvrc2017')!r}, {str(view)!r}, "
+               "progress=False, workers=1)"]
+    assert as_nobody(prepare, cwd=ROOT).returncode == 0
+    w = plan.wnids[0]
+    locked = shared_tmp / "src-ilsvrc2017/Data/CLS-LOC/train" / w / f"{plan.train[w][0]}.JPEG"
+    locked.chmod(0o000)
+    script = ("from pathlib import Path; from prep.errors import PrepError\n"
+              "from shards.build import ShardSettings, make_plans\n"
+              "from shards.write import ShardOptions, write_shard\n"
+              f"data, out = Path({str(view / 'imagenet')!r}), Path({str(shared_tmp / 's')!r})\n"
+              "out.mkdir()\n"
+              "try:\n"
+              "    [write_shard(p, data, out, ShardOptions()) for p in "
+              "make_plans(data, ShardSettings(num_shards=1))[1]]\n"
+              "except PrepError as exc:\n"
+              "    print(exc)\n")
+    r = as_nobody([sys.executable, "-c", script], cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert "cannot read it (Permission denied)" in r.stdout and locked.name in r.stdout
+    assert "write" not in r.stdout and "free space" not in r.stdout
+    assert not list((shared_tmp / "s").glob("*.partial"))

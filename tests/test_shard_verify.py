@@ -76,3 +76,49 @@ def test_truncated_tar(shards):
 def test_missing_manifest(tmp_path):
     code, out = verify(tmp_path)
     assert code != 0 and "_info.json: missing" in out
+
+
+def _rewrite_index(shards, change):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shards / "index.parquet").to_pylist()
+    change(rows)
+    pq.write_table(pa.Table.from_pylist(rows), shards / "index.parquet")
+
+
+def test_index_rows_with_swapped_sources_are_found(shards):
+    """The ILSVRC export once put each prediction on the other image's line from this."""
+    def swap(rows):
+        i, j = [k for k, r in enumerate(rows) if r["split"] == "val"][:2]
+        rows[i]["source"], rows[j]["source"] = rows[j]["source"], rows[i]["source"]
+
+    _rewrite_index(shards, swap)
+    code, out = verify(shards)
+    assert code == 1 and "index.parquet: row 0 of val-000000.tar says source =" in out
+
+
+@pytest.mark.parametrize("column,value", [("label", 3), ("jpg_crc32", 12345),
+                                          ("offset", 7), ("key", "other")])
+def test_index_rows_that_differ_from_the_shards_are_found(shards, column, value):
+    def change(rows):
+        r = next(r for r in rows if r["split"] == "train")
+        r[column] = value if r[column] != value else value + 1
+
+    _rewrite_index(shards, change)
+    code, out = verify(shards)
+    assert code == 1 and f"of train-000000.tar says {column} = " in out
+
+
+def test_wids_index_and_unlisted_tars_are_checked(shards):
+    import json
+
+    wids = shards / "train.shardindex.json"
+    doc = json.loads(wids.read_text())
+    doc["shardlist"][1]["nsamples"] += 1
+    wids.write_text(json.dumps(doc))
+    (shards / "train-000099.tar").write_bytes((shards / "train-000000.tar").read_bytes())
+    code, out = verify(shards)
+    assert code == 1
+    assert "train.shardindex.json: lists ('train-000001.tar'" in out
+    assert "train-000099.tar: in " in out and "but not in _info.json" in out

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,58 @@ def test_unknown_flag_lists_the_close_ones(capsys, argv, hint):
 def test_exponent_floats_without_a_dot():
     cfg = load_config(None, ["lr=1e-3", "weight_decay=5e-05"])
     assert cfg.lr == 0.001 and cfg.weight_decay == 5e-5
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("label_smoothing=1.0", "label_smoothing must be in [0, 1)"),
+    ("label_smoothing=-0.1", "label_smoothing must be in [0, 1)"),
+    ("momentum=-0.9", "momentum must be at least 0"),
+    ("min_scale=0", "min_scale must be in (0, 1]"),
+    ("min_scale=1.5", "min_scale must be in (0, 1]"),
+    ("lr_gamma=0", "lr_gamma must be above 0"),
+    ("warmup_epochs=-1", "warmup_epochs must be at least 0"),
+    ("val_crop=300", "val_crop 300 is larger than val_resize 256"),
+    ("lr_steps=[60,30]", "lr_steps must be increasing epochs"),
+    ("arch=resnet51", "arch 'resnet51' is not a torchvision classification model; did you "
+                      "mean resnet50"),
+])
+def test_every_setting_is_checked_before_any_work(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [setting])
+
+
+def _main(*argv):
+    from train.main import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "expected cpu, cuda (or gpu) or cuda:N"),
+    ("cuda", "CUDA is not available here"),
+    ("gpu", "CUDA is not available here"),
+    ("cuda:1", "CUDA is not available here"),
+])
+def test_device_is_parsed_never_the_cpu_silently(device, message):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a machine with a GPU: these devices exist")
+    text = _main("--data", "/nonexistent", "--device", device)
+    assert text.startswith("error: --device") and message in text
+
+
+def test_output_dir_that_is_a_file_and_which_setting_wins(tmp_path, capsys):
+    from tests.conftest import sharded_sample
+
+    shards = sharded_sample(tmp_path, "ilsvrc2017", 2, classes=2, train_per_class=4,
+                            val_per_class=1, size=32)
+    (tmp_path / "notes").write_text("mine")
+    text = _main("--data", str(shards), "--device", "cpu", "--output-dir",
+                 str(tmp_path / "notes"), "--epochs", "2", "--set", "epochs=1")
+    assert "notes is a file, not a directory" in text
+    assert (tmp_path / "notes").read_text() == "mine"
+    assert "epochs is given twice (epochs=2 by its flag, --set epochs=1); --set is applied " \
+        "last and wins" in capsys.readouterr().err

@@ -61,3 +61,39 @@ def test_too_many_corrupt_samples_abort(tmp_path):
     split = _shards(tmp_path, bad=30)
     with pytest.raises(RuntimeError, match="unreadable samples out of .* max_skip_rate"):
         list(make_train_loader(split, CFG, 0, 1, 0, SkipCounter(CFG.max_skip_rate)))
+
+
+def _garble_middle_of_a_jpg(shards_dir):
+    """1 KB of garbage in the middle of the first train sample's JPEG, tar intact."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shards_dir / "index.parquet").to_pylist()
+    row = next(r for r in rows if r["split"] == "train" and r["jpg_bytes"] > 2500)
+    cls_member = 512 + 512  # the sample's cls header + data block, then the jpg header
+    start = row["offset"] + cls_member + 512 + row["jpg_bytes"] // 2 - 512
+    with open(shards_dir / row["shard"], "r+b") as f:
+        f.seek(start)
+        f.write(np.random.default_rng(1).bytes(1024))
+    return row
+
+
+def test_a_jpg_with_garbage_inside_is_never_trained_on(tmp_path, capsys):
+    """The region decoder decodes such a JPEG without a word: the index's CRC-32 catches it,
+    in training (skipped, named) and in evaluation (stops, named)."""
+    from prep.errors import SampleError
+    from tests.conftest import sharded_sample
+    from train.data import make_eval_loader
+
+    shards = sharded_sample(tmp_path, "ilsvrc2017", 2, classes=3, train_per_class=6,
+                            val_per_class=2, size=160)
+    row = _garble_middle_of_a_jpg(shards)
+    split = read_split(str(shards), "train")
+    cfg = TrainConfig(batch_size=2, workers=0, image_size=32, shuffle_buffer=4,
+                      max_skip_rate=0.5)
+    list(make_train_loader(split, cfg, 0, 1, 0, SkipCounter(cfg.max_skip_rate)))
+    out = capsys.readouterr().out
+    assert f"{row['shard']}: member {row['key']}.jpg: its CRC-32 differs from index.parquet" \
+        in out
+    train_only = read_split(str(shards), "train")  # evaluated as if it were val: stops
+    with pytest.raises(SampleError, match=f"member {row['key']}.jpg: its CRC-32 differs"):
+        list(make_eval_loader(train_only, cfg, 0, 1, 2))

@@ -25,7 +25,7 @@ class TrainConfig:
     val_crop: int = 224  # px
     min_scale: float = 0.08  # RandomResizedCrop smallest area fraction
     hflip: bool = True
-    rotation: float = 0.0  # degrees: random rotation in [-r, r] (PKU tutorial); 0 = off
+    rotation: float = 0.0  # degrees: random rotation in [-r, r]; 0 = off
     color_jitter: float = 0.0  # brightness/contrast/saturation factor in [1-j, 1+j]; 0 = off
     progressive_start: int = 0  # px: FFCV progressive resizing from this train size; 0 = off
     progressive_end_epoch: int = 0  # epoch where the train size reaches image_size
@@ -103,6 +103,52 @@ def apply(cfg: TrainConfig, overrides: dict[str, Any], where: str) -> TrainConfi
     return cfg
 
 
+# (setting, test, what it must be): ranges the type alone does not give
+RANGES = [
+    ("label_smoothing", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("momentum", lambda v: v >= 0, "at least 0"),
+    ("min_scale", lambda v: 0 < v <= 1, "in (0, 1] (RandomResizedCrop's scale is min..1)"),
+    ("lr_gamma", lambda v: v > 0, "above 0"),
+    ("warmup_epochs", lambda v: v >= 0, "at least 0"),
+    ("rotation", lambda v: 0 <= v <= 180, "in [0, 180] degrees"),
+    ("color_jitter", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_skip_rate", lambda v: v < 1, "below 1"),
+]
+
+
+def check_config(cfg: TrainConfig, where: str) -> TrainConfig:
+    """Every range and every relation between settings, before any work: one error naming
+    the setting, its value and what it must be."""
+    for name, ok, must in RANGES:
+        if not ok(getattr(cfg, name)):
+            raise SettingError(f"{where}: {name} must be {must}, got {getattr(cfg, name)!r}")
+    if cfg.val_crop > cfg.val_resize:
+        raise SettingError(f"{where}: val_crop {cfg.val_crop} is larger than val_resize "
+                           f"{cfg.val_resize} (the crop is cut from the resized image)")
+    if cfg.progressive_start and not 32 <= cfg.progressive_start <= cfg.image_size:
+        raise SettingError(f"{where}: progressive_start must be 0 (off) or in 32..image_size "
+                           f"({cfg.image_size}), got {cfg.progressive_start}")
+    if any(b <= a for a, b in zip(cfg.lr_steps, cfg.lr_steps[1:])) or \
+            any(s < 0 for s in cfg.lr_steps):
+        raise SettingError(f"{where}: lr_steps must be increasing epochs, got "
+                           f"{list(cfg.lr_steps)}")
+    _check_arch(cfg.arch, where)
+    return cfg
+
+
+def _check_arch(arch: str, where: str) -> None:
+    import difflib
+
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if arch not in names:
+        close = difflib.get_close_matches(arch, names, n=4, cutoff=0.5)
+        raise SettingError(f"{where}: arch {arch!r} is not a torchvision classification "
+                           f"model; {'did you mean ' + ', '.join(close) + '? ' if close else ''}"
+                           f"the names: {', '.join(names)}")
+
+
 def load_config(recipe: str | Path | None, sets: list[str] = ()) -> TrainConfig:
     """Defaults, then the recipe file, then `--set name=value` overrides (YAML values)."""
     cfg = TrainConfig()
@@ -120,7 +166,7 @@ def load_config(recipe: str | Path | None, sets: list[str] = ()) -> TrainConfig:
         apply(cfg, doc, str(recipe))
     for item in sets:
         apply(cfg, parse_set(item), f"--set {item}")
-    return cfg
+    return check_config(cfg, "settings (--recipe, flags, --set)")
 
 
 def parse_set(item: str) -> dict[str, Any]:

@@ -18,6 +18,8 @@ import os
 import random
 import re
 import warnings
+import zlib
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from prep.errors import PrepError, SettingError
+from prep.errors import PrepError, SampleError, SettingError
 from prep.workers import die_with_parent, keep_image_buffers_in_heap, worker_context
 from shards import tarread
 from shards.manifest import find_split, parse_info
@@ -47,6 +49,10 @@ class SplitInfo:
     num_classes: int
     classes: list[str] | None = None  # WNIDs in label order, when the manifest has them
     evalset: dict | None = None  # `prep evalset` shards: kind, classes present (manifest)
+    # per shard URL, the CRC-32 of each jpg member in member order (index.parquet); None
+    # for shards without one (timm's): then nothing is checked
+    checksums: dict[str, array] | None = None
+    split: str = ""  # its name as asked for: "test" holds unlabelled samples
 
 
 def shard_url(data: str, name: str) -> str:
@@ -60,23 +66,31 @@ def shard_url(data: str, name: str) -> str:
     return data.rstrip("/") + "/" + name
 
 
-def read_split(data: str, split: str) -> SplitInfo:
-    """Shard URLs and counts of `split` from the `_info.json` of `data` (see shard_url)."""
-    where = shard_url(data, "_info.json")
+def read_manifest_file(data: str, name: str) -> bytes | None:
+    """File `name` of a shard output (directory, URL prefix or pipe template); None when a
+    local one does not exist."""
+    where = shard_url(data, name)
     if tarread.is_local(where):
-        if not Path(where).is_file():
-            raise PrepError(f"{where}: missing; --data must be a `prep shard` output "
-                            "(a directory, a URL prefix or a pipe:...{} template)")
-        text = Path(where).read_bytes()
-    else:
-        try:
-            with wds.gopen(where) as f:
-                text = f.read()
-        except Exception as exc:  # curl / the pipe command failed: say which URL
-            status = re.search(r"exit (\d+)", str(exc))
-            why = f"the command exited with status {status[1]}" if status else repr(exc)
-            raise PrepError(f"{where}: cannot read it ({why}); check the URL or command"
-                            ) from exc
+        return Path(where).read_bytes() if Path(where).is_file() else None
+    try:
+        with wds.gopen(where) as f:
+            return f.read()
+    except Exception as exc:  # curl / the pipe command failed: say which URL
+        status = re.search(r"exit (\d+)", str(exc))
+        why = f"the command exited with status {status[1]}" if status else repr(exc)
+        raise PrepError(f"{where}: cannot read it ({why}); check the URL or command") from exc
+
+
+def read_split(data: str, split: str) -> SplitInfo:
+    """Shard URLs, counts and per-sample checksums of `split` from the manifest of `data`
+    (`_info.json`, `index.parquet`; see shard_url)."""
+    where = shard_url(data, "_info.json")
+    text = read_manifest_file(data, "_info.json")
+    if text is None and (alt := read_manifest_file(data, "_info.yaml")) is not None:
+        where, text = shard_url(data, "_info.yaml"), alt  # timm's shards may carry this one
+    if text is None:
+        raise PrepError(f"{where}: missing; --data must be a `prep shard` output "
+                        "(a directory, a URL prefix or a pipe:...{} template)")
     info = parse_info(text, where)
     key = find_split(info, split)
     if key is None:
@@ -87,8 +101,42 @@ def read_split(data: str, split: str) -> SplitInfo:
             and all(isinstance(c, str) for c in classes)):
         classes = None
     evalset = info.get("evalset") if isinstance(info.get("evalset"), dict) else None
+    # a `prep shard` output carries per-sample checksums; other shards (timm's) carry none
+    checksums = read_checksums(data, s["filenames"], s["shard_lengths"]) \
+        if isinstance(info.get("prep"), dict) else None
     return SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
-                     info["num_classes"], classes, evalset)
+                     info["num_classes"], classes, evalset,
+                     {shard_url(data, f): c for f, c in checksums.items()}
+                     if checksums is not None else None, split=split)
+
+
+def read_checksums(data: str, names: list[str], lengths: list[int]) -> dict[str, array]:
+    """{shard name: CRC-32 of each jpg member, in member order} from index.parquet. A
+    `prep shard` output without them (or with rows that do not match `_info.json`) is an
+    error: the loader never reads unchecked bytes from shards that should carry checks."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    where = shard_url(data, "index.parquet")
+    raw = read_manifest_file(data, "index.parquet")
+    if raw is None:
+        raise PrepError(f"{where}: missing; rerun `prep shard` to write the manifest")
+    try:
+        table = pq.read_table(pa.BufferReader(raw), columns=["shard", "jpg_crc32"])
+    except (pa.ArrowException, OSError) as exc:
+        raise PrepError(f"{where}: unreadable or without the jpg_crc32 column (written by an "
+                        f"older prep?): rerun `prep shard` ({str(exc)[:120]})") from exc
+    wanted = set(names)
+    out: dict[str, array] = {n: array("L") for n in names}
+    for shard, crc in zip(table.column("shard").to_pylist(),
+                          table.column("jpg_crc32").to_pylist()):
+        if shard in wanted:
+            out[shard].append(crc)
+    for name, n in zip(names, lengths):
+        if len(out[name]) != n:
+            raise PrepError(f"{where}: {len(out[name])} rows for {name}, _info.json says {n}; "
+                            "the manifest does not match the shards (`prep verify`)")
+    return out
 
 
 class EpochShards(torch.utils.data.IterableDataset):
@@ -130,12 +178,14 @@ class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's sta
     the loader's workers receive the pipeline pickled (prep.workers)."""
 
     def __init__(self, handler: Callable[[Exception], bool] | None = None,
-                 keep: tuple[str, ...] = ("jpg", "cls")):
-        self.handler, self.keep = handler, keep
+                 keep: tuple[str, ...] = ("jpg", "cls"),
+                 checksums: dict[str, array] | None = None):
+        self.handler, self.keep, self.checksums = handler, keep, checksums
 
     def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
             url = source["url"]
+            crcs = self.checksums.get(url) if self.checksums is not None else None
             try:
                 if tarread.is_local(url):
                     files = tarread.local_files(url.removeprefix("file://"))
@@ -145,10 +195,25 @@ class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's sta
                                  wds.tariterators.url_opener([source]), eof_value=None))
                 for pos, sample in enumerate(tarread.group_samples(files, url, self.keep)):
                     sample["__pos__"] = (source.get("shard", -1), pos)  # manifest order
+                    if crcs is not None and not self._intact(sample, crcs, pos):
+                        continue  # skipped under the handler's rule (it raised otherwise)
                     yield sample
             except Exception as exc:
                 if self.handler is None or not self.handler(exc):
                     raise
+
+    def _intact(self, sample: dict, crcs: array, pos: int) -> bool:
+        """Whether the jpg is the one the index recorded; a sample that is not goes to the
+        handler (skipped) or, without one, stops the run naming shard and member."""
+        data = sample.get("jpg")
+        if data is not None and pos < len(crcs) and zlib.crc32(data) == crcs[pos]:
+            return True
+        why = "no jpg member" if data is None else "beyond the index" if pos >= len(crcs) \
+            else "its CRC-32 differs from index.parquet (corrupt or replaced bytes)"
+        err = SampleError(f"{sample['__url__']}: member {sample['__key__']}.jpg: {why}")
+        if self.handler is None or not self.handler(err):
+            raise err
+        return False
 
 
 class keep_every:  # noqa: N801 - a pipeline stage
@@ -285,11 +350,11 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
                                   decode)
     pipeline = wds.DataPipeline(
         EpochShards(split.urls, rank, world, cfg.seed, epoch, repeat=True),
-        read_shards(skips),
+        read_shards(skips, checksums=split.checksums),
         skips.count,
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 1000),
                     rng=random.Random(seed)),
-        wds.map(_train_map(cfg, epoch, seed, decode), handler=skips),
+        wds.map(_train_map(cfg, epoch, seed, decode, split.num_classes), handler=skips),
         wds.batched(cfg.batch_size, collation_fn=collate_fn, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin, persistent_workers=False,
@@ -297,22 +362,24 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
     return RingLoader(loader.with_epoch(steps), ring) if ring else loader.with_epoch(steps)
 
 
-def _train_map(cfg: TrainConfig, epoch: int, seed: int, decode: str) -> Callable:
+def _train_map(cfg: TrainConfig, epoch: int, seed: int, decode: str,
+               num_classes: int) -> Callable:
     if decode == "gpu":
         if cfg.rotation or cfg.color_jitter:
             raise SettingError("--decode gpu does not do rotation or color_jitter; use "
                                "--decode cpu for recipes that set them")
-        return RawTrainDecoder(cfg.min_scale, cfg.hflip, seed)
+        return RawTrainDecoder(cfg.min_scale, cfg.hflip, seed, num_classes)
     return TrainDecoder(train_size(cfg, epoch), cfg.min_scale, cfg.hflip, seed, cfg.rotation,
-                         cfg.color_jitter, region=decode != "pil")
+                        cfg.color_jitter, region=decode != "pil", num_classes=num_classes)
 
 
 def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
                      batch_size: int,
                      pin: bool = False, decode: str = "cpu") -> wds.WebLoader:
     workers = max(cfg.workers, 1)
+    labelled = split.split != "test"  # test samples carry cls -1, or none (timm's)
     # json: what the predictions pickle says of a sample comes from the sample itself
-    read = read_shards(keep=("jpg", "cls", "json"))
+    read = read_shards(keep=("jpg", "cls", "json"), checksums=split.checksums)
     if len(split.urls) >= world * workers:
         stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read]
     else:  # too few shards: split at the sample level instead
@@ -320,8 +387,10 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
     collate_fn, ring = _with_ring(cfg.workers, batch_size, cfg.val_crop, pin, decode)
     pipeline = wds.DataPipeline(
         *stages,
-        wds.map(RawValDecoder(cfg.val_resize, cfg.val_crop) if decode == "gpu"
-                else ValDecoder(cfg.val_resize, cfg.val_crop, region=decode != "pil")),
+        wds.map(RawValDecoder(cfg.val_resize, cfg.val_crop, split.num_classes, labelled)
+                if decode == "gpu" else
+                ValDecoder(cfg.val_resize, cfg.val_crop, region=decode != "pil",
+                           num_classes=split.num_classes, labelled=labelled)),
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin,

@@ -140,9 +140,11 @@ class TrainDecoder:
     a closure: DataLoader workers start from a forkserver and receive it pickled."""
 
     def __init__(self, size: int, min_scale: float, hflip: bool, seed: int,
-                 rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True):
+                 rotation: float = 0.0, color_jitter: float = 0.0, region: bool = True,
+                 num_classes: int | None = None):
         self.size, self.min_scale, self.hflip, self.seed = size, min_scale, hflip, seed
         self.rotation, self.color_jitter, self.region = rotation, color_jitter, region
+        self.num_classes = num_classes
         self.rng: random.Random | None = None  # per worker, per epoch (workers are new)
 
     def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
@@ -150,9 +152,7 @@ class TrainDecoder:
             self.rng = random.Random(derive_seed(self.seed, worker_slot()[0]))
         rng = self.rng
         try:
-            label = int(sample["cls"])
-            if label < 0:
-                raise ValueError(f"label {label}: an unlabelled sample in a train split")
+            label = sample_label(sample, self.num_classes)
             img = decode_crop(sample["jpg"],
                               lambda w, h: rrc_box(w, h, (self.min_scale, 1.0), rng),
                               self.size, self.region)
@@ -168,6 +168,25 @@ class TrainDecoder:
             img = _jitter(img, self.color_jitter, rng)
         out = pixels(img)
         return (out[:, ::-1] if flip else out), label
+
+
+def sample_label(sample: dict, num_classes: int | None, labelled: bool = True) -> int:
+    """The sample's `cls`, checked: a class of the model (0..num_classes-1), or -1 / no
+    `cls` only in a split without labels (test). Anything else would be an IndexError in
+    the loss, or a sample silently counted as unlabelled."""
+    if "cls" not in sample:
+        if labelled:
+            raise ValueError("no cls member (this split is labelled)")
+        return -1
+    label = int(sample["cls"])
+    if label == -1 and not labelled:
+        return -1
+    if label < 0:
+        raise ValueError(f"label {label}: an unlabelled sample in a labelled split")
+    if num_classes is not None and label >= num_classes:
+        raise ValueError(f"cls {label} is outside 0..{num_classes - 1} (the model's "
+                         f"{num_classes} classes)")
+    return label
 
 
 def sample_origin(sample: dict) -> tuple[str, int, int]:
@@ -191,12 +210,14 @@ class ValDecoder:
     """sample -> (crop x crop x 3 uint8, label or -1, key, origin): the standard resize +
     center crop, computed as one resize of the kept region; origin: sample_origin."""
 
-    def __init__(self, resize: int, crop: int, region: bool = True):
+    def __init__(self, resize: int, crop: int, region: bool = True,
+                 num_classes: int | None = None, labelled: bool = True):
         self.resize, self.crop, self.region = resize, crop, region
+        self.num_classes, self.labelled = num_classes, labelled
 
     def __call__(self, sample: dict) -> tuple[np.ndarray, int, str]:
         try:
-            label = int(sample["cls"]) if "cls" in sample else -1
+            label = sample_label(sample, self.num_classes, self.labelled)
             img = decode_crop(sample["jpg"],
                               lambda w, h: center_box(w, h, self.resize, self.crop),
                               self.crop, self.region)

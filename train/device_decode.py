@@ -33,6 +33,7 @@ from train.decode import (
     derive_seed,
     rrc_box,
     sample_error,
+    sample_label,
     sample_origin,
     worker_slot,
 )
@@ -60,8 +61,10 @@ def _raw(data: bytes) -> torch.Tensor:
 class RawTrainDecoder:
     """Worker side of the train path: sample -> (bytes tensor, box, flip, name, label)."""
 
-    def __init__(self, min_scale: float, hflip: bool, seed: int):
+    def __init__(self, min_scale: float, hflip: bool, seed: int,
+                 num_classes: int | None = None):
         self.min_scale, self.hflip, self.seed = min_scale, hflip, seed
+        self.num_classes = num_classes
         self.rng: random.Random | None = None  # per worker, per epoch
 
     def __call__(self, sample: dict) -> tuple:
@@ -71,7 +74,8 @@ class RawTrainDecoder:
             data = sample["jpg"]
             box = rrc_box(*_size(data), (self.min_scale, 1.0), self.rng)
             flip = self.hflip and self.rng.random() < 0.5
-            return _raw(data), box, flip, _name(sample), int(sample["cls"])
+            return (_raw(data), box, flip, _name(sample),
+                    sample_label(sample, self.num_classes))
         except CODE_ERRORS:
             raise
         except Exception as exc:
@@ -82,13 +86,15 @@ class RawValDecoder:
     """Worker side of the eval path: sample -> (bytes, box, False, name, label, key,
     origin)."""
 
-    def __init__(self, resize: int, crop: int):
+    def __init__(self, resize: int, crop: int, num_classes: int | None = None,
+                 labelled: bool = True):
         self.resize, self.crop = resize, crop
+        self.num_classes, self.labelled = num_classes, labelled
 
     def __call__(self, sample: dict) -> tuple:
         try:
             data = sample["jpg"]
-            label = int(sample["cls"]) if "cls" in sample else -1
+            label = sample_label(sample, self.num_classes, self.labelled)
             return (_raw(data), center_box(*_size(data), self.resize, self.crop), False,
                     _name(sample), label, sample["__key__"], sample_origin(sample))
         except CODE_ERRORS:

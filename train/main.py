@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,7 @@ from prep.scoring import RESTRICTED, global_index, official_label, real_for, sub
 from shards import tarread
 from train import checkpoint as ckpt
 from train import jpeg_region
-from train.config import TrainConfig, apply, load_config, parse_set
+from train.config import TrainConfig, apply, check_config, load_config, parse_set
 from train.data import (
     SkipCounter,
     SplitInfo,
@@ -75,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tta-flip", action="store_true", help="average with flipped images")
     p.add_argument("--out", default=None,
                    help="with --evaluate: write the predictions pickle here (default: none)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda (each rank its own GPU) or cuda:N (one process); a GPU "
+                   "that is not there is an error (default: cuda if available, else cpu)")
     p.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu", "pil"),
                    help="JPEG decoding: cpu (workers; region decoder), gpu (nvJPEG on the "
                    "device, workers only read), pil (plain Pillow reference path), auto (gpu "
@@ -91,8 +94,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(_unknown_flags(unknown, p))
-    args.set = [f"{setting}={value}" for setting, value in _shorthand_values(args)] + args.set
+    short = _shorthand_values(args)
+    _say_which_wins(short, args.set)
+    args.set = [f"{setting}={value}" for setting, value in short] + args.set
     return args
+
+
+def _say_which_wins(short: list[tuple[str, object]], sets: list[str]) -> None:
+    """A setting given by a flag and by --set: --set is applied last and wins; say so."""
+    named = {item.partition("=")[0].strip(): item for item in sets}
+    for setting, value in short:
+        if setting in named and os.environ.get("RANK", "0") == "0":
+            print(f"note: {setting} is given twice ({setting}={value} by its flag, "
+                  f"--set {named[setting]}); --set is applied last and wins",
+                  file=sys.stderr, flush=True)
 
 
 # (flags, setting, type, meaning): torchvision's references/classification/train.py and
@@ -127,12 +142,37 @@ def _unknown_flags(unknown: list[str], parser: argparse.ArgumentParser) -> str:
     return "; ".join(parts) or f"unexpected arguments: {' '.join(unknown)}"
 
 
+def parse_device(device_arg: str | None, local_rank: int) -> torch.device:
+    """--device: None (the local rank's GPU when CUDA works, else the CPU), `cpu`, `cuda`
+    or `gpu` (this rank's GPU), `cuda:N` (GPU N, one process only). Asking for a GPU that is
+    not there is an error, never a silent fall back to the CPU."""
+    if device_arg is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    name = device_arg.strip().lower()
+    if name == "cpu":
+        return torch.device("cpu")
+    m = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", name)
+    if not m:
+        raise SettingError(f"--device {device_arg!r}: expected cpu, cuda (or gpu) or cuda:N")
+    if not torch.cuda.is_available():
+        raise SettingError(f"--device {device_arg}: CUDA is not available here (no GPU, or no "
+                           "driver); use --device cpu")
+    index = int(m[1]) if m[1] is not None else local_rank
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1 and m[1] is not None:
+        raise SettingError(f"--device {device_arg}: with several processes on this node each "
+                           "rank takes its own GPU (LOCAL_RANK); pass --device cuda")
+    if index >= torch.cuda.device_count():
+        raise SettingError(f"--device {device_arg}: this machine has "
+                           f"{torch.cuda.device_count()} GPU(s) (cuda:0..)")
+    return torch.device(f"cuda:{index}")
+
+
 def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     """(rank, world size, device) from torchrun's environment; NCCL on GPU, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() if device_arg is None else device_arg == "cuda"
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    device = parse_device(device_arg, local)
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     else:  # share the cores among the processes of this node
@@ -254,6 +294,7 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         cfg = apply(TrainConfig(), state["config"], str(args.checkpoint))
         for item in args.set:  # only the settings named change
             cfg = apply(cfg, parse_set(item), f"--set {item}")
+        check_config(cfg, f"{args.checkpoint} with --set")
     classes = check_classes(state.get("classes"), split.classes, args.checkpoint, args.data)
     if split.num_classes != cfg.num_classes:
         raise PrepError(f"{args.checkpoint}: a {cfg.num_classes}-class model, the shards in "
@@ -328,6 +369,10 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     master_process = rank == 0  # prints and writes (nanoGPT's name)
     out = Path(args.output_dir)
     refuse_inside(out, {"shard directory": _local(args.data)}, "--output-dir")
+    for where in (out, *out.parents):  # the directory itself, or a file on its way
+        if where.exists() and not where.is_dir():
+            raise SettingError(f"--output-dir {out}: {where} is a file, not a directory; "
+                               "choose a directory for checkpoints and metrics")
     train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
     if train_split.num_classes != cfg.num_classes:
         raise SettingError(f"the shards have {train_split.num_classes} classes, the config "
@@ -352,10 +397,14 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     if cfg.compile:
         model = torch.compile(model)
     if master_process:
-        out.mkdir(parents=True, exist_ok=True)
         resolved = {"config": cfg.to_dict(), "argv": sys.argv, "world_size": world,
                     "peak_lr": peak_lr, "steps_per_epoch": steps, "torch": torch.__version__}
-        (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(resolved, indent=1) + "\n")
+        except OSError as exc:
+            raise SettingError(f"--output-dir {out}: cannot write there ({exc.strerror}); "
+                               "choose a writable directory") from exc
     decode = resolve_decode(args.decode, device)
     if master_process:
         print(f"decode: {decode}" + (" (region decoder)" if decode == "cpu" and
