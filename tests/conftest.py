@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,20 @@ def shared_tmp():
     path.chmod(0o777)
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def tmpfs(path: Path, options: str):
+    """A real tmpfs mounted at `path` (`options`: size=3m, ro, nr_inodes=...): a full or
+    read-only disk for real; skips the test where mounting is not allowed (not root)."""
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                       capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

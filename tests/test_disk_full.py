@@ -9,19 +9,14 @@ import time
 import pytest
 import torch
 
+from tests.conftest import tmpfs
 from train import checkpoint as ckpt
 
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "mnt", "size=3m") as mnt:
+        yield mnt
 
 
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):

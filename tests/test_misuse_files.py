@@ -20,7 +20,7 @@ from prep.cli import main as prep_main
 from prep.errors import PrepError
 from prep.synth import encode_jpeg, render_class_image
 from shards.build import ShardSettings, shard_dataset
-from tests.conftest import sha256_files, tree_hash
+from tests.conftest import sha256_files, tmpfs, tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,14 +223,8 @@ def test_resume_notices_a_replaced_source_image(prepared, tmp_path):
 
 @pytest.fixture
 def inode_starved_disk(tmp_path):
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=40", "tmpfs",
-                        str(mnt)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with tmpfs(tmp_path / "mnt", "size=8m,nr_inodes=40") as mnt:
+        yield mnt
 
 
 def test_full_disk_while_making_links(make_sample, inode_starved_disk):

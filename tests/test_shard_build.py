@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from prep.cli import main
 from prep.errors import PrepError
 from shards.build import ShardSettings, shard_dataset
-from tests.conftest import descendants, running, sha256_files
+from tests.conftest import descendants, running, sha256_files, tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -287,20 +287,12 @@ def test_cli_summary(prepared, tmp_path):
 
 def test_read_only_out_is_one_line(prepared, tmp_path):
     data, _ = prepared()
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                       capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        r = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out",
-                                           str(ro), "--workers", "1"])
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+        r = CliRunner().invoke(main, ["shard", "-q", "--data", str(data), "--out", str(ro),
+                                      "--workers", "1"])
         assert r.exit_code == 1 and "Traceback" not in r.output
         assert r.output.strip() == f"error: {ro}: cannot write it (Read-only file system); " \
             "the file system is read-only: choose another output"
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 def test_unreadable_source_image_is_not_blamed_on_the_disk(prepared, shared_tmp):
