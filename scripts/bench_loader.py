@@ -89,6 +89,24 @@ def child_toolkit(shards: Path, workers: int, n_batches: int, checked: bool = Tr
     return timed(loader, n_batches)
 
 
+def child_resumable(shards: Path, workers: int, n_batches: int) -> float:
+    """train/resumable.py: the whole-split permutation read by random access (offsets from
+    index.parquet), per-sample augmentation seeds; epochs repeat to fill the timed run."""
+    from train.data import _with_ring
+    from train.decode import TrainDecoder
+    from train.resumable import ResumableLoader, read_rows
+
+    collate, ring = _with_ring(workers, BATCH, 224, False, "cpu")
+    loader = ResumableLoader(read_rows(shards, "train"), TrainDecoder(224, 0.08, True, 0),
+                             batch_size=BATCH, workers=workers, collate=collate, ring=ring)
+
+    def forever():
+        while True:
+            yield from loader
+
+    return timed(forever(), n_batches)
+
+
 FFCV_WRITE = """
 import sys
 from pathlib import Path
@@ -167,6 +185,8 @@ def main() -> None:
             rate = child_decode(sorted(path.rglob("*.JPEG")), a.batches * BATCH)
         elif kind.startswith("imagefolder"):
             rate = child_imagefolder(path, workers, a.batches, kind.endswith("uint8"))
+        elif kind == "resumable":
+            rate = child_resumable(path, workers, a.batches)
         else:
             rate = child_toolkit(path, workers, a.batches, kind != "toolkit-unchecked")
         print(json.dumps(rate))
@@ -190,6 +210,8 @@ def main() -> None:
              ["toolkit", str(paths["shards"]), str(w)]),
             (f"toolkit without the per-sample CRC check, pass-through shards, {w} worker(s)",
              w, ["toolkit-unchecked", str(paths["shards"]), str(w)]),
+            (f"resumable loader (random access by index), pass-through shards, {w} worker(s)",
+             w, ["resumable", str(paths["shards"]), str(w)]),
             (f"toolkit, --max-size 384 shards, {w} worker(s)", w,
              ["toolkit", str(paths["shards384"]), str(w)]),
         ]

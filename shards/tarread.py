@@ -47,10 +47,12 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def members(buf: bytes | mmap.mmap, url: str) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in the tar held by `buf`; the data
-    may run past the end of a truncated file (see `samples`)."""
-    end, pos, next_name = len(buf), 0, None
+def members(buf: bytes | mmap.mmap, url: str, start: int = 0
+            ) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in the tar held by `buf`, from the
+    header at `start` (a sample's offset in index.parquet) on; the data may run past the end
+    of a truncated file (see `samples`)."""
+    end, pos, next_name = len(buf), start, None
     while pos + BLOCK <= end:
         header = buf[pos : pos + BLOCK]
         if not any(header):
@@ -128,3 +130,14 @@ def samples(path: str, keep: Iterable[str] | None = None) -> Iterator[dict]:
 
 def is_local(url: str) -> bool:
     return not (url.startswith("pipe:") or "://" in url) or url.startswith("file://")
+
+
+def sample_at(buf: bytes | mmap.mmap, url: str, offset: int,
+              keep: Iterable[str] | None = None) -> dict:
+    """The one sample whose first member's header is at `offset` (index.parquet's `offset`):
+    random access, reading only that sample's members."""
+    files = ((name, lambda s=s, n=n, name=name: _data(buf, url, name, s, n))
+             for name, s, n in members(buf, url, offset))
+    for sample in group_samples(files, url, keep):
+        return sample
+    raise ShardError(f"{url}: no sample at offset {offset}")

@@ -1,0 +1,207 @@
+"""A shard loader whose position is a few integers: resume at any step, every sample exactly
+once per epoch, on any number of ranks and workers.
+
+The order: each epoch is a seeded permutation of the whole split (`epoch_order`), the ideal
+shuffle, read by random access through index.parquet's (shard, offset) of every sample
+(`shards.tarread.sample_at` over memory-mapped local shards). The position: (epoch,
+consumed), `consumed` being how many samples of the epoch's order all ranks together have
+taken. Global step k of an epoch takes order[consumed + k*W*B : consumed + (k+1)*W*B]
+(W ranks, B per rank) and rank r the r-th block of B in it; so the rest of an epoch after a
+resume is exactly order[consumed:], split evenly over however many ranks there are now,
+every rank running the same number of steps (no DDP hang). A rest that does not fill a
+whole global batch (fewer than W*B samples) is left out of that epoch and said in the
+receipt. Augmentation draws from a stream seeded by (seed, epoch, sample index): the same
+crop and flip whatever the worker count, so a resumed run sees exactly the same batches.
+
+The receipt: `coverage` is the XOR, over the samples consumed in the epoch (all ranks), of
+the first 8 bytes (big-endian) of sha256(`__key__` as UTF-8), printed as 16 hex digits;
+`planned_coverage` computes the same from the index alone, for the epoch's planned set.
+
+The loader follows the `state_dict()` / `load_state_dict()` protocol of torchdata's
+StatefulDataLoader (Lightning, accelerate, own loops): see docs/readers.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prep.errors import SampleError
+from shards import tarread
+from train.decode import derive_seed
+
+STATE_VERSION = 1
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    """The epoch's order: a permutation of 0..num_samples-1, the same on every rank."""
+    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+
+
+def key_hash(key: str) -> int:
+    """The first 8 bytes (big-endian) of sha256(key as UTF-8): one sample's share of the
+    receipt."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+
+
+def coverage_hex(value: int) -> str:
+    return f"{value:016x}"
+
+
+def planned_coverage(keys: list[str], order: np.ndarray) -> str:
+    """The receipt of the samples `order` names (indices into `keys`), from the index
+    alone."""
+    value = 0
+    for i in order.tolist():
+        value ^= key_hash(keys[i])
+    return coverage_hex(value)
+
+
+@dataclass
+class SplitRows:
+    """Where every sample of a split is: index.parquet's rows in manifest order."""
+
+    keys: list[str]
+    shards: list[str]  # local path of each sample's shard
+    offsets: list[int]
+    crcs: list[int]
+
+
+def read_rows(data: str | os.PathLike, split: str) -> SplitRows:
+    """index.parquet's rows of `split` (`val` or `validation` alike) of a local shard dir."""
+    import pyarrow.parquet as pq
+
+    from shards.manifest import INFO_SPLIT_NAMES
+
+    names = {split, INFO_SPLIT_NAMES.get(split, split)} | {
+        k for k, v in INFO_SPLIT_NAMES.items() if v == split}
+    table = pq.read_table(Path(data) / "index.parquet",
+                          columns=["key", "split", "shard", "offset", "jpg_crc32"])
+    cols = table.to_pydict()
+    keep = [i for i, s in enumerate(cols["split"]) if s in names]
+    return SplitRows([cols["key"][i] for i in keep],
+                     [str(Path(data) / cols["shard"][i]) for i in keep],
+                     [cols["offset"][i] for i in keep], [cols["jpg_crc32"][i] for i in keep])
+
+
+class IndexedSamples(torch.utils.data.Dataset):
+    """Map-style: sample i of the split, read at its offset and checked against its CRC-32,
+    then `decode(sample)` with `decode.rng` seeded from (seed, epoch, i) when it has one."""
+
+    def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], seed: int):
+        self.rows, self.decode, self.seed, self.epoch = rows, decode, seed, 0
+        self._maps: dict[str, mmap.mmap] = {}  # per worker process: opened on first use
+
+    def __len__(self) -> int:
+        return len(self.rows.keys)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}  # maps are per process
+
+    def _map(self, path: str) -> mmap.mmap:
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._maps[path]
+
+    def __getitem__(self, i: int) -> tuple:
+        path = self.rows.shards[i]
+        sample = tarread.sample_at(self._map(path), path, self.rows.offsets[i])
+        if sample["__key__"] != self.rows.keys[i] or \
+                zlib.crc32(sample.get("jpg", b"")) != self.rows.crcs[i]:
+            raise SampleError(f"{path}: member {self.rows.keys[i]}.jpg: not the bytes "
+                              "index.parquet recorded (key or CRC-32 differs)")
+        if hasattr(self.decode, "rng"):
+            self.decode.rng = random.Random(derive_seed(self.seed, self.epoch, i))
+        return (*self.decode(sample), self.rows.keys[i])
+
+
+class _Batches(torch.utils.data.Sampler):
+    """This rank's batches of sample indices for the rest of an epoch."""
+
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ResumableLoader:
+    """Batches of (decoded columns..., keys) for one rank; `state_dict()` is (epoch,
+    consumed) plus what it must match on load (sample count, seed, batch per rank is free:
+    another world size or batch resumes the same rest of the epoch)."""
+
+    def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], *, batch_size: int,
+                 rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
+                 collate: Callable | None = None, ring: object | None = None):
+        """`collate` / `ring`: train.data's batch collation into reused shared buffers
+        (BatchRing), for image batches; by default each column comes as a list/tensor."""
+        self.rows, self.batch_size, self.rank, self.world = rows, batch_size, rank, world
+        self.seed, self.workers, self.collate, self.ring = seed, workers, collate, ring
+        self.dataset = IndexedSamples(rows, decode, seed)
+        self.epoch, self.consumed = 0, 0
+        self.coverage = 0  # this rank's XOR of key hashes in the current epoch
+
+    def steps_left(self) -> int:
+        """Global steps to the end of the epoch (the same on every rank)."""
+        return (len(self.rows.keys) - self.consumed) // (self.world * self.batch_size)
+
+    def _my_batches(self) -> list[list[int]]:
+        order = epoch_order(len(self.rows.keys), self.seed, self.epoch)
+        step, out = self.world * self.batch_size, []
+        for k in range(self.steps_left()):
+            start = self.consumed + k * step + self.rank * self.batch_size
+            out.append(order[start : start + self.batch_size].tolist())
+        return out
+
+    def __iter__(self) -> Iterator:
+        """The rest of the current epoch; then the position moves to the next epoch."""
+        from train.data import worker_settings
+
+        self.dataset.epoch = self.epoch
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=_Batches(self._my_batches()),
+            collate_fn=self.collate or _columns, **worker_settings(self.workers))
+        if self.ring is not None:
+            from train.batch_ring import RingLoader
+
+            loader = RingLoader(loader, self.ring)
+        for batch in loader:
+            self.consumed += self.world * self.batch_size  # every rank advances alike
+            for key in batch[-1]:
+                self.coverage ^= key_hash(key)
+            yield batch
+        self.epoch, self.consumed, self.coverage = self.epoch + 1, 0, 0
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+                "num_samples": len(self.rows.keys), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Seek to a saved position: nothing read and dropped. Refuses a state from another
+        split size or seed, naming the difference."""
+        for name, mine in (("num_samples", len(self.rows.keys)), ("seed", self.seed)):
+            if state.get(name) != mine:
+                raise ValueError(f"loader state from another run: {name} {state.get(name)!r}, "
+                                 f"this loader has {mine!r}")
+        if not 0 <= state["consumed"] <= len(self.rows.keys):
+            raise ValueError(f"loader state: consumed {state['consumed']} is outside the epoch")
+        self.epoch, self.consumed, self.coverage = state["epoch"], state["consumed"], 0
+
+
+def _columns(batch: list[tuple]) -> tuple:
+    """Default collate: each column as a list (a tensor for numeric ones)."""
+    cols = list(zip(*batch))
+    return tuple(torch.tensor(c) if isinstance(c[0], (int, float)) else list(c) for c in cols)
