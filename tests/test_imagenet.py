@@ -42,7 +42,7 @@ def test_links_and_files(make_sample, tmp_path):
     src, plan = make_sample("ilsvrc2017")
     data = tmp_path / "data"
     _prep(src, data)
-    assert os.readlink(data / src.name) == str(src)  # Pet convention, absolute target
+    assert os.readlink(data / src.name) == str(src)  # named after the source, absolute target
     assert os.readlink(data / "imagenet/train") == str(src / "Data/CLS-LOC/train")
     assert os.readlink(data / "imagenet/test") == str(src / "Data/CLS-LOC/test")
     stem, wnid = next(iter(sorted(plan.val.items())))

@@ -1,6 +1,8 @@
 """Issue: data loss and writes where none are allowed: what --force may remove, outputs that
 are inputs or inside a source, one writer per output, resume that notices changed sources,
-a full disk while linking. Each fails on the code before the fix."""
+a full disk while linking. Each failed on the code
+before its fix (the round of 2026-11-30: docs/reliability.md, "Misuse, races and hostile
+files")."""
 
 import hashlib
 import os

@@ -1,5 +1,7 @@
 """Issue: names that break the index files, hostile images in pass-through sharding, and
-tracebacks instead of one-line errors. Each fails on the code before the fix."""
+tracebacks instead of one-line errors. Each failed on the code
+before its fix (the round of 2026-11-30: docs/reliability.md, "Misuse, races and hostile
+files")."""
 
 import os
 import pickle

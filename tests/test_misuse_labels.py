@@ -1,5 +1,5 @@
-"""Issue: silent wrong labels. Each test fails on the code before the fix (see
-docs/reliability.md, "Misuse, races and hostile files")."""
+"""Silent wrong labels found in the round of 2026-11-30. Each test failed on the code before
+its fix (see docs/reliability.md, "Misuse, races and hostile files")."""
 
 import io
 import pickle

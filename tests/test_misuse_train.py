@@ -1,5 +1,7 @@
 """Issue: the trainer and evaluator under misuse: class lists, outputs that are inputs,
-damaged checkpoints, bad settings, hostile images. Each fails on the code before the fix."""
+damaged checkpoints, bad settings, hostile images. Each failed on the code
+before its fix (the round of 2026-11-30: docs/reliability.md, "Misuse, races and hostile
+files")."""
 
 import hashlib
 import io

@@ -134,3 +134,27 @@ def test_output_dir_that_is_a_file_and_which_setting_wins(tmp_path, capsys):
     assert (tmp_path / "notes").read_text() == "mine"
     assert "epochs is given twice (epochs=2 by its flag, --set epochs=1); --set is applied " \
         "last and wins" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_command_lines_in_recipe_comments_work(recipe):
+    """A recipe's comment that shows flags (`--set ...`) must be what the trainer accepts."""
+    from train.main import parse_args
+
+    for line in recipe.read_text().splitlines():
+        if line.startswith("#") and "--set" in line:
+            flags = line[line.index("--set"):].rstrip(".").split()
+            args = parse_args(["--data", "x", *flags])
+            cfg = load_config(recipe, args.set)
+            assert args.set and all(k.split("=")[0] in cfg.to_dict() for k in args.set)
+
+
+def test_help_lists_every_setting():
+    from dataclasses import fields
+
+    from train.config import settings_help
+
+    text = settings_help()
+    listed = [line.split()[0] for line in text.splitlines()[1:]]
+    assert listed == [f.name for f in fields(TrainConfig)]
+    assert "min_scale              0.08             RandomResizedCrop smallest area" in text

@@ -62,3 +62,22 @@ def test_remote_manifest_errors_name_the_url(shards, http_url, tmp_path):
         read_split(http_url + "nothere", "train")
     with pytest.raises(SystemExit, match=r"pipe:cat /nonexistent/_info.json"):
         _train("pipe:cat /nonexistent/{}", tmp_path / "x")
+
+
+def test_evaluate_out_with_remote_data_writes_the_same_pickle(shards, http_url, tmp_path):
+    """It ended in a pyarrow traceback after the whole evaluation (the order was read from a
+    local index.parquet); the evaluator now names and orders samples from the samples."""
+    import pickle
+
+    _train(str(shards), tmp_path / "run")
+    pickles = {}
+    for name, data in (("local", str(shards)), ("http", http_url),
+                       ("pipe", f"pipe:cat {shards}/{{}}")):
+        out = tmp_path / f"{name}.pkl"
+        main(["--data", data, "--evaluate", "--checkpoint", str(tmp_path / "run/checkpoint.pt"),
+              "--device", "cpu", "--out", str(out)])
+        pickles[name] = pickle.loads(out.read_bytes())
+    ref = [(d["key"], d["img_path"], int(d["pred_label"])) for d in pickles["local"]]
+    assert len(ref) == 12 and all(p.startswith("val/") for _, p, _ in ref)
+    for name in ("http", "pipe"):
+        assert [(d["key"], d["img_path"], int(d["pred_label"])) for d in pickles[name]] == ref

@@ -57,6 +57,21 @@ class TrainConfig:
         return d
 
 
+def settings_help() -> str:
+    """`name  default  meaning` for every setting, from its one declaration above (the
+    comment beside it is its help): the epilog of `train/main.py --help`."""
+    import inspect
+    import re as _re
+
+    lines = []
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = _re.match(r"\s+(\w+): [\w\[\], ]+ = ([^#]+?)\s*(?:#\s*(.*))?$", line)
+        if m:
+            lines.append(f"  {m[1]:<22} {m[2]:<16} {m[3] or ''}".rstrip())
+    return "settings (--set NAME=VALUE, or a --recipe file; name, default, meaning):\n" + \
+        "\n".join(lines)
+
+
 AT_LEAST = {"num_classes": 1, "image_size": 1, "val_resize": 1, "val_crop": 1, "batch_size": 1,
             "workers": 0, "shuffle_buffer": 1, "epochs": 0, "lr": 0.0, "log_every": 1,
             "min_scale": 0.0, "max_skip_rate": 0.0, "weight_decay": 0.0}

@@ -44,7 +44,14 @@ from prep.scoring import RESTRICTED, global_index, official_label, real_for, sub
 from shards import tarread
 from train import checkpoint as ckpt
 from train import jpeg_region
-from train.config import TrainConfig, apply, check_config, load_config, parse_set
+from train.config import (
+    TrainConfig,
+    apply,
+    check_config,
+    load_config,
+    parse_set,
+    settings_help,
+)
 from train.data import (
     SkipCounter,
     SplitInfo,
@@ -62,8 +69,13 @@ from train.tblog import TensorBoardLog
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    p.add_argument("--data", required=True, help="shard directory from `prep shard`")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False,
+                                epilog=settings_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True,
+                   help="`prep shard` output: a directory, a URL prefix (http://host/shards) or "
+                   "a pipe: template with {} for the file name, e.g. 'pipe:aws s3 cp "
+                   "s3://bucket/shards/{} -'")
     p.add_argument("--recipe", default=None, help="YAML settings file (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override one setting, e.g. --set epochs=3 (default: none)")
