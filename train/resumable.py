@@ -94,11 +94,12 @@ def read_rows(data: str | os.PathLike, split: str) -> SplitRows:
 
 
 class IndexedSamples(torch.utils.data.Dataset):
-    """Map-style: sample i of the split, read at its offset and checked against its CRC-32,
-    then `decode(sample)` with `decode.rng` seeded from (seed, epoch, i) when it has one."""
+    """Map-style: item (epoch, i) is sample i of the split, read at its offset and checked
+    against its CRC-32, then `decode(sample)` with `decode.rng` seeded from (seed, epoch, i)
+    when it has one (the same augmentation whatever the worker count)."""
 
     def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], seed: int):
-        self.rows, self.decode, self.seed, self.epoch = rows, decode, seed, 0
+        self.rows, self.decode, self.seed = rows, decode, seed
         self._maps: dict[str, mmap.mmap] = {}  # per worker process: opened on first use
 
     def __len__(self) -> int:
@@ -113,7 +114,8 @@ class IndexedSamples(torch.utils.data.Dataset):
                 self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[path]
 
-    def __getitem__(self, i: int) -> tuple:
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
+        epoch, i = item
         path = self.rows.shards[i]
         sample = tarread.sample_at(self._map(path), path, self.rows.offsets[i])
         if sample["__key__"] != self.rows.keys[i] or \
@@ -121,27 +123,29 @@ class IndexedSamples(torch.utils.data.Dataset):
             raise SampleError(f"{path}: member {self.rows.keys[i]}.jpg: not the bytes "
                               "index.parquet recorded (key or CRC-32 differs)")
         if hasattr(self.decode, "rng"):
-            self.decode.rng = random.Random(derive_seed(self.seed, self.epoch, i))
+            self.decode.rng = random.Random(derive_seed(self.seed, epoch, i))
         return (*self.decode(sample), self.rows.keys[i])
 
 
 class _Batches(torch.utils.data.Sampler):
-    """This rank's batches of sample indices for the rest of an epoch."""
+    """This rank's batches of (epoch, sample index), from a position on, epoch after epoch:
+    one DataLoader serves every epoch, so its workers never restart at an epoch's end."""
 
-    def __init__(self, batches: list[list[int]]):
-        self.batches = batches
+    def __init__(self, plan: ResumableLoader, epoch: int, consumed: int):
+        self.plan, self.epoch, self.consumed = plan, epoch, consumed
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, consumed = self.epoch, self.consumed
+        while True:
+            for batch in self.plan.batches(epoch, consumed):
+                yield [(epoch, i) for i in batch]
+            epoch, consumed = epoch + 1, 0
 
 
 class ResumableLoader:
-    """Batches of (decoded columns..., keys) for one rank; `state_dict()` is (epoch,
-    consumed) plus what it must match on load (sample count, seed, batch per rank is free:
-    another world size or batch resumes the same rest of the epoch)."""
+    """Batches of (decoded columns..., keys) for one rank; iterating gives the rest of the
+    current epoch. `state_dict()` is (epoch, consumed) plus what a load must match (sample
+    count, seed); another world size, batch or worker count resumes the same rest."""
 
     def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], *, batch_size: int,
                  rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
@@ -153,32 +157,39 @@ class ResumableLoader:
         self.dataset = IndexedSamples(rows, decode, seed)
         self.epoch, self.consumed = 0, 0
         self.coverage = 0  # this rank's XOR of key hashes in the current epoch
+        self._stream: Iterator | None = None  # batches from (epoch, consumed) on
 
     def steps_left(self) -> int:
         """Global steps to the end of the epoch (the same on every rank)."""
         return (len(self.rows.keys) - self.consumed) // (self.world * self.batch_size)
 
-    def _my_batches(self) -> list[list[int]]:
-        order = epoch_order(len(self.rows.keys), self.seed, self.epoch)
-        step, out = self.world * self.batch_size, []
-        for k in range(self.steps_left()):
-            start = self.consumed + k * step + self.rank * self.batch_size
-            out.append(order[start : start + self.batch_size].tolist())
-        return out
+    def batches(self, epoch: int, consumed: int) -> Iterator[list[int]]:
+        """This rank's sample indices, step by step, for the rest of `epoch` from
+        `consumed`: global step k takes the next world x batch samples of the order."""
+        order = epoch_order(len(self.rows.keys), self.seed, epoch)
+        step = self.world * self.batch_size
+        for k in range((len(order) - consumed) // step):
+            start = consumed + k * step + self.rank * self.batch_size
+            yield order[start : start + self.batch_size].tolist()
 
-    def __iter__(self) -> Iterator:
-        """The rest of the current epoch; then the position moves to the next epoch."""
+    def _open(self) -> Iterator:
         from train.data import worker_settings
 
-        self.dataset.epoch = self.epoch
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_Batches(self._my_batches()),
+            self.dataset, batch_sampler=_Batches(self, self.epoch, self.consumed),
             collate_fn=self.collate or _columns, **worker_settings(self.workers))
         if self.ring is not None:
             from train.batch_ring import RingLoader
 
-            loader = RingLoader(loader, self.ring)
-        for batch in loader:
+            return iter(RingLoader(loader, self.ring))
+        return iter(loader)
+
+    def __iter__(self) -> Iterator:
+        """The rest of the current epoch; then the position moves to the next epoch."""
+        if self._stream is None:
+            self._stream = self._open()
+        for _ in range(self.steps_left()):
+            batch = next(self._stream)
             self.consumed += self.world * self.batch_size  # every rank advances alike
             for key in batch[-1]:
                 self.coverage ^= key_hash(key)
@@ -199,6 +210,7 @@ class ResumableLoader:
         if not 0 <= state["consumed"] <= len(self.rows.keys):
             raise ValueError(f"loader state: consumed {state['consumed']} is outside the epoch")
         self.epoch, self.consumed, self.coverage = state["epoch"], state["consumed"], 0
+        self._stream = None  # the next iteration starts from here
 
 
 def _columns(batch: list[tuple]) -> tuple:
