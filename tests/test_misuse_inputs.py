@@ -230,14 +230,16 @@ def test_ctrl_c_during_prep_shard_prints_one_line(make_sample, tmp_path):
 
 
 def test_one_error_path_for_both_entry_points():
-    """Both `prep` and train/main.py turn PrepError into `error: ...` in one place."""
-    import prep.cli
-    import train.main
-
-    assert train.main.main.__wrapped__ is not None  # wrapped by prep.errors.exit_on_error
-    assert prep.cli.ToolkitGroup.invoke.__qualname__ == "ToolkitGroup.invoke"
-    r = CliRunner().invoke(prep_main, ["verify", str(Path("/nonexistent/s"))])
-    assert r.exit_code == 1 and r.output.startswith("error: /nonexistent/s/_info.json")
+    """Both `prep` and train/main.py turn PrepError into one `error: ...` line on stderr and
+    exit status 1, as real processes (prep.errors.exit_on_error)."""
+    for cmd in ([sys.executable, "-m", "prep.cli", "verify", "/nonexistent/s"],
+                [sys.executable, "train/main.py", "--data", "/nonexistent/s", "--device",
+                 "cpu"]):
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and r.stdout == "", (cmd, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: /nonexistent/s/_info.json: "
+                                                       "missing"), r.stderr
 
 
 def test_region_and_strict_check_agree_on_np_data():
