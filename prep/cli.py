@@ -9,11 +9,23 @@ from pathlib import Path
 import click
 
 from prep import __version__
-from prep.errors import PrepError, exit_on_error, ignore_sigint, refuse_overwrite
+from prep.errors import PrepError, exit_on_error, ignore_sigint, refuse_overwrite, refuse_url
 
 # numpy (the shard plan's permutation, pyarrow) starts one OpenBLAS thread per core, and on
 # start-up they cost ~0.15 s of CPU that the shard writers need; `prep` does no linear algebra
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+class LocalPath(click.Path):
+    """click.Path that refuses URLs (prep.errors.refuse_url) with a usage error."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> object:
+        try:
+            refuse_url(value, param.opts[0] if param else "path")
+        except PrepError as exc:
+            self.fail(str(exc), param, ctx)
+        return super().convert(value, param, ctx)
 
 
 class ToolkitGroup(click.Group):
@@ -40,7 +52,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("out", type=LocalPath(path_type=Path))
 @click.option("--layout", type=click.Choice(["ilsvrc2017", "kaggle", "ilsvrc2012",
                                              "ilsvrc2012-tar", "imagefolder", "blurred",
                                              "blurred-tar", "hf-tar", "hf-parquet",
@@ -76,11 +88,11 @@ def sample(out: Path, layout: str, **opts) -> None:
 
 
 @main.command()
-@click.option("--src", required=True, type=click.Path(path_type=Path, readable=False),
+@click.option("--src", required=True, type=LocalPath(path_type=Path, readable=False),
               help="Root of the ImageNet copy (never written to). Relative paths are resolved.")
-@click.option("--link", "link_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--link", "link_dir", required=True, type=LocalPath(path_type=Path),
               help="Directory for the dataset view, e.g. data/ (made if missing).")
-@click.option("--extract-to", type=click.Path(path_type=Path), default=None,
+@click.option("--extract-to", type=LocalPath(path_type=Path), default=None,
               help="Where to unpack the original ILSVRC2012 .tar archives (outside --src).")
 @click.option("--check", type=click.Choice(["fast", "sizes", "full"]), default="fast",
               show_default=True,
@@ -107,9 +119,9 @@ def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, for
 
 
 @main.command()
-@click.option("--src", required=True, type=click.Path(path_type=Path, readable=False),
+@click.option("--src", required=True, type=LocalPath(path_type=Path, readable=False),
               help="The evaluation set's folder (never written to).")
-@click.option("--link", "link_dir", required=True, type=click.Path(path_type=Path),
+@click.option("--link", "link_dir", required=True, type=LocalPath(path_type=Path),
               help="Directory for the view, e.g. data/ (made if missing).")
 @click.option("--name", default=None,
               help="View name under --link (default: imagenet-v2-<variant>, imagenet-a, "
@@ -134,8 +146,8 @@ def evalset(src: Path, link_dir: Path, name: str | None, kind: str | None,
 
 
 @main.command("export-preds")
-@click.argument("result", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("out", type=click.Path(path_type=Path, dir_okay=False), required=False)
+@click.argument("result", type=LocalPath(path_type=Path, dir_okay=False))
+@click.argument("out", type=LocalPath(path_type=Path, dir_okay=False), required=False)
 @click.option("--format", "fmt", default="ilsvrc", show_default=True,
               type=click.Choice(["ilsvrc", "kaggle", "mmcls", "txt", "csv", "parquet"]),
               help="ilsvrc: official submission (top-5 ILSVRC2012_IDs, file-name order); "
@@ -143,12 +155,12 @@ def evalset(src: Path, link_dir: Path, name: str | None, kind: str | None,
                    "with names; csv/parquet: one row per sample.")
 @click.option("--topk", type=click.IntRange(1), default=5, show_default=True,
               help="Predictions per sample (ilsvrc always 5).")
-@click.option("--classes", "classes_csv", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--classes", "classes_csv", type=LocalPath(path_type=Path, dir_okay=False),
               default=None, help="meta/classes.csv from prep imagenet (default: the shipped "
                                  "1000-class ILSVRC table when the pickle has 1000 classes).")
 @click.option("--summary", "show_summary", is_flag=True,
               help="Print accuracy and the most confused class pairs.")
-@click.option("--plot", "plot_path", type=click.Path(path_type=Path, dir_okay=False),
+@click.option("--plot", "plot_path", type=LocalPath(path_type=Path, dir_okay=False),
               default=None, help="Write a PNG of per-class accuracy and confused pairs.")
 def export_preds(result: Path, out: Path | None, fmt: str, topk: int,
                  classes_csv: Path | None, show_summary: bool, plot_path: Path | None) -> None:
@@ -215,9 +227,9 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--data", required=True, type=LocalPath(path_type=Path, file_okay=False),
               help="The imagenet/ dir `prep imagenet` made (holds train/, val/, meta/).")
-@click.option("--out", required=True, type=click.Path(path_type=Path, file_okay=False),
+@click.option("--out", required=True, type=LocalPath(path_type=Path, file_okay=False),
               help="Directory for the shards and manifest (made if missing).")
 @click.option("--samples-per-shard", type=click.IntRange(1), default=None,
               help="Samples per shard (default: ~1250, shard count rounded to a power of 2).")
@@ -265,7 +277,7 @@ def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int 
 
 
 @main.command()
-@click.argument("out", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("out", type=LocalPath(path_type=Path, file_okay=False))
 @click.option("--deep", is_flag=True, help="Also decode every image.")
 @workers_option("checking shards (default: CPU count)")
 @quiet_option

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -122,3 +123,14 @@ def write_error(path: str | os.PathLike, exc: OSError) -> PrepError:
             else "the file system is read-only: choose another output" if exc.errno == errno.EROFS
             else "check the folder's permissions")
     return PrepError(f"{path}: cannot write it ({exc.strerror or exc}); {what}")
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def refuse_url(value: str | os.PathLike, flag: str) -> None:
+    """A URL given where a local path is expected is refused, never taken for a path
+    (`s3://bucket/x` would become the folder `s3:/bucket/x` here)."""
+    if _URL.match(os.fspath(value)):
+        raise PrepError(f"{flag} {value}: a URL; this option takes a local path (object "
+                        "storage and other URLs are not supported here)")

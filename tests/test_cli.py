@@ -63,3 +63,27 @@ def test_every_option_is_in_the_reference():
         if opt not in reference:
             missing.append(f"train/main.py {opt}")
     assert missing == []
+
+
+def test_a_url_is_never_taken_for_a_local_path(tmp_path, monkeypatch):
+    """`prep shard --out s3://bucket/ds` wrote a folder `s3:/bucket/ds` and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    checked = 0
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if type(param.type).__name__ != "LocalPath":
+                continue
+            flag = param.opts[0]
+            args = [name, "s3://bucket/ds"] if not flag.startswith("-") else \
+                [name, flag, "s3://bucket/ds"]
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and "a URL; this option takes a local path" in r.output, \
+                (name, flag, r.output)
+            checked += 1
+    assert checked >= 10 and list(tmp_path.iterdir()) == []  # nothing written, no `s3:`
+    from train.main import main as train_main
+
+    for flag in ("--output-dir", "--checkpoint", "--out", "--recipe", "--resume"):
+        with pytest.raises(SystemExit, match=f"{flag} gs://b/x: a URL"):
+            train_main(["--data", str(tmp_path), flag, "gs://b/x"])
+    assert list(tmp_path.iterdir()) == []

@@ -38,6 +38,7 @@ from prep.errors import (
     ignore_sigint,
     refuse_inside,
     refuse_overwrite,
+    refuse_url,
 )
 from prep.predictions import per_class_accuracy, write_predictions
 from prep.scoring import RESTRICTED, global_index, official_label, real_for, subset_wnids
@@ -106,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(_unknown_flags(unknown, p))
+    for flag in ("output_dir", "checkpoint", "out", "recipe", "resume"):
+        value = getattr(args, flag)
+        if value is not None and value != "auto":
+            refuse_url(value, f"--{flag.replace('_', '-')}")
     short = _shorthand_values(args)
     _say_which_wins(short, args.set)
     args.set = [f"{setting}={value}" for setting, value in short] + args.set
