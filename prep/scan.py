@@ -42,6 +42,8 @@ def bad_name(name: str) -> bool:
     (Python hands them over as surrogates; the index files are UTF-8)."""
     if _CONTROL.search(name) is not None:
         return True
+    if name.isascii():  # nearly every name: no encoding needed (1.28 M names per scan)
+        return False
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:

@@ -84,6 +84,12 @@ def read_manifest_file(data: str, name: str) -> bytes | None:
 def read_split(data: str, split: str) -> SplitInfo:
     """Shard URLs, counts and per-sample checksums of `split` from the manifest of `data`
     (`_info.json`, `index.parquet`; see shard_url)."""
+    return read_splits(data, split)[0]
+
+
+def read_splits(data: str, *splits: str) -> list[SplitInfo]:
+    """read_split for several splits, the manifest read once (index.parquet is ~100 MB for
+    ImageNet: training reads train and val)."""
     where = shard_url(data, "_info.json")
     text = read_manifest_file(data, "_info.json")
     if text is None and (alt := read_manifest_file(data, "_info.yaml")) is not None:
@@ -92,22 +98,25 @@ def read_split(data: str, split: str) -> SplitInfo:
         raise PrepError(f"{where}: missing; --data must be a `prep shard` output "
                         "(a directory, a URL prefix or a pipe:...{} template)")
     info = parse_info(text, where)
-    key = find_split(info, split)
-    if key is None:
-        raise PrepError(f"{where}: no split {split!r} (has {sorted(info['splits'])})")
-    s = info["splits"][key]
+    keys = [find_split(info, split) for split in splits]
+    for split, key in zip(splits, keys):
+        if key is None:
+            raise PrepError(f"{where}: no split {split!r} (has {sorted(info['splits'])})")
     classes = info.get("classes")
     if not (isinstance(classes, list) and len(classes) == info["num_classes"]
             and all(isinstance(c, str) for c in classes)):
         classes = None
     evalset = info.get("evalset") if isinstance(info.get("evalset"), dict) else None
     # a `prep shard` output carries per-sample checksums; other shards (timm's) carry none
-    checksums = read_checksums(data, s["filenames"], s["shard_lengths"]) \
+    shards = [info["splits"][key] for key in keys]
+    checksums = read_checksums(data, [f for s in shards for f in s["filenames"]],
+                               [n for s in shards for n in s["shard_lengths"]]) \
         if isinstance(info.get("prep"), dict) else None
-    return SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
-                     info["num_classes"], classes, evalset,
-                     {shard_url(data, f): c for f, c in checksums.items()}
-                     if checksums is not None else None, split=split)
+    return [SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
+                      info["num_classes"], classes, evalset,
+                      {shard_url(data, f): checksums[f] for f in s["filenames"]}
+                      if checksums is not None else None, split=split)
+            for split, s in zip(splits, shards)]
 
 
 def read_checksums(data: str, names: list[str], lengths: list[int]) -> dict[str, array]:
@@ -150,11 +159,11 @@ class EpochShards(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         worker, workers = worker_slot()
+        number = {url: i for i, url in enumerate(self.urls)}  # _info.json's order
         for ep in count(self.epoch) if self.repeat else [self.epoch]:
             order = list(self.urls)
             if self.repeat:
                 random.Random(derive_seed(self.seed, ep)).shuffle(order)
-            number = {url: i for i, url in enumerate(self.urls)}  # _info.json's order
             for url in order[self.rank :: self.world][worker::workers]:
                 yield {"url": url, "shard": number[url]}
 
@@ -205,15 +214,24 @@ class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's sta
     def _intact(self, sample: dict, crcs: array, pos: int) -> bool:
         """Whether the jpg is the one the index recorded; a sample that is not goes to the
         handler (skipped) or, without one, stops the run naming shard and member."""
-        data = sample.get("jpg")
-        if data is not None and pos < len(crcs) and zlib.crc32(data) == crcs[pos]:
+        err = jpg_mismatch(sample, crcs[pos] if pos < len(crcs) else None)
+        if err is None:
             return True
-        why = "no jpg member" if data is None else "beyond the index" if pos >= len(crcs) \
-            else "its CRC-32 differs from index.parquet (corrupt or replaced bytes)"
-        err = SampleError(f"{sample['__url__']}: member {sample['__key__']}.jpg: {why}")
         if self.handler is None or not self.handler(err):
             raise err
         return False
+
+
+def jpg_mismatch(sample: dict, crc: int | None) -> SampleError | None:
+    """None when the sample's jpg has the CRC-32 index.parquet recorded for it; else the
+    error naming shard, member and what differs (`crc` None: no row for it)."""
+    data = sample.get("jpg")
+    if data is not None and crc is not None and zlib.crc32(data) == crc:
+        return None
+    why = "no jpg member" if data is None else "beyond the index" if crc is None \
+        else ("its CRC-32 differs from index.parquet: not the bytes index.parquet "
+              "recorded (corrupt or replaced)")
+    return SampleError(f"{sample['__url__']}: member {sample['__key__']}.jpg: {why}")
 
 
 class keep_every:  # noqa: N801 - a pipeline stage

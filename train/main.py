@@ -59,6 +59,7 @@ from train.data import (
     make_eval_loader,
     make_train_loader,
     read_split,
+    read_splits,
     train_size,
     train_steps,
 )
@@ -390,7 +391,7 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         if where.exists() and not where.is_dir():
             raise SettingError(f"--output-dir {out}: {where} is a file, not a directory; "
                                "choose a directory for checkpoints and metrics")
-    train_split, val_split = read_split(args.data, "train"), read_split(args.data, "val")
+    train_split, val_split = read_splits(args.data, "train", "val")
     if train_split.num_classes != cfg.num_classes:
         raise SettingError(f"the shards have {train_split.num_classes} classes, the config "
                            f"{cfg.num_classes}: --set num_classes={train_split.num_classes}")
