@@ -7,7 +7,8 @@ import lock, a logging or malloc lock) waits on it forever. Measured: `prep imag
 in 2 of 9 runs when its pool was forked from a thread. So every pool (`process_pool`) and
 every DataLoader (`worker_context`) uses a `forkserver`: one clean, single-threaded process
 started by exec, from which the workers are forked. It costs one server start per command
-(~0.1 s; modules named in `preload` are imported there once, not per worker).
+(+14 ms for a tiny `prep imagenet`; ~3 s once per trainer run, where the server imports
+torch): modules named in `preload` are imported there once, not per worker.
 
 Workers die with the main process (`die_with_parent`), also after `kill -9` (the OOM
 killer). Forked from a process started by exec, they inherit none of the main process's

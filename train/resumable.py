@@ -27,7 +27,6 @@ import hashlib
 import mmap
 import os
 import random
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ import torch
 
 from prep.errors import SampleError
 from shards import tarread
+from train.data import jpg_mismatch, worker_settings
 from train.decode import derive_seed
 
 STATE_VERSION = 1
@@ -118,26 +118,45 @@ class IndexedSamples(torch.utils.data.Dataset):
         epoch, i = item
         path = self.rows.shards[i]
         sample = tarread.sample_at(self._map(path), path, self.rows.offsets[i])
-        if sample["__key__"] != self.rows.keys[i] or \
-                zlib.crc32(sample.get("jpg", b"")) != self.rows.crcs[i]:
-            raise SampleError(f"{path}: member {self.rows.keys[i]}.jpg: not the bytes "
-                              "index.parquet recorded (key or CRC-32 differs)")
+        if sample["__key__"] != self.rows.keys[i]:
+            raise SampleError(f"{path}: no sample {self.rows.keys[i]} at offset "
+                              f"{self.rows.offsets[i]} (index.parquet does not match it)")
+        err = jpg_mismatch(sample, self.rows.crcs[i])
+        if err is not None:
+            raise err
         if hasattr(self.decode, "rng"):
             self.decode.rng = random.Random(derive_seed(self.seed, epoch, i))
         return (*self.decode(sample), self.rows.keys[i])
 
 
+def rank_batches(num_samples: int, seed: int, epoch: int, consumed: int, world: int,
+                 rank: int, batch_size: int) -> Iterator[list[int]]:
+    """This rank's sample indices, step by step, for the rest of `epoch` from `consumed`:
+    global step k takes the next world x batch samples of the epoch's order, rank r the
+    r-th block of them."""
+    order = epoch_order(num_samples, seed, epoch)
+    step = world * batch_size
+    for k in range((num_samples - consumed) // step):
+        start = consumed + k * step + rank * batch_size
+        yield order[start : start + batch_size].tolist()
+
+
 class _Batches(torch.utils.data.Sampler):
     """This rank's batches of (epoch, sample index), from a position on, epoch after epoch:
-    one DataLoader serves every epoch, so its workers never restart at an epoch's end."""
+    one DataLoader serves every epoch, so its workers never restart at an epoch's end.
+    It holds numbers only: a reference back to the loader would put the DataLoader iterator
+    in a reference cycle, and a cycle's collection closes the worker queues before the
+    iterator's shutdown can tell the workers to stop (each then hung 5 s)."""
 
-    def __init__(self, plan: ResumableLoader, epoch: int, consumed: int):
-        self.plan, self.epoch, self.consumed = plan, epoch, consumed
+    def __init__(self, num_samples: int, seed: int, epoch: int, consumed: int, world: int,
+                 rank: int, batch_size: int):
+        self.args = (num_samples, seed, epoch, consumed, world, rank, batch_size)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        epoch, consumed = self.epoch, self.consumed
+        num_samples, seed, epoch, consumed, world, rank, batch_size = self.args
         while True:
-            for batch in self.plan.batches(epoch, consumed):
+            for batch in rank_batches(num_samples, seed, epoch, consumed, world, rank,
+                                      batch_size):
                 yield [(epoch, i) for i in batch]
             epoch, consumed = epoch + 1, 0
 
@@ -163,20 +182,11 @@ class ResumableLoader:
         """Global steps to the end of the epoch (the same on every rank)."""
         return (len(self.rows.keys) - self.consumed) // (self.world * self.batch_size)
 
-    def batches(self, epoch: int, consumed: int) -> Iterator[list[int]]:
-        """This rank's sample indices, step by step, for the rest of `epoch` from
-        `consumed`: global step k takes the next world x batch samples of the order."""
-        order = epoch_order(len(self.rows.keys), self.seed, epoch)
-        step = self.world * self.batch_size
-        for k in range((len(order) - consumed) // step):
-            start = consumed + k * step + self.rank * self.batch_size
-            yield order[start : start + self.batch_size].tolist()
-
     def _open(self) -> Iterator:
-        from train.data import worker_settings
-
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=_Batches(self, self.epoch, self.consumed),
+            self.dataset, batch_sampler=_Batches(len(self.rows.keys), self.seed, self.epoch,
+                                                 self.consumed, self.world, self.rank,
+                                                 self.batch_size),
             collate_fn=self.collate or _columns, **worker_settings(self.workers))
         if self.ring is not None:
             from train.batch_ring import RingLoader
