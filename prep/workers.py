@@ -46,12 +46,16 @@ def worker_context(preload: Iterable[str] = ()) -> BaseContext:
     # a Ctrl-C sent to the process group cannot kill the server, or a worker it forks,
     # half-started with a traceback (the signal mask would not do: the server's start
     # clears it). A Ctrl-C inside those few ms is lost; the next one works.
+    # SIGUSR1 likewise: SLURM's preemption warning (`--signal=USR1@...`) reaches every
+    # process of the job, and its default action would end the server and the workers.
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        previous = {sig: signal.signal(sig, signal.SIG_IGN)
+                    for sig in (signal.SIGINT, signal.SIGUSR1)}
         try:
             forkserver.ensure_running()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return ctx
 
 
@@ -120,6 +124,24 @@ def die_with_parent(main_pid: int) -> None:
         fd = None
     threading.Thread(target=_wait_then_die, args=(main_pid, fd), daemon=True,
                      name="die-with-parent").start()
+
+
+def terminate_only_from(main_pid: int) -> None:
+    """SIGTERM ends this worker only when process `main_pid` sends it (its loader's
+    shutdown). A SIGTERM from anyone else, such as SLURM's preemption, which signals every
+    process of the job, is left to the main process: it finishes its step and checkpoints,
+    and a worker ended by it would fail that step. A thread takes the signal with its
+    sender (sigwaitinfo); the signal is blocked in every other thread."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_take_sigterm, args=(main_pid,), daemon=True,
+                     name="sigterm-from-main").start()
+
+
+def _take_sigterm(main_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == main_pid:
+            os._exit(0)
 
 
 def _wait_then_die(main_pid: int, fd: int | None) -> None:

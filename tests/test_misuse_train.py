@@ -319,8 +319,52 @@ def test_plain_progress_lines_when_stderr_is_a_file(runs):
     text = log.read_text()
     assert r.returncode == 0, text[-2000:]
     assert "\r" not in text
-    lines = [line for line in text.splitlines() if line.startswith("epoch 0: ")]
+    lines = [line for line in text.splitlines() if line.startswith("epoch 0: ") and
+             "coverage" not in line]
     assert len(lines) >= 2, text
     assert "step (" in lines[-1] and "step/s" in lines[-1] and "loss " in lines[-1]
     assert "lr " in lines[-1] and "img_s " in lines[-1] and ("eta" in lines[0] or
                                                              "took" in lines[0])
+
+
+def test_resume_with_another_seed_is_refused_naming_it(runs):
+    """The saved position is a place in the seed's order: under another seed it would
+    train on other samples, silently."""
+    tmp, a, _ = runs
+    out = tmp / "seed"
+    shutil.copytree(tmp / "run", out)
+    with pytest.raises(SystemExit, match=r"other data .* seed \(seed: 0 vs 7\)"):
+        _train(a, out, "--resume", "auto", sets=("epochs=3", "num_classes=3", "seed=7"))
+
+
+def test_resume_on_another_shard_set_is_refused_naming_it(runs, tmp_path):
+    tmp, a, _ = runs
+    fewer = sharded_sample(tmp_path, "ilsvrc2017", 2, classes=3, train_per_class=11,
+                           val_per_class=4, size=40)
+    out = tmp / "shardset"
+    shutil.copytree(tmp / "run", out)
+    with pytest.raises(SystemExit, match=r"train samples \(num_samples: 36 vs 33\)"):
+        _train(fewer, out, "--resume", "auto", sets=("epochs=3", "num_classes=3"))
+
+
+def test_damaged_step_checkpoint_falls_back_to_the_previous_one(runs, capsys):
+    """Step checkpoints every 2 steps (36 samples, 4 steps): checkpoint.pt is the epoch's
+    end, checkpoint.prev.pt step 4. Damaged, the latest is passed over, said so, and the
+    run continues from step 4 with an exact receipt."""
+    tmp, a, _ = runs
+    out = tmp / "stepdamage"
+    _train(a, out, "--save-every", "2", sets=("epochs=1", "num_classes=3"))
+    assert ckpt_position(out / "checkpoint.prev.pt") == (0, 32)
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    metrics = _train(a, out, "--resume", "auto", sets=("epochs=1", "num_classes=3"))
+    said = capsys.readouterr().out
+    assert "resuming from the previous one" in said
+    assert "epoch 0, step 4, sample 32 of the epoch" in said
+    assert metrics["coverage_check"] == "exact" and metrics["samples"] == 32
+
+
+def ckpt_position(path):
+    position = torch.load(path, weights_only=True)["position"]
+    return position["epoch"], position["consumed"]

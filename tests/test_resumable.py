@@ -15,6 +15,7 @@ from train.resumable import (
     coverage_hex,
     epoch_order,
     key_hash,
+    key_hashes,
     planned_coverage,
     read_rows,
 )
@@ -103,11 +104,10 @@ def test_receipt_equals_the_index_value(rows):
     value = 0
     for r in range(2):
         loader = _loader(rows, r, 2)
-        it = iter(loader)
-        for _ in range(loader.steps_left()):
-            next(it)
-        value ^= loader.coverage  # read before the epoch ends (then it starts again at 0)
-    assert coverage_hex(value) == planned_coverage(rows.keys, epoch_order(24, 5, 0))
+        list(loader)
+        assert loader.finished[:2] == (0, 24) and loader.coverage == 0  # the next epoch's
+        value ^= loader.finished[2]
+    assert coverage_hex(value) == planned_coverage(key_hashes(rows.keys), epoch_order(24, 5, 0))
     everything = 0
     for k in rows.keys:
         everything ^= key_hash(k)

@@ -31,7 +31,7 @@ class TrainConfig:
     progressive_end_epoch: int = 0  # epoch where the train size reaches image_size
     batch_size: int = 256  # images per process
     workers: int = 8  # data-loading processes per rank
-    shuffle_buffer: int = 5000  # samples held for shuffling, before decode
+    shuffle_buffer: int = 5000  # remote --data: samples held for shuffling (local: a permutation)
     epochs: int = 90
     lr: float = 0.1  # for a global batch of 256; scaled linearly with the global batch
     lr_schedule: str = "step"  # step | cosine | linear (FFCV: ramp up, then down to 0)

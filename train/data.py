@@ -30,7 +30,12 @@ import torch
 import webdataset as wds
 
 from prep.errors import PrepError, SampleError, SettingError
-from prep.workers import die_with_parent, keep_image_buffers_in_heap, worker_context
+from prep.workers import (
+    die_with_parent,
+    keep_image_buffers_in_heap,
+    terminate_only_from,
+    worker_context,
+)
 from shards import tarread
 from shards.manifest import find_split, parse_info
 from train.batch_ring import BatchRing, RingLoader, RingSlot
@@ -64,6 +69,11 @@ def shard_url(data: str, name: str) -> str:
     if tarread.is_local(data):
         return str(Path(data.removeprefix("file://")) / name)
     return data.rstrip("/") + "/" + name
+
+
+def local_dir(data: str) -> str | None:
+    """The directory of a local --data (None for a URL prefix or a pipe template)."""
+    return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
 
 def read_manifest_file(data: str, name: str) -> bytes | None:
@@ -283,8 +293,11 @@ def train_size(cfg: TrainConfig, epoch: int) -> int:
 
 
 def worker_init(_: int, main_pid: int) -> None:
-    """DataLoader workers: die with the trainer, keep Pillow's image buffers in the heap."""
+    """DataLoader workers: die with the trainer, keep Pillow's image buffers in the heap,
+    and leave a preemption's SIGTERM to the trainer (SLURM sends it to every process of
+    the job: a worker ended by it would fail the step the trainer is finishing)."""
     die_with_parent(main_pid)
+    terminate_only_from(main_pid)
     keep_image_buffers_in_heap()
 
 

@@ -6,15 +6,17 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.lr_scheduler import LRScheduler
 
+from prep.errors import PrepError
 from prep.progress import progress_bar
-from train.data import MEAN, STD
+from prep.scoring import RESTRICTED, global_index, official_label, real_for, subset_wnids
+from train.data import MEAN, STD, SplitInfo
 
 
 class Normalize:
@@ -44,23 +46,45 @@ class LossNotFinite(RuntimeError):
     pass
 
 
+@dataclass
+class EpochTally:
+    """An epoch's running sums on this rank: the loss summed over samples (float64, on the
+    device: no sync per step) and the samples trained on. A step checkpoint saves their sum
+    over ranks, and a resumed epoch starts rank 0's tally from it, so the epoch's train_loss
+    is the whole epoch's."""
+
+    loss_sum: torch.Tensor
+    seen: int = 0
+
+    @classmethod
+    def start(cls, device: torch.device, loss_sum: float = 0.0, seen: int = 0) -> EpochTally:
+        return cls(torch.tensor(loss_sum, dtype=torch.float64, device=device), seen)
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable, *, steps: int,
-                    optimizer: torch.optim.Optimizer, scheduler: LRScheduler,
-                    scaler: torch.amp.GradScaler, criterion: Callable, norm: Callable,
-                    cfg: Any, epoch: int, show: bool,
-                    log_step: Callable[[int, dict], None] | None = None) -> dict:
-    """One epoch of `steps` steps. `log_step(global_step, values)`, if given, receives the
-    loss, LR and img/s every `cfg.log_every` steps (TensorBoard)."""
+                    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    criterion: Callable, norm: Callable, cfg: Any, epoch: int, show: bool,
+                    lr_at: Callable[[int], float], tally: EpochTally,
+                    first_step: int = 0,
+                    log_step: Callable[[int, dict], None] | None = None,
+                    after_step: Callable[[int], None] | None = None) -> dict:
+    """The rest of an epoch: `steps` steps (batches of (images, labels, extra columns...)).
+    Step k runs at LR `lr_at(k)`; `first_step` is the run's global step count before it.
+    `log_step(global_step, values)`, if given, receives the loss, LR and img/s every
+    `cfg.log_every` steps; `after_step(k)` runs after every step (checkpoints, signals)."""
     model.train()
-    loss_sum = torch.zeros((), device=norm.device)
-    seen = 0
+    run_seen = 0
     wait = compute = 0.0
     t_epoch = t = time.perf_counter()
     bar = progress_bar(total=steps, desc=f"epoch {epoch}", disable=not show, unit="step")
-    for step, (images, labels) in enumerate(loader):
+    step = -1
+    for step, (images, labels, *_) in enumerate(loader):
         t_data = time.perf_counter()
         wait += t_data - t
         x, y = norm(images), labels.to(norm.device, non_blocking=True)
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         with autocast(norm.device, cfg.amp):
             out = model(x)
             loss = criterion(out, y)
@@ -68,28 +92,34 @@ def train_one_epoch(model: nn.Module, loader: Iterable, *, steps: int,
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
-        loss_sum += loss.detach() * len(y)
-        seen += len(y)
+        tally.loss_sum += loss.detach().double() * len(y)
+        tally.seen += len(y)
+        run_seen += len(y)
+        global_step = first_step + step + 1
         if step % cfg.log_every == 0 or step == steps - 1:
             value = loss.item()  # syncs the device: only every log_every steps
             if not math.isfinite(value):
                 raise LossNotFinite(f"loss is {value} at epoch {epoch} step {step}")
-            lr, img_s = scheduler.get_last_lr()[0], seen / (time.perf_counter() - t_epoch)
+            img_s = run_seen / (time.perf_counter() - t_epoch)
             bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.4f}", img_s=f"{img_s:.0f}")
             if log_step:
-                log_step(scheduler.last_epoch, {"loss": value, "lr": lr, "img_s": img_s})
+                log_step(global_step, {"loss": value, "lr": lr, "img_s": img_s})
+        if after_step:
+            after_step(step)
         t = time.perf_counter()
         compute += t - t_data
         bar.update()
     bar.close()
-    if seen != steps * cfg.batch_size:
-        raise RuntimeError(f"epoch {epoch}: {seen} samples, expected {steps} steps x "
-                           f"{cfg.batch_size}: the loader ended early")
-    total = reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=norm.device)]))
+    if step + 1 != steps:
+        raise RuntimeError(f"epoch {epoch}: {step + 1} steps, expected {steps}: the loader "
+                           "ended early")
+    total = reduce_sum(torch.stack([tally.loss_sum,
+                                    torch.tensor(float(tally.seen), dtype=torch.float64,
+                                                 device=norm.device)]))
     elapsed = time.perf_counter() - t_epoch
     world = dist.get_world_size() if dist.is_initialized() else 1
-    return {"train_loss": (total[0] / total[1]).item(), "train_img_s": seen * world / elapsed,
+    return {"train_loss": (total[0] / total[1].clamp(min=1)).item(),
+            "train_img_s": run_seen * world / elapsed,
             "data_wait": wait / max(elapsed, 1e-9), "epoch_s": elapsed}
 
 
@@ -172,3 +202,21 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
         out |= {"real_top1": sums[5].item() / r, "real_top5": sums[6].item() / r,
                 "real_samples": int(r)}
     return out
+
+
+def scoring(split: SplitInfo, classes: list[str] | None, split_name: str) -> dict:
+    """How `evaluate` scores this split: ImageNet-A/-R restrict the logits to their 200
+    classes; ImageNet val (any copy, any subset) adds ReaL's top-1/top-5."""
+    kind = (split.evalset or {}).get("kind")
+    if kind in RESTRICTED:
+        if classes is None:
+            raise PrepError(f"{kind}: the model's class list is unknown, so its logits cannot "
+                            "be restricted to the 200 classes; evaluate a checkpoint of this "
+                            "trainer or shards whose _info.json lists the classes")
+        index = {w: i for i, w in enumerate(classes)}
+        return {"valid": [index[w] for w in subset_wnids(kind) if w in index]}
+    if split.evalset is None and split_name in ("val", "validation") and classes and \
+            all(w in global_index() for w in classes):
+        return {"real": real_for, "official": official_label,
+                "to_global": [global_index()[w] for w in classes]}
+    return {}
