@@ -6,7 +6,8 @@ next step, on any number of ranks and workers. `--save-every` writes step checkp
 SIGTERM / SIGUSR1 make every rank finish its step, write one together and exit with
 EXIT_PREEMPTED (train.preempt). Every epoch's record carries its receipt: `samples` and
 `coverage` (train.resumable), checked against the index's value. Remote shards (a URL or
-a pipe) stream through train.data's loader and resume at epoch ends only.
+a pipe) and foreign ones (timm's: no index.parquet) stream through train.data's loader and
+resume at epoch ends only.
 The LR follows samples seen (epochs as a fraction), not steps, so it is continuous across a
 change of world size (docs/training.md).
 """
@@ -111,12 +112,15 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         if where.exists() and not where.is_dir():
             raise SettingError(f"--output-dir {out}: {where} is a file, not a directory; "
                                "choose a directory for checkpoints and metrics")
-    if args.save_every and local is None:
-        raise SettingError("--save-every: step checkpoints need the shards on a local "
-                           "directory (the loader seeks through index.parquet); remote --data "
-                           "resumes at epoch ends")
-    control = StepControl(args.save_every, rank, world)  # parses --save-every
     train_split, val_split = read_splits(args.data, "train", "val")
+    # random access needs a local `prep shard` output: its index.parquet gives every
+    # sample's shard and offset (foreign shards, timm's, have none: they stream)
+    seekable = local is not None and train_split.checksums is not None
+    if args.save_every and not seekable:
+        raise SettingError("--save-every: step checkpoints need `prep shard` output on a local "
+                           "directory (the loader seeks through index.parquet); remote or "
+                           "foreign shards resume at epoch ends")
+    control = StepControl(args.save_every, rank, world)  # parses --save-every
     if train_split.num_classes != cfg.num_classes:
         raise SettingError(f"the shards have {train_split.num_classes} classes, the config "
                            f"{cfg.num_classes}: --set num_classes={train_split.num_classes}")
@@ -125,7 +129,7 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         raise SettingError(f"{train_split.num_samples} train samples are fewer than one global "
                            f"batch ({world} process(es) x batch_size {cfg.batch_size}): lower "
                            "batch_size")
-    rows = read_rows(local, "train") if local is not None else None
+    rows = read_rows(local, "train") if seekable else None
     fingerprint = data_fingerprint(rows.keys, rows.shards, cfg.seed) if rows else None
     peak_lr = cfg.lr * world * cfg.batch_size / 256  # linear scaling rule (Goyal et al.)
     model_without_ddp = build_model(cfg, device)  # torchvision's name; `model` is wrapped
@@ -205,6 +209,8 @@ class Trainer:
         if self.loader is None or self.loader_size != size:
             cfg, pin = self.cfg, self.device.type == "cuda"
             collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, size, pin, self.decode)
+            if self.loader is not None:
+                self.loader.close()
             self.loader = ResumableLoader(
                 rows, _train_map(cfg, epoch, derive_seed(cfg.seed, epoch, self.rank),
                                  self.decode, self.cfg.num_classes),
@@ -286,6 +292,7 @@ class Trainer:
                 print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                   for k, v in metrics.items()}), flush=True)
             if self.control.stop_now():
+                self.stopped_at = (epoch + 1, 0)
                 self._preempted(f"stopped after epoch {epoch} (its checkpoint is written)")
         return metrics
 
@@ -315,8 +322,8 @@ class Trainer:
         loader = self.loader
         if loader is None:  # remote shards: no position to save inside an epoch
             if action == STOP:
-                self._preempted("stopped without a step checkpoint (remote --data resumes "
-                                "at the last epoch's checkpoint)")
+                self._preempted("stopped without a step checkpoint (remote or foreign shards "
+                                "resume at the last epoch's checkpoint)")
             return
         if at_end:  # the loader moved on to the next epoch: save the end of this one
             epoch, consumed, coverage = loader.finished
