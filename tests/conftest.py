@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -149,3 +152,30 @@ def tmpfs(path: Path, options: str):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def kill_job(proc, out: Path) -> None:
+    """SIGKILL every process of a torchrun job started with start_new_session=True and
+    writing to `out` (torchrun starts its workers in their own sessions), as a lost node or
+    a scheduler's preemption does, and wait until none is left."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while subprocess.run(["pkill", "-KILL", "-f", str(out)]).returncode == 0:
+        time.sleep(0.1)
+
+
+def rank_pids(out: Path, rank: int) -> list[int]:
+    """The process of the torchrun job writing to `out` whose RANK is `rank` (not its data
+    workers, which share its command line and environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmd and f"RANK={rank}".encode() in env and \
+                b"TORCHELASTIC_RUN_ID=" in b"\0".join(env):
+            found.append((int(proc.name), ppid))
+    return [pid for pid, ppid in found if ppid not in {p for p, _ in found}]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import sharded_sample
+from tests.conftest import kill_job, rank_pids, sharded_sample
 from train import checkpoint as ckpt
 from train.preempt import EXIT_PREEMPTED
 
@@ -65,14 +65,6 @@ def wait_for_step(out, step, proc):
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert time.time() < deadline
         time.sleep(0.02)
-
-
-def kill_job(proc, out):
-    """SIGKILL every process of the job, as a lost node does, and wait until none is left."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    while subprocess.run(["pkill", "-KILL", "-f", str(out)]).returncode == 0:
-        time.sleep(0.1)
 
 
 def index_receipt(shards):
@@ -195,20 +187,3 @@ def test_sigterm_to_the_whole_job_checkpoints_within_the_grace_time(shards, refe
     run(shards, out, 2, 2, "--resume", "auto")
     same_steps(lines(out / "steps.jsonl"), lines(reference / "steps.jsonl"))
     receipts_exact(out, shards)
-
-
-def rank_pids(out: Path, rank: int) -> list[int]:
-    """The process of the torchrun job writing to `out` whose RANK is `rank` (not its data
-    workers, which share its command line and environment)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        if str(out).encode() in cmd and f"RANK={rank}".encode() in env and \
-                b"TORCHELASTIC_RUN_ID=" in b"\0".join(env):
-            found.append((int(proc.name), ppid))
-    return [pid for pid, ppid in found if ppid not in {p for p, _ in found}]

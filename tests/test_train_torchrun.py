@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import sharded_sample
+from tests.conftest import kill_job, rank_pids, sharded_sample
 from train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow  # `make test-fast` skips these
@@ -77,33 +77,11 @@ def test_two_processes_train_evaluate_and_resume(shards, reference, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and not (part / "metrics.jsonl").is_file():
         time.sleep(0.05)
-    # torchrun starts its workers in their own sessions: kill every process of this run,
-    # as a scheduler's preemption does, and wait until none is left
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    while subprocess.run(["pkill", "-KILL", "-f", str(part)]).returncode == 0:
-        time.sleep(0.1)
+    kill_job(proc, part)  # every process of the run, as a scheduler's preemption does
     assert len(metrics(part)) == 1
     log = torchrun(shards, part, 2, "--resume", "auto")
     assert "resumed from" in log and "epoch 1, step 6" in log
     same_metrics(metrics(part), m)
-
-
-def rank_pids(out: Path, rank: int) -> list[int]:
-    """The worker process of the torchrun job writing to `out` whose RANK is `rank` (its
-    data-loader processes share its command line and environment: left out)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if str(out).encode() in cmd and f"RANK={rank}".encode() in env and \
-                b"TORCHELASTIC_RUN_ID=" in b"\0".join(env):
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            pids.append((int(proc.name), ppid))
-    return [pid for pid, ppid in pids if ppid not in {p for p, _ in pids}]  # not its loaders
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")

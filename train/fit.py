@@ -237,7 +237,7 @@ class Trainer:
             if rows is not None:
                 loader = self._train_loader(rows, epoch)
                 steps, consumed0 = loader.steps_left(), loader.consumed
-            else:  # remote shards: the streaming loader, from the epoch's start
+            else:  # remote or foreign shards: the streaming loader, from the epoch start
                 loader = make_train_loader(train_split, cfg, self.rank, world, epoch,
                                            self.skips, pin, self.decode)
                 steps, consumed0 = train_steps(n, world, cfg.batch_size), 0
