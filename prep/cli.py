@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from prep import __version__
-from prep.errors import PrepError, exit_on_error, ignore_sigint, refuse_overwrite, refuse_url
+from prep.errors import PrepError, exit_on_error, refuse_overwrite, refuse_url, run_program
 
 # numpy (the shard plan's permutation, pyarrow) starts one OpenBLAS thread per core, and on
 # start-up they cost ~0.15 s of CPU that the shard writers need; `prep` does no linear algebra
@@ -25,6 +25,21 @@ class LocalPath(click.Path):
             refuse_url(value, param.opts[0] if param else "path")
         except PrepError as exc:
             self.fail(str(exc), param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class OutPath(LocalPath):
+    """A local directory, or an object-storage prefix `s3://bucket/prefix` (kept as str)."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> object:
+        from shards.store import is_store_url, parse_url
+
+        if isinstance(value, str) and is_store_url(value):
+            try:
+                return str(parse_url(value))
+            except PrepError as exc:
+                self.fail(str(exc), param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -229,8 +244,9 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 @main.command()
 @click.option("--data", required=True, type=LocalPath(path_type=Path, file_okay=False),
               help="The imagenet/ dir `prep imagenet` made (holds train/, val/, meta/).")
-@click.option("--out", required=True, type=LocalPath(path_type=Path, file_okay=False),
-              help="Directory for the shards and manifest (made if missing).")
+@click.option("--out", required=True, type=OutPath(path_type=Path, file_okay=False),
+              help="Directory for the shards and manifest (made if missing), or an object "
+                   "store prefix s3://BUCKET/PREFIX (AWS_* settings, ~/.aws).")
 @click.option("--samples-per-shard", type=click.IntRange(1), default=None,
               help="Samples per shard (default: ~1250, shard count rounded to a power of 2).")
 @click.option("--num-shards", type=click.IntRange(1), default=None,
@@ -258,7 +274,7 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 @click.option("--force", is_flag=True,
               help="Replace shards in --out made from other input or options.")
 @quiet_option
-def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int | None,
+def shard(data: Path, out: Path | str, samples_per_shard: int | None, num_shards: int | None,
           workers: int | None, seed: int, max_size: int | None, quality: int, splits: str,
           on_error: str, check: str, shard_range: str | None, finalize: bool, force: bool,
           quiet: bool) -> None:
@@ -270,18 +286,28 @@ def shard(data: Path, out: Path, samples_per_shard: int | None, num_shards: int 
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), num_shards=num_shards,
         samples_per_shard=samples_per_shard, seed=seed, max_size=max_size, quality=quality,
         on_error=on_error, check=check)
-    r = shard_dataset(data, out, settings, workers=workers or len(os.sched_getaffinity(0)),
-                      shard_range=_shard_range(shard_range), force=force,
-                      finalize_only=finalize, progress=not quiet)
+    workers = workers or len(os.sched_getaffinity(0))
+    if isinstance(out, str):  # s3://bucket/prefix
+        from shards.store_build import shard_to_store
+
+        if shard_range or finalize:
+            raise PrepError("--shard-range / --finalize: not supported with an s3:// --out "
+                            "yet; write the parts to local directories, or shard in one run")
+        r = shard_to_store(data, out, settings, workers=workers, force=force,
+                           progress=not quiet)
+    else:
+        r = shard_dataset(data, out, settings, workers=workers,
+                          shard_range=_shard_range(shard_range), force=force,
+                          finalize_only=finalize, progress=not quiet)
     click.echo(format_shard(r, out))
 
 
 @main.command()
-@click.argument("out", type=LocalPath(path_type=Path, file_okay=False))
+@click.argument("out", type=OutPath(path_type=Path, file_okay=False))
 @click.option("--deep", is_flag=True, help="Also decode every image.")
 @workers_option("checking shards (default: CPU count)")
 @quiet_option
-def verify(out: Path, deep: bool, workers: int | None, quiet: bool) -> None:
+def verify(out: Path | str, deep: bool, workers: int | None, quiet: bool) -> None:
     """Check shards against the manifest: counts, checksums, members, keys, labels."""
     from prep.report import format_verify
     from shards.verify import verify_shards
@@ -294,10 +320,7 @@ def verify(out: Path, deep: bool, workers: int | None, quiet: bool) -> None:
 
 def run() -> None:
     """The `prep` program (console script and `python -m prep.cli`)."""
-    try:
-        main()
-    finally:
-        ignore_sigint()
+    run_program(main)
 
 
 if __name__ == "__main__":

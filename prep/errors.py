@@ -48,11 +48,31 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
         except PrepError as exc:  # SystemExit with a text: printed to stderr, exit status 1
             raise SystemExit(f"error: {worker_message(exc)}") from None
         except KeyboardInterrupt:
-            print("interrupted: rerun the same command to continue where it stopped",
-                  file=sys.stderr, flush=True)
-            raise SystemExit(INTERRUPTED) from None
+            _interrupted()
 
     return run
+
+
+def _interrupted() -> None:
+    print("interrupted: rerun the same command to continue where it stopped",
+          file=sys.stderr, flush=True)
+    raise SystemExit(INTERRUPTED) from None
+
+
+def run_program(main: Callable[[], object]) -> None:
+    """Run an entry point (wrapped in exit_on_error) as a program. Once it returns or
+    raises, Ctrl-C is ignored (interpreter shutdown joins pool threads; a SIGINT there
+    has nothing left to interrupt and would end the process silently with -SIGINT). A
+    SIGINT that lands between the end of `main` and that switch, where exit_on_error no
+    longer catches it, still gives the one `interrupted` line and exit status 130."""
+    try:
+        try:
+            main()
+        finally:
+            ignore_sigint()
+    except KeyboardInterrupt:
+        ignore_sigint()
+        _interrupted()
 
 
 def worker_message(exc: BaseException) -> str:
@@ -68,9 +88,7 @@ def worker_message(exc: BaseException) -> str:
 def ignore_sigint() -> None:
     """Ignore Ctrl-C. Pool workers (initializer): the main process stops the pool and
     prints one line (a worker would otherwise print its own KeyboardInterrupt traceback).
-    A program whose work is done and reported (in a `finally` around its entry point): a
-    Ctrl-C during interpreter shutdown, while pool threads are joined, has nothing left to
-    interrupt and would end the process silently with -SIGINT."""
+    A program whose work is done and reported: see run_program."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

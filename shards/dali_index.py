@@ -27,28 +27,34 @@ def index_path(tar: str | os.PathLike) -> Path:
 
 
 def dali_index(tar: str | os.PathLike) -> bytes:
-    """The index wds2idx would write for `tar`: samples grouped by consecutive key (the
-    member name up to the first dot of its file name), hidden-file members skipped."""
-    samples: list[list[str]] = []
-    last = None
+    """The index wds2idx would write for the shard file `tar`."""
     with open(tar, "rb") as f:
         if os.fstat(f.fileno()).st_size == 0:
             raise ValueError(f"{tar}: empty shard")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            for name, offset, size in members(buf, str(tar)):
-                slash = name.rfind("/") + 1
-                dot = name.find(".", slash)
-                base, ext = (name[:dot], name[dot + 1 :]) if dot >= 0 else (name[:-1], name)
-                if not base or base.endswith("/"):
-                    continue
-                entry = f"{ext} {offset} {size} {name}"
-                if base != last:
-                    samples.append([entry])
-                    last = base
-                else:
-                    samples[-1].append(entry)
+            return dali_index_of(buf, str(tar))
+
+
+def dali_index_of(buf: bytes | mmap.mmap, where: str) -> bytes:
+    """The index wds2idx would write for the tar held by `buf`: samples grouped by
+    consecutive key (the member name up to the first dot of its file name), hidden-file
+    members skipped."""
+    samples: list[list[str]] = []
+    last = None
+    for name, offset, size in members(buf, where):
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        base, ext = (name[:dot], name[dot + 1 :]) if dot >= 0 else (name[:-1], name)
+        if not base or base.endswith("/"):
+            continue
+        entry = f"{ext} {offset} {size} {name}"
+        if base != last:
+            samples.append([entry])
+            last = base
+        else:
+            samples[-1].append(entry)
     if not samples:
-        raise ValueError(f"{tar}: no samples")
+        raise ValueError(f"{where}: no samples")
     lines = [f"{VERSION} {len(samples)}"] + [" ".join(s) for s in samples]
     return ("\n".join(lines) + "\n").encode()
 

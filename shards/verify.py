@@ -20,7 +20,7 @@ from prep.errors import PrepError
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
 from prep.progress import progress_bar
 from prep.workers import process_pool
-from shards.dali_index import dali_index, index_path
+from shards.dali_index import dali_index_of, index_path
 from shards.manifest import (
     INDEX,
     INFO,
@@ -43,31 +43,74 @@ class VerifyReport:
         return not self.problems
 
 
-def _read_manifest(out: Path) -> tuple[dict, dict[str, str]]:
-    info_file = next((out / n for n in INFO_NAMES if (out / n).is_file()), out / INFO)
-    sums_file = out / SUMS
-    if not info_file.is_file():
-        raise PrepError(f"{info_file}: missing; is {out} a finished `prep shard` output? "
+class LocalFiles:
+    """The files of a shard directory (for verify_shards and its workers)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def tars(self) -> list[str]:
+        return sorted(p.name for p in self.root.glob("*.tar"))
+
+    def where(self, name: str) -> str:
+        return str(self.root / name)
+
+
+class StoreFiles:
+    """The objects of a store prefix (shards.store), read whole or streamed."""
+
+    def __init__(self, url: str):
+        from shards.store import Store
+
+        self.store = Store(url)
+
+    def read(self, name: str) -> bytes | None:
+        return self.store.get(name)
+
+    def tars(self) -> list[str]:
+        return sorted(n for n in self.store.list() if n.endswith(".tar") and "/" not in n)
+
+    def where(self, name: str) -> str:
+        return self.store.where.url(name)
+
+
+def _read_manifest(files: LocalFiles | StoreFiles) -> tuple[dict, dict[str, str]]:
+    info_name = INFO
+    raw = None
+    for n in INFO_NAMES:
+        raw = files.read(n)
+        if raw is not None:
+            info_name = n
+            break
+    if raw is None:
+        raise PrepError(f"{files.where(INFO)}: missing; is it a finished `prep shard` output? "
                         "(a partial one: rerun `prep shard` to finish it)")
-    info = parse_info(info_file.read_bytes(), str(info_file))
-    if not sums_file.is_file():
+    info = parse_info(raw, files.where(info_name))
+    sums = files.read(SUMS)
+    if sums is None:
         if info.get("format") == "timm":  # timm's published shards carry no checksums
             return info, {}
-        raise PrepError(f"{sums_file}: missing")
-    return info, parse_sums(sums_file.read_bytes(), str(sums_file))
+        raise PrepError(f"{files.where(SUMS)}: missing")
+    return info, parse_sums(sums, files.where(SUMS))
 
 
-def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: int | None,
-                labelled: bool, deep: bool, ours: bool = True,
-                rows: dict[str, list] | None = None) -> tuple[list[str], list[str], int]:
-    """(problems, keys, file size) for one shard file; `ours`: written by prep shard (it has
+def check_shard(files: LocalFiles | StoreFiles, name: str, expected_len: int,
+                digest: str | None, num_classes: int | None, labelled: bool, deep: bool,
+                ours: bool = True, rows: dict[str, list] | None = None
+                ) -> tuple[list[str], list[str], int]:
+    """(problems, keys, file size) for one shard; `ours`: written by prep shard (it has
     DALI's index beside it; timm's published shards do not); `rows`: its index.parquet rows
     by column, compared member by member."""
-    name = path.name
-    if not path.is_file():
+    data = files.read(name)
+    if data is None:
         return [f"{name}: missing"], [], 0
     problems: list[str] = []
-    data = path.read_bytes()
     if digest and hashlib.sha256(data).hexdigest() != digest:
         problems.append(f"{name}: sha256 differs from {SUMS} (corrupt or replaced)")
     samples: dict[str, dict[str, bytes]] = {}
@@ -92,13 +135,14 @@ def check_shard(path: Path, expected_len: int, digest: str | None, num_classes: 
         problems += _check_sample(name, key, samples[key], num_classes, labelled, deep)
     if len(order) != expected_len:
         problems.append(f"{name}: {len(order)} samples, manifest says {expected_len}")
-    idx = index_path(path)
+    idx = index_path(name).name
+    idx_bytes = files.read(idx) if ours else None
     if not ours:
         pass
-    elif not idx.is_file():
-        problems.append(f"{idx.name}: missing (DALI's index of {name}; rerun prep shard)")
-    elif not problems and idx.read_bytes() != dali_index(path):
-        problems.append(f"{idx.name}: does not match {name} (DALI would read wrong offsets)")
+    elif idx_bytes is None:
+        problems.append(f"{idx}: missing (DALI's index of {name}; rerun prep shard)")
+    elif not problems and idx_bytes != dali_index_of(data, name):
+        problems.append(f"{idx}: does not match {name} (DALI would read wrong offsets)")
     if len(set(order)) != len(order):
         problems.append(f"{name}: repeated sample keys")
     if rows is not None:
@@ -180,25 +224,29 @@ def _check_job(args: tuple) -> tuple[list[str], list[str], int]:
     return check_shard(*args)
 
 
-def verify_shards(out: Path, deep: bool = False, workers: int = 1,
+def verify_shards(out: Path | str, deep: bool = False, workers: int = 1,
                   progress: bool = True) -> VerifyReport:
-    info, sums = _read_manifest(out)
+    """Check a shard directory, or a store prefix `s3://bucket/prefix` (its objects read
+    by the workers, each shard whole, as from disk)."""
+    from shards.store import is_store_url
+
+    files = StoreFiles(str(out)) if is_store_url(out) else LocalFiles(Path(out))
+    info, sums = _read_manifest(files)
     ours = isinstance(info.get("prep"), dict)  # a prep shard output: every manifest file
-    index = _read_index(out) if ours else {}
+    index = _read_index(files) if ours else {}
     report = VerifyReport()
     jobs, splits_of = [], []
     for split, s in info["splits"].items():
         for fname, n in zip(s["filenames"], s["shard_lengths"]):
-            jobs.append((out / fname, n, sums.get(fname), info["num_classes"],
+            jobs.append((files, fname, n, sums.get(fname), info["num_classes"],
                          split != "test", deep, info.get("format") != "timm",
                          index.get(fname, _EMPTY_ROWS) if ours else None))
             splits_of.append(split)
             if fname not in sums and info.get("format") != "timm":
                 report.problems.append(f"{fname}: no checksum in {SUMS}")
-    listed = {j[0].name for j in jobs}
+    listed = {j[1] for j in jobs}
     report.problems += [f"{n}: in {out} but not in {INFO}; move it away (readers that glob "
-                        "*.tar would read it)" for n in sorted(p.name for p in out.glob("*.tar"))
-                        if n not in listed]
+                        "*.tar would read it)" for n in files.tars() if n not in listed]
     report.problems += [f"{INDEX}: rows for {n}, which {INFO} does not list"
                         for n in sorted(set(index) - listed)]
     seen: dict[str, dict[str, str]] = {}
@@ -210,12 +258,12 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
             report.problems += problems
             report.shards += 1
             report.samples += len(keys)
-            sizes[job[0].name] = (len(keys), size)
+            sizes[job[1]] = (len(keys), size)
             where = seen.setdefault(split, {})
             for k in keys:
                 if k in where:
-                    report.problems.append(f"{job[0].name}: key {k} also in {where[k]}")
-                where[k] = job[0].name
+                    report.problems.append(f"{job[1]}: key {k} also in {where[k]}")
+                where[k] = job[1]
             bar.update()
     bar.close()
     for split, s in info["splits"].items():
@@ -223,24 +271,23 @@ def verify_shards(out: Path, deep: bool = False, workers: int = 1,
             report.problems.append(f"{split}: {len(seen.get(split, {}))} samples, manifest "
                                    f"says {s['num_samples']}")
         if ours:
-            report.problems += _check_wids(out, split, s["filenames"], sizes)
+            report.problems += _check_wids(files, split, s["filenames"], sizes)
     return report
 
 
 _EMPTY_ROWS: dict[str, list] = {"key": []}
 
 
-def _read_index(out: Path) -> dict[str, dict[str, list]]:
-    """index.parquet's rows, by shard then column (empty when missing: then every shard's
-    rows are reported missing)."""
+def _read_index(files: LocalFiles | StoreFiles) -> dict[str, dict[str, list]]:
+    """index.parquet's rows, by shard then column."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = out / INDEX
-    if not path.is_file():
+    path, raw = files.where(INDEX), files.read(INDEX)
+    if raw is None:
         raise PrepError(f"{path}: missing; rerun `prep shard` to finish the manifest")
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(raw))
     except (pa.ArrowException, OSError) as exc:
         raise PrepError(f"{path}: not a readable Parquet file ({exc})") from exc
     shards: dict[str, dict[str, list]] = {}
@@ -252,23 +299,24 @@ def _read_index(out: Path) -> dict[str, dict[str, list]]:
     return shards
 
 
-def _check_wids(out: Path, split: str, names: list[str],
+def _check_wids(files: LocalFiles | StoreFiles, split: str, names: list[str],
                 sizes: dict[str, tuple[int, int]]) -> list[str]:
     """`<split>.shardindex.json` (wids): each listed shard's nsamples and filesize."""
     split = next((k for k, v in INFO_SPLIT_NAMES.items() if v == split), split)
-    path = out / f"{split}.shardindex.json"
+    name = f"{split}.shardindex.json"
+    raw = files.read(name)
+    if raw is None:
+        return [f"{name}: missing (wids reads it); rerun prep shard"]
     try:
-        listed = json.loads(path.read_text())["shardlist"]
+        listed = json.loads(raw)["shardlist"]
         have = [(e["url"], e["nsamples"], e["filesize"]) for e in listed]
-    except FileNotFoundError:
-        return [f"{path.name}: missing (wids reads it); rerun prep shard"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        return [f"{path.name}: not a wids shard index ({exc})"]
+        return [f"{name}: not a wids shard index ({exc})"]
     want = [(n, *sizes.get(n, (0, 0))) for n in names]
     if have != want:
         pad = max(len(have), len(want))
         first = next((h, w) for h, w in zip(have + [None] * pad, want + [None] * pad)
                      if h != w)
-        return [f"{path.name}: lists {first[0]}, the shard is {first[1]} (url, nsamples, "
+        return [f"{name}: lists {first[0]}, the shard is {first[1]} (url, nsamples, "
                 "filesize): wids would read wrong samples"]
     return []

@@ -179,3 +179,36 @@ def rank_pids(out: Path, rank: int) -> list[int]:
                 b"TORCHELASTIC_RUN_ID=" in b"\0".join(env):
             found.append((int(proc.name), ppid))
     return [pid for pid, ppid in found if ppid not in {p for p, _ in found}]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS) for the session; scripts/s3_server.py starts it."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from s3_server import SeaweedFS
+
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The session's S3 server with a fresh bucket for this test; the AWS_* variables are
+    set (for this process and the programs it starts). s3.url(prefix) -> s3://bucket/prefix."""
+    import re
+
+    if s3_server.proc is None:  # a test stopped it and did not restart it
+        s3_server.start()
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + \
+        f"-{os.getpid() % 10000}-{int(time.time() * 1000) % 100000}"
+    s3_server.make_bucket(bucket)
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PREP_S3_RETRY_SECONDS", "20")
+    s3_server.bucket = bucket
+    s3_server.url = lambda prefix="": f"s3://{bucket}/{prefix}".rstrip("/")
+    yield s3_server

@@ -229,6 +229,19 @@ def test_ctrl_c_during_prep_shard_prints_one_line(make_sample, tmp_path):
         pytest.skip("every run finished before the signal reached it")
 
 
+def test_ctrl_c_after_the_work_ends_still_gives_one_line():
+    """A SIGINT that lands once the entry point is done, outside exit_on_error (the window
+    where CI once saw a process die with -SIGINT and a traceback), still gives one
+    `interrupted` line and exit status 130."""
+    code = ("import os, signal; from prep.errors import run_program; "
+            "run_program(lambda: os.kill(os.getpid(), signal.SIGINT))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "interrupted: rerun the same command to continue where it stopped"], proc.stderr
+
+
 def test_one_error_path_for_both_entry_points():
     """Both `prep` and train/main.py turn PrepError into one `error: ...` line on stderr and
     exit status 1, as real processes (prep.errors.exit_on_error)."""

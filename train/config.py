@@ -31,7 +31,8 @@ class TrainConfig:
     progressive_end_epoch: int = 0  # epoch where the train size reaches image_size
     batch_size: int = 256  # images per process
     workers: int = 8  # data-loading processes per rank
-    shuffle_buffer: int = 5000  # remote --data: samples held for shuffling (local: a permutation)
+    shuffle_buffer: int = 5000  # URL/pipe --data: samples held for shuffling (local: a permutation)
+    shard_window: int = 16  # s3:// --data: shards shuffled together; the cache holds ~2 windows
     epochs: int = 90
     lr: float = 0.1  # for a global batch of 256; scaled linearly with the global batch
     lr_schedule: str = "step"  # step | cosine | linear (FFCV: ramp up, then down to 0)

@@ -37,7 +37,9 @@ from prep.workers import (
     worker_context,
 )
 from shards import tarread
+from shards.cache import ShardCache
 from shards.manifest import find_split, parse_info
+from shards.store import Store, StoreError, is_store_url
 from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.config import TrainConfig
 from train.decode import TrainDecoder, ValDecoder, derive_seed, worker_slot
@@ -58,6 +60,47 @@ class SplitInfo:
     # for shards without one (timm's): then nothing is checked
     checksums: dict[str, array] | None = None
     split: str = ""  # its name as asked for: "test" holds unlabelled samples
+    cache: ShardCache | None = None  # s3:// --data: this node's cache of the shards
+
+
+def default_cache_dir() -> str:
+    """Where shards from object storage are cached by default: $XDG_CACHE_HOME/prep-shards
+    (~/.cache/prep-shards), one folder for every rank and worker of the node."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "prep-shards")
+
+
+def local_world() -> int:
+    """Processes of this run on this node (torchrun's LOCAL_WORLD_SIZE; 1 without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def open_store_cache(data: str, cache_dir: str | None, cache_size: str | None,
+                     shards_at_once: int) -> ShardCache | None:
+    """The node's cache for an s3:// --data (None for any other): bounded by `cache_size`
+    (`200GB`, `500MiB`, bytes; default: the whole output, or half the free disk), which must
+    hold `shards_at_once` of the largest shard (what the loaders of a node pin at once)."""
+    from shards.cache import human, open_cache, parse_size
+
+    if not is_store_url(data):
+        return None
+    try:
+        limit = parse_size(cache_size) if cache_size is not None else None
+    except ValueError as exc:
+        raise SettingError(f"--cache-size {exc}") from None
+    root = cache_dir or default_cache_dir()
+    try:
+        cache = open_cache(Store(data), root, limit)
+    except OSError as exc:
+        raise SettingError(f"--cache-dir {root}: cannot use it ({exc.strerror})") from None
+    need = shards_at_once * cache.largest()
+    if cache.limit < need:
+        raise SettingError(
+            f"--cache-size {human(cache.limit)} is too small for {data}: the loaders of this "
+            f"node hold up to {shards_at_once} shards at once (2 x shard_window + 2, or ranks "
+            f"x workers + 1) of up to {human(cache.largest())}: give at least {human(need)}"
+            + ("" if cache_size else f" (free space under {root} is short)"))
+    return cache
 
 
 def shard_url(data: str, name: str) -> str:
@@ -72,7 +115,7 @@ def shard_url(data: str, name: str) -> str:
 
 
 def local_dir(data: str) -> str | None:
-    """The directory of a local --data (None for a URL prefix or a pipe template)."""
+    """The directory of a local --data (None for a URL prefix, a store or a pipe template)."""
     return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
 
@@ -80,6 +123,8 @@ def read_manifest_file(data: str, name: str) -> bytes | None:
     """File `name` of a shard output (directory, URL prefix or pipe template); None when a
     local one does not exist."""
     where = shard_url(data, name)
+    if is_store_url(data):
+        return Store(data).get(name)
     if tarread.is_local(where):
         return Path(where).read_bytes() if Path(where).is_file() else None
     try:
@@ -198,15 +243,19 @@ class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's sta
 
     def __init__(self, handler: Callable[[Exception], bool] | None = None,
                  keep: tuple[str, ...] = ("jpg", "cls"),
-                 checksums: dict[str, array] | None = None):
-        self.handler, self.keep, self.checksums = handler, keep, checksums
+                 checksums: dict[str, array] | None = None, cache: ShardCache | None = None):
+        self.handler, self.keep, self.checksums, self.cache = handler, keep, checksums, cache
 
     def __call__(self, sources: Iterable[dict]) -> Iterator[dict]:
         for source in sources:
             url = source["url"]
             crcs = self.checksums.get(url) if self.checksums is not None else None
+            pinned = None
             try:
-                if tarread.is_local(url):
+                if self.cache is not None:  # object storage: a checked, pinned local copy
+                    pinned = self.cache.open(self.cache.name(url))
+                    files = tarread.local_files(pinned.path)
+                elif tarread.is_local(url):
                     files = tarread.local_files(url.removeprefix("file://"))
                 else:  # webdataset opens URLs and pipes; the grouping is the same stage
                     files = ((f["fname"], lambda d=f["data"]: d)
@@ -217,9 +266,14 @@ class read_shards:  # noqa: N801 - a pipeline stage, named like webdataset's sta
                     if crcs is not None and not self._intact(sample, crcs, pos):
                         continue  # skipped under the handler's rule (it raised otherwise)
                     yield sample
+            except StoreError:
+                raise  # the store stayed away, or its bytes are not SHA256SUMS's: stop
             except Exception as exc:
                 if self.handler is None or not self.handler(exc):
                     raise
+            finally:
+                if pinned is not None:
+                    pinned.close()
 
     def _intact(self, sample: dict, crcs: array, pos: int) -> bool:
         """Whether the jpg is the one the index recorded; a sample that is not goes to the
@@ -381,7 +435,7 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
                                   decode)
     pipeline = wds.DataPipeline(
         EpochShards(split.urls, rank, world, cfg.seed, epoch, repeat=True),
-        read_shards(skips, checksums=split.checksums),
+        read_shards(skips, checksums=split.checksums, cache=split.cache),
         skips.count,
         wds.shuffle(cfg.shuffle_buffer, initial=min(cfg.shuffle_buffer, 1000),
                     rng=random.Random(seed)),
@@ -410,7 +464,8 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
     workers = max(cfg.workers, 1)
     labelled = split.split != "test"  # test samples carry cls -1, or none (timm's)
     # json: what the predictions pickle says of a sample comes from the sample itself
-    read = read_shards(keep=("jpg", "cls", "json"), checksums=split.checksums)
+    read = read_shards(keep=("jpg", "cls", "json"), checksums=split.checksums,
+                       cache=split.cache)
     if len(split.urls) >= world * workers:
         stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read]
     else:  # too few shards: split at the sample level instead

@@ -5,9 +5,10 @@ epoch's order consumed), saved in every checkpoint, so `--resume auto` continues
 next step, on any number of ranks and workers. `--save-every` writes step checkpoints;
 SIGTERM / SIGUSR1 make every rank finish its step, write one together and exit with
 EXIT_PREEMPTED (train.preempt). Every epoch's record carries its receipt: `samples` and
-`coverage` (train.resumable), checked against the index's value. Remote shards (a URL or
-a pipe) and foreign ones (timm's: no index.parquet) stream through train.data's loader and
-resume at epoch ends only.
+`coverage` (train.resumable), checked against the index's value. Shards in object storage
+(s3://) take the same path through a node's bounded cache (shards.cache), their order
+shuffled in windows of `shard_window` shards. Shards behind a URL or a pipe and foreign ones
+(timm's: no index.parquet) stream through train.data's loader and resume at epoch ends only.
 The LR follows samples seen (epochs as a fraction), not steps, so it is continuous across a
 change of world size (docs/training.md).
 """
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from prep.errors import PrepError, SampleError, SettingError, refuse_inside
+from shards.cache import ShardCache
+from shards.store import is_store_url
 from train import checkpoint as ckpt
 from train import jpeg_region
 from train.config import TrainConfig
@@ -34,8 +37,10 @@ from train.data import (
     _train_map,
     _with_ring,
     local_dir,
+    local_world,
     make_eval_loader,
     make_train_loader,
+    open_store_cache,
     read_splits,
     train_size,
     train_steps,
@@ -113,13 +118,19 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
             raise SettingError(f"--output-dir {out}: {where} is a file, not a directory; "
                                "choose a directory for checkpoints and metrics")
     train_split, val_split = read_splits(args.data, "train", "val")
-    # random access needs a local `prep shard` output: its index.parquet gives every
-    # sample's shard and offset (foreign shards, timm's, have none: they stream)
-    seekable = local is not None and train_split.checksums is not None
+    # random access needs a `prep shard` output on local disk or in object storage: its
+    # index.parquet gives every sample's shard and offset (foreign shards, timm's, have
+    # none; URL and pipe --data cannot seek: they stream)
+    store = is_store_url(args.data)
+    seekable = (local is not None or store) and train_split.checksums is not None
     if args.save_every and not seekable:
         raise SettingError("--save-every: step checkpoints need `prep shard` output on a local "
-                           "directory (the loader seeks through index.parquet); remote or "
-                           "foreign shards resume at epoch ends")
+                           "directory or in object storage (the loader seeks through "
+                           "index.parquet); URL, pipe or foreign shards resume at epoch ends")
+    window = min(cfg.shard_window, len(train_split.urls)) if store and seekable else 0
+    train_split.cache = val_split.cache = open_store_cache(
+        args.data, args.cache_dir, args.cache_size,
+        max(2 * window + 2, local_world() * max(cfg.workers, 1) + 1))
     control = StepControl(args.save_every, rank, world)  # parses --save-every
     if train_split.num_classes != cfg.num_classes:
         raise SettingError(f"the shards have {train_split.num_classes} classes, the config "
@@ -129,8 +140,8 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         raise SettingError(f"{train_split.num_samples} train samples are fewer than one global "
                            f"batch ({world} process(es) x batch_size {cfg.batch_size}): lower "
                            "batch_size")
-    rows = read_rows(local, "train") if seekable else None
-    fingerprint = data_fingerprint(rows.keys, rows.shards, cfg.seed) if rows else None
+    rows = read_rows(args.data, "train") if seekable else None
+    fingerprint = data_fingerprint(rows.keys, rows.shards, cfg.seed, window) if rows else None
     peak_lr = cfg.lr * world * cfg.batch_size / 256  # linear scaling rule (Goyal et al.)
     model_without_ddp = build_model(cfg, device)  # torchvision's name; `model` is wrapped
     optimizer = build_optimizer(model_without_ddp, cfg, peak_lr)
@@ -161,6 +172,7 @@ def fit(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     trainer = Trainer(args, cfg, rank, world, device, decode, out, model, model_without_ddp,
                       optimizer, scaler, control, run, peak_lr)
     trainer.fingerprint, trainer.classes = fingerprint, train_split.classes
+    trainer.cache, trainer.window = train_split.cache, window
     control.install()
     stopped = False
     try:
@@ -196,6 +208,8 @@ class Trainer:
         self.fingerprint: dict | None = None
         self.classes: list[str] | None = None
         self.stopped_at: tuple[int, int] | None = None  # the position of the last save
+        self.cache: ShardCache | None = None  # s3:// data: this node's shard cache
+        self.window = 0  # s3:// data: shards shuffled together (epoch_order)
 
     def _on_skip(self, s: Skipped) -> None:
         self.skips(SampleError(s.why))  # warns; raises above max_skip_rate
@@ -216,11 +230,11 @@ class Trainer:
                                  self.decode, self.cfg.num_classes),
                 batch_size=cfg.batch_size, rank=self.rank, world=self.world, seed=cfg.seed,
                 workers=cfg.workers, collate=collate_fn, ring=ring, pin=pin,
-                on_skip=self._on_skip)
+                on_skip=self._on_skip, cache=self.cache, window=self.window)
             self.loader_size = size
             self.loader.load_state_dict(
                 {"version": STATE_VERSION, "epoch": epoch, "num_samples": len(rows.keys),
-                 "seed": cfg.seed,
+                 "seed": cfg.seed, "window": self.window,
                  "consumed": self.run.consumed if epoch == self.run.epoch else 0})
         return self.loader
 
@@ -360,8 +374,9 @@ class Trainer:
         samples the epoch planned: stops naming the difference."""
         epoch, consumed, coverage = self.loader.finished
         done = self._gathered(EpochTally.start(self.device), coverage)
-        planned = planned_coverage(hashes, epoch_order(len(hashes), self.cfg.seed,
-                                                       epoch)[:consumed])
+        order = epoch_order(len(hashes), self.cfg.seed, epoch, self.window,
+                            self.loader.shard_sizes)
+        planned = planned_coverage(hashes, order[:consumed])
         if coverage_hex(done.coverage ^ done.skipped_xor) != planned:
             raise PrepError(f"epoch {epoch}: coverage {coverage_hex(done.coverage)} is not the "
                             f"index's {planned} for the epoch's {consumed} planned samples: "
@@ -440,8 +455,8 @@ def _resume(path: str | None, auto: bool, cfg: TrainConfig, classes: list[str] |
             check_fingerprint(state.get("data"), fingerprint, str(src), data)
         elif position["consumed"]:
             raise PrepError(f"{src}: a step checkpoint (epoch {position['epoch']}, sample "
-                            f"{position['consumed']}) needs local shards to seek to its "
-                            f"position; {data} is remote")
+                            f"{position['consumed']}) needs local or s3:// shards to seek to "
+                            f"its position; {data} can only be streamed")
         run = RunState(position["epoch"], position["consumed"], state["step"], best, history,
                        Partial(**(state.get("partial") or {})), state.get("rng"),
                        state.get("world_size", 0))

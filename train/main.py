@@ -33,10 +33,10 @@ from prep.errors import (
     PrepError,
     SettingError,
     exit_on_error,
-    ignore_sigint,
     refuse_inside,
     refuse_overwrite,
     refuse_url,
+    run_program,
 )
 from prep.predictions import per_class_accuracy, write_predictions
 from train import checkpoint as ckpt
@@ -50,7 +50,9 @@ from train.config import (
 )
 from train.data import (
     local_dir,
+    local_world,
     make_eval_loader,
+    open_store_cache,
     read_split,
 )
 from train.device_decode import resolve_decode
@@ -65,9 +67,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 epilog=settings_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True,
-                   help="`prep shard` output: a directory, a URL prefix (http://host/shards) or "
-                   "a pipe: template with {} for the file name, e.g. 'pipe:aws s3 cp "
-                   "s3://bucket/shards/{} -'")
+                   help="`prep shard` output: a directory, an object-storage prefix "
+                   "s3://BUCKET/PREFIX (AWS_* settings, ~/.aws; read through --cache-dir), a "
+                   "URL prefix (http://host/shards) or a pipe: template with {} for the file "
+                   "name, e.g. 'pipe:curl -s http://host/shards/{}'")
+    p.add_argument("--cache-dir", default=None,
+                   help="s3:// --data: where this node keeps shards, shared by its ranks and "
+                   "workers (default: $XDG_CACHE_HOME/prep-shards, ~/.cache/prep-shards)")
+    p.add_argument("--cache-size", default=None, metavar="SIZE",
+                   help="s3:// --data: the most the cache dir holds at any moment, e.g. 200GB, "
+                   "500MiB or bytes; least recently used shards go first (default: the whole "
+                   "dataset, or half the free space there when that is less)")
     p.add_argument("--recipe", default=None, help="YAML settings file (default: none)")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override one setting, e.g. --set epochs=3 (default: none)")
@@ -76,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'auto' (OUTPUT_DIR/checkpoint.pt if present) or a path (default: none)")
     p.add_argument("--save-every", default=None, metavar="N|TIME",
                    help="also write a step checkpoint every N steps, or every TIME (90s, 30m, "
-                   "1.5h); local shards only (default: at epoch ends only)")
+                   "1.5h); local or s3:// shards (default: at epoch ends only)")
     p.add_argument("--evaluate", action="store_true", help="only evaluate --checkpoint")
     p.add_argument("--checkpoint", default=None, help="weights to evaluate (default: none)")
     p.add_argument("--split", default="val", help="split to evaluate (default: val)")
@@ -169,7 +179,7 @@ def parse_device(device_arg: str | None, local_rank: int) -> torch.device:
         raise SettingError(f"--device {device_arg}: CUDA is not available here (no GPU, or no "
                            "driver); use --device cpu")
     index = int(m[1]) if m[1] is not None else local_rank
-    if int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1 and m[1] is not None:
+    if local_world() > 1 and m[1] is not None:
         raise SettingError(f"--device {device_arg}: with several processes on this node each "
                            "rank takes its own GPU (LOCAL_RANK); pass --device cuda")
     if index >= torch.cuda.device_count():
@@ -187,8 +197,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
     if use_cuda:
         torch.cuda.set_device(device)
     else:  # share the cores among the processes of this node
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world()))
     if world > 1:
         init_process_group("nccl" if use_cuda else "gloo")
     return rank, world, device
@@ -200,6 +209,8 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     if not args.checkpoint:
         raise SettingError("--evaluate needs --checkpoint PATH")
     split = read_split(args.data, args.split)
+    split.cache = open_store_cache(args.data, args.cache_dir, args.cache_size,
+                                   local_world() * max(cfg.workers, 1) + 1)
     if args.out:
         out = Path(args.out)
         refuse_overwrite(out, {"checkpoint": args.checkpoint}, "--out")
@@ -254,7 +265,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        ignore_sigint()  # done: a Ctrl-C during shutdown must not end it with -SIGINT
+    run_program(main)

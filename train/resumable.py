@@ -29,22 +29,46 @@ import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from prep.errors import SampleError
+from prep.errors import PrepError, SampleError
 from shards import tarread
-from train.data import jpg_mismatch, worker_settings
+from shards.cache import Pinned, ShardCache
+from train.data import jpg_mismatch, read_manifest_file, shard_url, worker_settings
 from train.decode import derive_seed
 
 STATE_VERSION = 1
 
 
-def epoch_order(num_samples: int, seed: int, epoch: int) -> np.ndarray:
-    """The epoch's order: a permutation of 0..num_samples-1, the same on every rank."""
-    return np.random.default_rng([seed, epoch]).permutation(num_samples)
+def epoch_order(num_samples: int, seed: int, epoch: int, window: int = 0,
+                shard_sizes: tuple[int, ...] = ()) -> np.ndarray:
+    """The epoch's order: a permutation of 0..num_samples-1, the same on every rank.
+    `window` 0: the ideal shuffle, any sample next to any other. `window` W (object
+    storage, where a node caches a bounded number of shards): the shards in a seeded order,
+    taken W at a time, and the samples of each window of W shards shuffled together;
+    `shard_sizes` are the samples of each shard, in index order (their samples are
+    consecutive there). Every sample still comes once per epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    if not window:
+        return rng.permutation(num_samples)
+    starts = np.cumsum([0, *shard_sizes])
+    shards = rng.permutation(len(shard_sizes))  # the first draw: see window_of_shard
+    parts = []
+    for g in range(0, len(shards), window):
+        members = np.concatenate([np.arange(starts[s], starts[s + 1])
+                                  for s in shards[g : g + window]])
+        parts.append(members[rng.permutation(len(members))])
+    return np.concatenate(parts) if parts else np.arange(0)
+
+
+def window_of_shard(num_shards: int, seed: int, epoch: int, window: int) -> np.ndarray:
+    """The window (0, 1, ...) each shard falls in, in `epoch_order` of that epoch."""
+    where = np.empty(num_shards, dtype=np.int64)
+    where[np.random.default_rng([seed, epoch]).permutation(num_shards)] = \
+        np.arange(num_shards) // window
+    return where
 
 
 def key_hash(key: str) -> int:
@@ -74,25 +98,42 @@ class SplitRows:
     """Where every sample of a split is: index.parquet's rows in manifest order."""
 
     keys: list[str]
-    shards: list[str]  # local path of each sample's shard
+    shards: list[str]  # each sample's shard: a local path, or its s3:// URL
     offsets: list[int]
     crcs: list[int]
 
+    def shard_sizes(self) -> tuple[int, ...]:
+        """Samples per shard, in index order (a shard's samples are consecutive)."""
+        sizes: list[int] = []
+        last = None
+        for shard in self.shards:
+            if shard != last:
+                sizes.append(0)
+                last = shard
+            sizes[-1] += 1
+        return tuple(sizes)
+
 
 def read_rows(data: str | os.PathLike, split: str) -> SplitRows:
-    """index.parquet's rows of `split` (`val` or `validation` alike) of a local shard dir."""
+    """index.parquet's rows of `split` (`val` or `validation` alike) of a `prep shard`
+    output: a local directory or an object-storage prefix (s3://)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from shards.manifest import INFO_SPLIT_NAMES
 
     names = {split, INFO_SPLIT_NAMES.get(split, split)} | {
         k for k, v in INFO_SPLIT_NAMES.items() if v == split}
-    table = pq.read_table(Path(data) / "index.parquet",
+    data = os.fspath(data)
+    raw = read_manifest_file(data, "index.parquet")
+    if raw is None:
+        raise PrepError(f"{shard_url(data, 'index.parquet')}: missing; rerun `prep shard`")
+    table = pq.read_table(pa.BufferReader(raw),
                           columns=["key", "split", "shard", "offset", "jpg_crc32"])
     cols = table.to_pydict()
     keep = [i for i, s in enumerate(cols["split"]) if s in names]
     return SplitRows([cols["key"][i] for i in keep],
-                     [str(Path(data) / cols["shard"][i]) for i in keep],
+                     [shard_url(data, cols["shard"][i]) for i in keep],
                      [cols["offset"][i] for i in keep], [cols["jpg_crc32"][i] for i in keep])
 
 
@@ -101,21 +142,55 @@ class IndexedSamples(torch.utils.data.Dataset):
     against its CRC-32, then `decode(sample)` with `decode.rng` seeded from (seed, epoch, i)
     when it has one (the same augmentation whatever the worker count)."""
 
-    def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], seed: int):
+    def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], seed: int,
+                 cache: ShardCache | None = None, window: int = 0):
+        """`cache`: shards in object storage, read through it (window: epoch_order's), each
+        process holding the shards of its current window only (the loader reads windows in
+        order, so the older ones are done with)."""
         self.rows, self.decode, self.seed = rows, decode, seed
+        self.cache, self.window = cache, window
         self._maps: dict[str, mmap.mmap] = {}  # per worker process: opened on first use
+        self._pins: dict[str, tuple[tuple, Pinned]] = {}  # cached: ((epoch, window), pin)
+        self._numbers = {u: i for i, u in enumerate(dict.fromkeys(rows.shards))} \
+            if cache is not None else {}
+        self._windows: dict[int, np.ndarray] = {}  # per epoch: each shard's window
 
     def __len__(self) -> int:
         return len(self.rows.keys)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}  # maps are per process
+        return {**self.__dict__, "_maps": {}, "_pins": {}}  # maps are per process
 
-    def _map(self, path: str) -> mmap.mmap:
+    def _map(self, path: str, epoch: int) -> mmap.mmap:
         if path not in self._maps:
-            with open(path, "rb") as f:
-                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if self.cache is not None:
+                self._open_cached(path, epoch)
+            else:
+                with open(path, "rb") as f:
+                    self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[path]
+
+    def _open_cached(self, url: str, epoch: int) -> None:
+        """Pin and map a cached shard; let go of those of earlier windows."""
+        numbers = self._numbers
+        if epoch not in self._windows:
+            self._windows[epoch] = window_of_shard(len(numbers), self.seed, epoch,
+                                                   self.window or len(numbers))
+        seq = (epoch, int(self._windows[epoch][numbers[url]]))
+        for old in [u for u, (s, _) in self._pins.items() if s < seq]:
+            self._maps.pop(old).close()
+            self._pins.pop(old)[1].close()
+        pinned = self.cache.open(self.cache.name(url))
+        self._pins[url] = (seq, pinned)
+        self._maps[url] = pinned.map()
+
+    def release(self) -> None:
+        """Unmap the shards this process holds (and let go of cached ones)."""
+        for m in self._maps.values():
+            m.close()
+        for _, pinned in self._pins.values():
+            pinned.close()
+        self._maps, self._pins = {}, {}
 
     def __getitem__(self, item: tuple[int, int]) -> tuple | Skipped:
         """The decoded sample and its key; a sample that cannot be used (bytes unlike the
@@ -123,7 +198,7 @@ class IndexedSamples(torch.utils.data.Dataset):
         epoch, i = item
         path = self.rows.shards[i]
         try:
-            sample = tarread.sample_at(self._map(path), path, self.rows.offsets[i])
+            sample = tarread.sample_at(self._map(path, epoch), path, self.rows.offsets[i])
             if sample["__key__"] != self.rows.keys[i]:
                 raise SampleError(f"{path}: no sample {self.rows.keys[i]} at offset "
                                   f"{self.rows.offsets[i]} (index.parquet does not match it)")
@@ -162,11 +237,12 @@ class SkipAware:
 
 
 def rank_batches(num_samples: int, seed: int, epoch: int, consumed: int, world: int,
-                 rank: int, batch_size: int) -> Iterator[list[int]]:
+                 rank: int, batch_size: int, window: int = 0,
+                 shard_sizes: tuple[int, ...] = ()) -> Iterator[list[int]]:
     """This rank's sample indices, step by step, for the rest of `epoch` from `consumed`:
     global step k takes the next world x batch samples of the epoch's order, rank r the
     r-th block of them."""
-    order = epoch_order(num_samples, seed, epoch)
+    order = epoch_order(num_samples, seed, epoch, window, shard_sizes)
     step = world * batch_size
     for k in range((num_samples - consumed) // step):
         start = consumed + k * step + rank * batch_size
@@ -181,14 +257,15 @@ class _Batches(torch.utils.data.Sampler):
     iterator's shutdown can tell the workers to stop (each then hung 5 s)."""
 
     def __init__(self, num_samples: int, seed: int, epoch: int, consumed: int, world: int,
-                 rank: int, batch_size: int):
+                 rank: int, batch_size: int, window: int, shard_sizes: tuple[int, ...]):
         self.args = (num_samples, seed, epoch, consumed, world, rank, batch_size)
+        self.window, self.shard_sizes = window, shard_sizes
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         num_samples, seed, epoch, consumed, world, rank, batch_size = self.args
         while True:
             for batch in rank_batches(num_samples, seed, epoch, consumed, world, rank,
-                                      batch_size):
+                                      batch_size, self.window, self.shard_sizes):
                 yield [(epoch, i) for i in batch]
             epoch, consumed = epoch + 1, 0
 
@@ -201,15 +278,20 @@ class ResumableLoader:
     def __init__(self, rows: SplitRows, decode: Callable[[dict], tuple], *, batch_size: int,
                  rank: int = 0, world: int = 1, seed: int = 0, workers: int = 0,
                  collate: Callable | None = None, ring: object | None = None,
-                 on_skip: Callable[[Skipped], None] | None = None, pin: bool = False):
+                 on_skip: Callable[[Skipped], None] | None = None, pin: bool = False,
+                 cache: ShardCache | None = None, window: int = 0):
         """`collate` / `ring`: train.data's batch collation into reused shared buffers
         (BatchRing), for image batches; by default each column comes as a list/tensor.
         `on_skip(skipped)`: called for each unusable sample (left out of its batch and of the
-        receipt); without it, an unusable sample stops the iteration (SampleError)."""
+        receipt); without it, an unusable sample stops the iteration (SampleError).
+        `cache`: shards in object storage, read through this node's cache; `window`: shards
+        shuffled together (epoch_order), part of the position's meaning."""
         self.on_skip, self.pin = on_skip, pin
         self.rows, self.batch_size, self.rank, self.world = rows, batch_size, rank, world
         self.seed, self.workers, self.collate, self.ring = seed, workers, collate, ring
-        self.dataset = IndexedSamples(rows, decode, seed)
+        self.window = window
+        self.shard_sizes = rows.shard_sizes() if window else ()
+        self.dataset = IndexedSamples(rows, decode, seed, cache, window)
         self.epoch, self.consumed = 0, 0
         self.coverage = 0  # this rank's XOR of key hashes in the current epoch
         # (epoch, consumed, this rank's coverage) of the last epoch iterated to its end
@@ -224,7 +306,8 @@ class ResumableLoader:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Batches(len(self.rows.keys), self.seed, self.epoch,
                                                  self.consumed, self.world, self.rank,
-                                                 self.batch_size),
+                                                 self.batch_size, self.window,
+                                                 self.shard_sizes),
             collate_fn=SkipAware(self.collate or _columns), pin_memory=self.pin,
             **worker_settings(self.workers))
         if self.ring is not None:
@@ -253,16 +336,18 @@ class ResumableLoader:
     def close(self) -> None:
         """Stop the workers now (they would otherwise stop when the loader is collected)."""
         self._stream = None
+        self.dataset.release()
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
-                "num_samples": len(self.rows.keys), "seed": self.seed}
+                "num_samples": len(self.rows.keys), "seed": self.seed, "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
         """Seek to a saved position: nothing read and dropped. Refuses a state from another
         split size or seed, naming the difference."""
-        for name, mine in (("num_samples", len(self.rows.keys)), ("seed", self.seed)):
-            if state.get(name) != mine:
+        for name, mine in (("num_samples", len(self.rows.keys)), ("seed", self.seed),
+                           ("window", self.window)):
+            if state.get(name, 0 if name == "window" else None) != mine:
                 raise ValueError(f"loader state from another run: {name} {state.get(name)!r}, "
                                  f"this loader has {mine!r}")
         if not 0 <= state["consumed"] <= len(self.rows.keys):

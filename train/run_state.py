@@ -44,18 +44,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def data_fingerprint(keys: list[str], shards: list[str], seed: int) -> dict:
+def data_fingerprint(keys: list[str], shards: list[str], seed: int, window: int = 0) -> dict:
     """What a saved position refers to: the split's keys in index order, its shard files
-    and the order's seed."""
+    and the order's seed and shard window (object storage; 0 on local disk)."""
     digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
     names = sorted({s.rsplit("/", 1)[-1] for s in shards})
     return {"num_samples": len(keys), "keys_sha256": digest,
             "shards_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest(),
-            "num_shards": len(names), "seed": seed}
+            "num_shards": len(names), "seed": seed, "window": window}
 
 
 WHAT = {"num_samples": "train samples", "keys_sha256": "train sample keys (index.parquet)",
-        "shards_sha256": "shard files", "num_shards": "shard files", "seed": "seed"}
+        "shards_sha256": "shard files", "num_shards": "shard files", "seed": "seed",
+        "window": "shard_window (the order shuffles shards in windows on object storage)"}
 
 
 def check_fingerprint(saved: dict | None, mine: dict, src: str, data: str) -> None:
@@ -63,10 +64,10 @@ def check_fingerprint(saved: dict | None, mine: dict, src: str, data: str) -> No
     difference."""
     if saved is None:
         return
-    for name in ("seed", "num_samples", "num_shards", "shards_sha256", "keys_sha256"):
-        if saved.get(name) != mine[name]:
-            have = (f"{saved.get(name)} vs {mine[name]}" if name in
-                    ("seed", "num_samples", "num_shards") else "they differ")
+    for name in ("seed", "num_samples", "num_shards", "shards_sha256", "keys_sha256", "window"):
+        if saved.get(name, 0 if name == "window" else None) != mine[name]:
+            have = (f"{saved.get(name, 0)} vs {mine[name]}" if name in
+                    ("seed", "num_samples", "num_shards", "window") else "they differ")
             raise PrepError(f"{src}: its position is in other data than {data}: "
                             f"{WHAT[name]} ({name}: {have}). Resuming would train on the "
                             "wrong samples: resume with the same shards and seed, or start a "

@@ -1,0 +1,313 @@
+"""Object storage: `s3://bucket/prefix` on AWS S3 or any S3-compatible store (MinIO, Ceph,
+SeaweedFS, R2, GCS's S3 interface), through boto3.
+
+Why boto3: it is the reference client, it reads the ecosystem's configuration with no
+toolkit-specific setting (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+`AWS_REGION`, `AWS_PROFILE` and `~/.aws`), does multipart uploads several parts at once
+(s3transfer), and sends conditional PUTs (`If-None-Match: *`) for the writer's lock.
+
+Every request has a timeout (connect 10 s, read 60 s). Failures that a store recovers
+from (connection refused or reset, timeouts, 5xx, 503 SlowDown and other throttling, a
+body cut short) are retried with exponential backoff and jitter for up to the retry budget:
+`PREP_S3_RETRY_SECONDS` (default 300 s, enough for a store restart); then one StoreError
+naming the store and the object. Errors a retry cannot mend (no such bucket, access
+refused, a wrong key) are said at once. A custom endpoint is addressed path-style
+(`http://host:port/bucket/key`), which MinIO, Ceph and SeaweedFS expect.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from prep.errors import PrepError
+
+T = TypeVar("T")
+RETRY_SECONDS = 300.0
+PART = 16 << 20  # ranged GETs and multipart uploads: 16 MiB parts
+PARALLEL = 8  # parts in flight per object
+_RETRYABLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                    "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                    "RequestLimitExceeded", "TooManyRequests"}
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "AllAccessDisabled",
+               "InvalidToken", "ExpiredToken"}
+
+
+class StoreError(PrepError):
+    """The store cannot give what is asked (stayed away past the retry budget, refused
+    access, an object missing or unlike its digest): the run stops, never skips it."""
+
+
+def is_store_url(value: str | os.PathLike) -> bool:
+    return os.fspath(value).startswith("s3://")
+
+
+@dataclass(frozen=True)
+class StoreURL:
+    bucket: str
+    prefix: str  # without leading or trailing "/"; "" for the bucket's top
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def url(self, name: str = "") -> str:
+        return f"s3://{self.bucket}/{self.key(name)}" if name else str(self)
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+
+
+def parse_url(url: str) -> StoreURL:
+    """`s3://bucket/prefix` -> StoreURL; anything else is refused with the reason."""
+    m = re.fullmatch(r"s3://([^/]+)/*(.*?)/*", url)
+    if not m or not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", m[1]):
+        raise PrepError(f"{url}: not an s3://BUCKET/PREFIX URL (bucket names are 3+ "
+                        "lowercase letters, digits, '.', '-')")
+    if "//" in m[2]:
+        raise PrepError(f"{url}: an empty path segment ('//') in the prefix")
+    return StoreURL(m[1], m[2])
+
+
+def retry_budget() -> float:
+    """Seconds a failing request is retried: PREP_S3_RETRY_SECONDS, default 300."""
+    raw = os.environ.get("PREP_S3_RETRY_SECONDS", "")
+    try:
+        return float(raw) if raw else RETRY_SECONDS
+    except ValueError:
+        raise PrepError(f"PREP_S3_RETRY_SECONDS={raw!r}: not a number of seconds") from None
+
+
+class Store:
+    """One bucket/prefix. The boto3 client is made on first use in each process (a Store
+    pickles without it, for loader workers)."""
+
+    def __init__(self, url: str | StoreURL, retry_for: float | None = None):
+        self.where = parse_url(url) if isinstance(url, str) else url
+        self.retry_for = retry_budget() if retry_for is None else retry_for
+        # the AWS_* settings of the process that named the store: a loader worker started
+        # from a forkserver has the environment of the server's start, not of this moment
+        self.settings = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self) -> botocore.client.BaseClient:  # noqa: F821 - boto3 is imported late
+        if self._client is None:
+            self._client = make_client(self.settings)
+        return self._client
+
+    def endpoint(self) -> str:
+        return self.client.meta.endpoint_url
+
+    # --- requests, each retried within the budget -----------------------------------------
+    def call(self, name: str, what: str, fn: Callable[[], T]) -> T:
+        """fn() with retries; `name` (an object name or "") and `what` go into errors."""
+        from botocore.exceptions import ClientError, NoCredentialsError
+
+        deadline, delay, tries = time.monotonic() + self.retry_for, 0.5, 0
+        while True:
+            tries += 1
+            try:
+                return fn()
+            except NoCredentialsError:
+                raise StoreError(f"{self.where.url(name)}: no credentials for the store while "
+                                f"{what}; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
+                                "AWS_PROFILE (~/.aws)") from None
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in _AUTH_CODES or status in (401, 403):
+                    raise StoreError(
+                        f"{self.where.url(name)}: the store refused access ({code}) while "
+                        f"{what}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
+                        "AWS_PROFILE") from None
+                if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
+                    raise StoreError(f"{self.where.url(name)}: missing from the store while "
+                                    f"{what}; `prep verify {self.where}` lists what is "
+                                    "missing, a rerun of `prep shard` rewrites it") from None
+                if code == "NoSuchBucket":
+                    raise StoreError(f"{self.where}: no bucket {self.where.bucket!r} at "
+                                    f"{self.endpoint()}; create it first") from None
+                if not (code in _RETRYABLE_CODES or status >= 500 or status == 429):
+                    raise
+                why = f"{code or status}"
+            except Exception as exc:  # connection refused / reset, timeouts, short bodies
+                if not _transient(exc):
+                    raise
+                why = f"{type(exc).__name__}: {str(exc)[:160]}"
+            if time.monotonic() + delay > deadline:
+                raise StoreError(
+                    f"{self.where.url(name)}: the store at {self.endpoint()} did not answer "
+                    f"while {what} for {self.retry_for:.0f} s ({tries} tries; last: {why}); "
+                    "PREP_S3_RETRY_SECONDS sets how long to retry") from None
+            time.sleep(delay * (0.5 + random.random() / 2))
+            delay = min(delay * 2, 15.0)
+
+    def get(self, name: str) -> bytes | None:
+        """The object's bytes; None when it does not exist."""
+        def fetch() -> bytes | None:
+            try:
+                return self.client.get_object(Bucket=self.where.bucket,
+                                              Key=self.where.key(name))["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                return None
+        return self.call(name, "reading it", fetch)
+
+    def head(self, name: str) -> dict | None:
+        """{"size", "etag"} of an object; None when it does not exist."""
+        from botocore.exceptions import ClientError
+
+        def ask() -> dict | None:
+            try:
+                r = self.client.head_object(Bucket=self.where.bucket, Key=self.where.key(name))
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            return {"size": r["ContentLength"], "etag": r.get("ETag", "")}
+        return self.call(name, "asking for its size", ask)
+
+    def put(self, name: str, data: bytes, only_new: bool = False) -> bool:
+        """Write an object. `only_new`: a conditional PUT (If-None-Match: *); False when the
+        object exists already (nothing written)."""
+        from botocore.exceptions import ClientError
+
+        def send() -> bool:
+            extra = {"IfNoneMatch": "*"} if only_new else {}
+            try:
+                self.client.put_object(Bucket=self.where.bucket, Key=self.where.key(name),
+                                       Body=data, **extra)
+            except ClientError as exc:
+                if only_new and exc.response.get("Error", {}).get("Code") in (
+                        "PreconditionFailed", "ConditionalRequestConflict", "412"):
+                    return False
+                raise
+            return True
+        return self.call(name, "writing it", send)
+
+    def upload(self, name: str, path: str | os.PathLike) -> None:
+        """Upload a local file; a large one goes up in PART-sized parts, PARALLEL at once."""
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART,
+                             max_concurrency=PARALLEL, use_threads=True)
+        self.call(name, "uploading it", lambda: self.client.upload_file(
+            os.fspath(path), self.where.bucket, self.where.key(name), Config=cfg))
+
+    def download(self, name: str, fd: int, size: int) -> None:
+        """Write the object (of `size` bytes) into the open file `fd` at offset 0, in ranged
+        GETs of PART bytes, PARALLEL at once; each range retried on its own."""
+        ranges = [(o, min(o + PART, size)) for o in range(0, size, PART)] or [(0, 0)]
+
+        def part(span: tuple[int, int]) -> None:
+            lo, hi = span
+            if hi == lo:
+                return
+
+            def fetch() -> None:
+                body = self.client.get_object(Bucket=self.where.bucket,
+                                              Key=self.where.key(name),
+                                              Range=f"bytes={lo}-{hi - 1}")["Body"].read()
+                if len(body) != hi - lo:
+                    raise _ShortRead(f"{len(body)} of {hi - lo} bytes")
+                os.pwrite(fd, body, lo)
+            self.call(name, f"reading bytes {lo}-{hi - 1}", fetch)
+
+        if len(ranges) == 1:
+            part(ranges[0])
+            return
+        with ThreadPoolExecutor(min(PARALLEL, len(ranges))) as pool:
+            list(pool.map(part, ranges))
+
+    def list(self) -> dict[str, dict]:
+        """{name under the prefix: {"size", "etag"}} of every object under the prefix."""
+        base = self.where.key("")
+
+        def walk() -> dict[str, dict]:
+            found = {}
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.where.bucket, Prefix=base)
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    found[obj["Key"][len(base):]] = {"size": obj["Size"],
+                                                     "etag": obj.get("ETag", "")}
+            return found
+        return self.call("", "listing the prefix", walk)
+
+    def delete(self, names: list[str]) -> None:
+        for name in names:
+            self.call(name, "deleting it", lambda n=name: self.client.delete_object(
+                Bucket=self.where.bucket, Key=self.where.key(n)))
+
+    def stream(self, name: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """The object's bytes in chunks, read range by range (each range retried)."""
+        info = self.head(name)
+        if info is None:
+            raise StoreError(f"{self.where.url(name)}: missing from the store")
+        for lo in range(0, info["size"], PART):
+            hi = min(lo + PART, info["size"])
+
+            def fetch(lo: int = lo, hi: int = hi) -> bytes:
+                body = self.client.get_object(Bucket=self.where.bucket,
+                                              Key=self.where.key(name),
+                                              Range=f"bytes={lo}-{hi - 1}")["Body"].read()
+                if len(body) != hi - lo:
+                    raise _ShortRead(f"{len(body)} of {hi - lo} bytes")
+                return body
+            data = self.call(name, f"reading bytes {lo}-{hi - 1}", fetch)
+            for i in range(0, len(data), chunk):
+                yield data[i : i + chunk]
+
+
+class _ShortRead(Exception):
+    """A body shorter than the range asked for (a connection cut mid-body)."""
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failure is one a store recovers from (retry) rather than a code error."""
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    return isinstance(exc, (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError,
+                            ConnectTimeoutError, IncompleteReadError, ResponseStreamingError,
+                            ConnectionError, TimeoutError, Urllib3Error, _ShortRead))
+
+
+def make_client(env: dict[str, str] | None = None) -> botocore.client.BaseClient:  # noqa: F821
+    """A boto3 S3 client from the standard configuration: the AWS_* variables of `env`
+    (default: this process's environment), then ~/.aws. Path-style addressing when an
+    endpoint is set (MinIO, Ceph, SeaweedFS)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import NoCredentialsError, ProfileNotFound
+
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")} if env is None else env
+    custom = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    cfg = Config(connect_timeout=10, read_timeout=60, retries={"max_attempts": 1},
+                 max_pool_connections=2 * PARALLEL,
+                 s3={"addressing_style": "path"} if custom else None)
+    try:
+        session = boto3.session.Session(profile_name=env.get("AWS_PROFILE"))
+        return session.client(
+            "s3", config=cfg, endpoint_url=custom or None,
+            aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"),
+            aws_session_token=env.get("AWS_SESSION_TOKEN"),
+            region_name=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+    except (NoCredentialsError, ProfileNotFound) as exc:
+        raise StoreError(f"object storage: {exc}") from None

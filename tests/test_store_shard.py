@@ -1,0 +1,208 @@
+"""`prep shard --out s3://...` and `prep verify s3://...` against a real S3 server
+(SeaweedFS, tests/conftest.py `s3`): the same bytes as on disk, manifest last, resume,
+one writer, --force, foreign objects, refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import sharded_sample, tree_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def objects(s3, prefix: str) -> dict[str, bytes]:
+    """{name under prefix: bytes} of every object under `prefix` in the test's bucket."""
+    c = s3.client()
+    out = {}
+    for page in c.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket,
+                                                            Prefix=prefix + "/"):
+        for o in page.get("Contents", []):
+            out[o["Key"][len(prefix) + 1:]] = c.get_object(Bucket=s3.bucket,
+                                                           Key=o["Key"])["Body"].read()
+    return out
+
+
+def local_files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()
+            and not p.name.startswith(".")}
+
+
+def prep(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prep.cli", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    """A sample prepared and sharded to a local dir: (data view, local shard dir)."""
+    local = sharded_sample(tmp_path, "ilsvrc2017", 4, classes=6, train_per_class=8,
+                           val_per_class=3, test_images=2, size=48)
+    return tmp_path / "data/imagenet", local
+
+
+def test_store_output_is_byte_for_byte_the_local_one(s3, sharded):
+    data, local = sharded
+    src_before = tree_hash(data.parent.parent / "src")
+    r = prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards", "4",
+             "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert s3.url("ds") in r.stdout
+    remote = objects(s3, "ds")
+    mine = {n: b for n, b in remote.items() if not n.startswith(".")}
+    assert mine == local_files(local)
+    assert sorted(n for n in remote if n.startswith(".")) == sorted(
+        [".prep-shard/manifest.json", ".prep-shard/plan.json"] +
+        [f".prep-shard/parts/{n}.json" for n in mine if n.endswith(".tar")])
+    assert tree_hash(data.parent.parent / "src") == src_before
+    # a rerun keeps every shard and rewrites nothing
+    r = prep("shard", "--data", str(data), "--out", s3.url("ds"), "--num-shards", "4", "-q")
+    tars = sum(n.endswith(".tar") for n in mine)
+    assert r.returncode == 0 and "wrote 0 shards" in r.stdout and f"kept {tars}" in r.stdout
+    assert objects(s3, "ds") == remote
+
+
+def test_replaced_shard_object_is_rewritten_and_verify_names_it(s3, sharded):
+    data, local = sharded
+    url = s3.url("ds")
+    assert prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "4"
+                ).returncode == 0
+    assert prep("verify", url, "-q").returncode == 0
+    c = s3.client()
+    c.put_object(Bucket=s3.bucket, Key="ds/train-000001.tar", Body=b"other bytes" * 100)
+    r = prep("verify", url, "-q")
+    assert r.returncode == 1
+    assert "train-000001.tar: sha256 differs from SHA256SUMS" in r.stdout
+    c.delete_object(Bucket=s3.bucket, Key="ds/val-000002.tar")
+    r = prep("verify", url, "-q")
+    assert "val-000002.tar: missing" in r.stdout
+    r = prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "4")
+    assert r.returncode == 0, r.stderr
+    assert "wrote 2 shards" in r.stdout
+    assert {n: b for n, b in objects(s3, "ds").items() if not n.startswith(".")} == \
+        local_files(local)
+    r = prep("verify", url, "--deep", "-q")
+    assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken(s3, sharded):
+    data, _ = sharded
+    c = s3.client()
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lock = {"pid": holder.pid, "host": os.uname().nodename, "command": "prep shard X",
+                "heartbeat": time.time()}
+        c.put_object(Bucket=s3.bucket, Key="ds/.prep-shard.lock", Body=json.dumps(lock))
+        r = prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"))
+        assert r.returncode == 1
+        assert f"another `prep shard` is writing it (pid {holder.pid} on" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # its holder is gone: the lock is stale and taken over
+    r = prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards", "4")
+    assert r.returncode == 0, r.stderr
+    assert ".prep-shard.lock" not in objects(s3, "ds")  # released at the end
+
+
+def test_foreign_objects_are_refused_and_force_deletes_only_recorded_ones(s3, sharded):
+    data, _ = sharded
+    c = s3.client()
+    c.put_object(Bucket=s3.bucket, Key="theirs/notes.txt", Body=b"keep me")
+    r = prep("shard", "-q", "--data", str(data), "--out", s3.url("theirs"))
+    assert r.returncode == 1 and "not made by prep shard (notes.txt)" in r.stderr
+    assert objects(s3, "theirs") == {"notes.txt": b"keep me"}
+
+    url = s3.url("ds")
+    assert prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "4"
+                ).returncode == 0
+    c.put_object(Bucket=s3.bucket, Key="ds/README.md", Body=b"mine")
+    r = prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "2")
+    assert r.returncode == 1 and "--force" in r.stderr
+    r = prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "2", "--force")
+    assert r.returncode == 0, r.stderr
+    after = objects(s3, "ds")
+    assert after["README.md"] == b"mine"
+    assert sorted(n for n in after if n.endswith(".tar")) == [
+        "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar",
+        "val-000000.tar", "val-000001.tar"]
+
+
+def test_a_killed_upload_leaves_no_manifest_and_a_rerun_finishes(s3, tmp_path):
+    local = sharded_sample(tmp_path, "ilsvrc2017", 16, classes=8, train_per_class=40,
+                           val_per_class=4, test_images=0, size=64)
+    data, url = tmp_path / "data/imagenet", s3.url("ds")
+    proc = subprocess.Popen([sys.executable, "-m", "prep.cli", "shard", "-q", "--data",
+                             str(data), "--out", url, "--num-shards", "16", "--workers", "1"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    c = s3.client()
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once some shards are up
+        listed = c.list_objects_v2(Bucket=s3.bucket, Prefix="ds/.prep-shard/parts/")
+        if listed.get("KeyCount", 0) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert "_info.json" not in objects(s3, "ds")  # a reader never sees a half dataset
+    r = prep("shard", "-q", "--data", str(data), "--out", url, "--num-shards", "16")
+    assert r.returncode == 0, r.stderr  # the dead holder's lock is stale (same host)
+    kept = int(r.stdout.split("kept ")[1].split()[0])
+    assert kept >= 3
+    assert {n: b for n, b in objects(s3, "ds").items() if not n.startswith(".")} == \
+        local_files(local)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/x", "s3://", "s3://AB/x", "https://host/x"])
+def test_urls_it_cannot_write_are_refused_never_taken_for_paths(tmp_path, sharded, url):
+    data, _ = sharded
+    work = tmp_path / "cwd"
+    work.mkdir()
+    r = subprocess.run([sys.executable, "-m", "prep.cli", "shard", "-q", "--data", str(data),
+                        "--out", url], cwd=work, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2, r.stderr
+    assert url in r.stderr and "Traceback" not in r.stderr
+    assert list(work.iterdir()) == []  # no folder named `gs:` or `s3:`
+
+
+def test_wrong_key_and_missing_bucket_say_one_line(s3, sharded):
+    data, _ = sharded
+    r = prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"),
+             env={"AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "refused access" in r.stderr, r.stderr
+    r = prep("verify", "s3://no-such-bucket-here/ds")
+    assert r.returncode == 1 and "no bucket 'no-such-bucket-here'" in r.stderr, r.stderr
+
+
+def test_large_shards_go_up_in_parts(s3, tmp_path, monkeypatch):
+    """A file over the part size goes up as a multipart upload: same bytes back."""
+    from shards import store as store_mod
+
+    monkeypatch.setattr(store_mod, "PART", 5 << 20)  # S3's smallest part
+    blob = os.urandom(12 << 20)
+    (tmp_path / "big").write_bytes(blob)
+    st = store_mod.Store(s3.url("p"))
+    st.upload("big.tar", tmp_path / "big")
+    head = s3.client().head_object(Bucket=s3.bucket, Key="p/big.tar")
+    assert head["ETag"].strip('"').endswith("-3")  # three parts
+    fd = os.open(tmp_path / "back", os.O_RDWR | os.O_CREAT)
+    try:
+        st.download("big.tar", fd, len(blob))
+    finally:
+        os.close(fd)
+    assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == \
+        hashlib.sha256(blob).digest()
