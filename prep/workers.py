@@ -48,9 +48,14 @@ def worker_context(preload: Iterable[str] = ()) -> BaseContext:
     # clears it). A Ctrl-C inside those few ms is lost; the next one works.
     # SIGUSR1 likewise: SLURM's preemption warning (`--signal=USR1@...`) reaches every
     # process of the job, and its default action would end the server and the workers.
+    # SIGTERM too: SLURM's preemption, and torchrun's shutdown (it signals each rank's
+    # process group), would end the server, and torch's DataLoader workers quit as soon as
+    # their parent (the server) is gone, failing the step the trainer is finishing. The
+    # server still ends with its last client (it watches a pipe); the workers take SIGTERM
+    # back (pool_worker_init, terminate_only_from).
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, signal.SIG_IGN)
-                    for sig in (signal.SIGINT, signal.SIGUSR1)}
+                    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGTERM)}
         try:
             forkserver.ensure_running()
         finally:
@@ -131,7 +136,10 @@ def terminate_only_from(main_pid: int) -> None:
     shutdown). A SIGTERM from anyone else, such as SLURM's preemption, which signals every
     process of the job, is left to the main process: it finishes its step and checkpoints,
     and a worker ended by it would fail that step. A thread takes the signal with its
-    sender (sigwaitinfo); the signal is blocked in every other thread."""
+    sender (sigwaitinfo); the signal is blocked in every other thread, so this must run
+    before the worker starts any thread (a thread started earlier keeps SIGTERM unblocked,
+    the kernel may deliver it there, and its default action ends the whole worker)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # ignored by the forkserver it came from
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     threading.Thread(target=_take_sigterm, args=(main_pid,), daemon=True,
                      name="sigterm-from-main").start()
@@ -187,4 +195,5 @@ def pool_worker_init(main_pid: int) -> None:
     stay in the heap."""
     die_with_parent(main_pid)
     ignore_sigint()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's stop() terminates it
     keep_image_buffers_in_heap()

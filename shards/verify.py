@@ -27,6 +27,7 @@ from shards.manifest import (
     INFO_NAMES,
     INFO_SPLIT_NAMES,
     SUMS,
+    parquet_table,
     parse_info,
     parse_sums,
 )
@@ -281,13 +282,12 @@ _EMPTY_ROWS: dict[str, list] = {"key": []}
 def _read_index(files: LocalFiles | StoreFiles) -> dict[str, dict[str, list]]:
     """index.parquet's rows, by shard then column."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path, raw = files.where(INDEX), files.read(INDEX)
     if raw is None:
         raise PrepError(f"{path}: missing; rerun `prep shard` to finish the manifest")
     try:
-        table = pq.read_table(pa.BufferReader(raw))
+        table = parquet_table(raw)
     except (pa.ArrowException, OSError) as exc:
         raise PrepError(f"{path}: not a readable Parquet file ({exc})") from exc
     shards: dict[str, dict[str, list]] = {}

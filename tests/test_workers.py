@@ -135,3 +135,52 @@ def test_pool_workers_die_with_a_killed_parent():
 def test_process_pool_runs_work():
     with process_pool(2) as pool:
         assert list(pool.map(_square, [1, 2, 3])) == [1, 4, 9]
+
+
+def test_loader_workers_and_their_server_outlive_a_sigterm_from_anyone_else(tmp_path):
+    """SLURM's preemption and torchrun's shutdown send SIGTERM to every process of a rank
+    (its process group): the trainer's loader workers and the forkserver that started them
+    must leave it to the trainer, which finishes its step and checkpoints. Before, a worker
+    could die of it (delivered to a thread started before SIGTERM was blocked), or the
+    server did, and torch's workers quit once their parent is gone."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        import torch
+        from train.data import worker_settings
+
+        class Slow(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                for i in range(400):
+                    time.sleep(0.01)
+                    yield i
+
+        if __name__ == "__main__":
+            loader = torch.utils.data.DataLoader(Slow(), batch_size=None,
+                                                 **worker_settings(2))
+            n = 0
+            for i, _ in enumerate(loader):
+                if i == 5:
+                    print("ready", flush=True)
+                n += 1
+            print("read", n, flush=True)
+    """)
+    (tmp_path / "loader.py").write_text(script)  # a file: the workers import its classes
+    proc = subprocess.Popen([PY, str(tmp_path / "loader.py")], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        family = descendants(proc.pid)  # forkserver, 2 workers, resource tracker
+        assert len(family) >= 3
+        for _ in range(3):
+            for pid in family:
+                try:
+                    os.kill(pid, signal.SIGTERM)  # not from the loader's process
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert out.split() == ["read", "800"]  # both workers read their whole share

@@ -38,7 +38,7 @@ from prep.workers import (
 )
 from shards import tarread
 from shards.cache import ShardCache
-from shards.manifest import find_split, parse_info
+from shards.manifest import find_split, parquet_table, parse_info
 from shards.store import Store, StoreError, is_store_url
 from train.batch_ring import BatchRing, RingLoader, RingSlot
 from train.config import TrainConfig
@@ -179,14 +179,13 @@ def read_checksums(data: str, names: list[str], lengths: list[int]) -> dict[str,
     `prep shard` output without them (or with rows that do not match `_info.json`) is an
     error: the loader never reads unchecked bytes from shards that should carry checks."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     where = shard_url(data, "index.parquet")
     raw = read_manifest_file(data, "index.parquet")
     if raw is None:
         raise PrepError(f"{where}: missing; rerun `prep shard` to write the manifest")
     try:
-        table = pq.read_table(pa.BufferReader(raw), columns=["shard", "jpg_crc32"])
+        table = parquet_table(raw, ["shard", "jpg_crc32"])
     except (pa.ArrowException, OSError) as exc:
         raise PrepError(f"{where}: unreadable or without the jpg_crc32 column (written by an "
                         f"older prep?): rerun `prep shard` ({str(exc)[:120]})") from exc
@@ -350,8 +349,8 @@ def worker_init(_: int, main_pid: int) -> None:
     """DataLoader workers: die with the trainer, keep Pillow's image buffers in the heap,
     and leave a preemption's SIGTERM to the trainer (SLURM sends it to every process of
     the job: a worker ended by it would fail the step the trainer is finishing)."""
+    terminate_only_from(main_pid)  # first: before any thread (die_with_parent starts one)
     die_with_parent(main_pid)
-    terminate_only_from(main_pid)
     keep_image_buffers_in_heap()
 
 

@@ -117,10 +117,8 @@ class SplitRows:
 def read_rows(data: str | os.PathLike, split: str) -> SplitRows:
     """index.parquet's rows of `split` (`val` or `validation` alike) of a `prep shard`
     output: a local directory or an object-storage prefix (s3://)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from shards.manifest import INFO_SPLIT_NAMES
+    from shards.manifest import INFO_SPLIT_NAMES, parquet_table
 
     names = {split, INFO_SPLIT_NAMES.get(split, split)} | {
         k for k, v in INFO_SPLIT_NAMES.items() if v == split}
@@ -128,8 +126,7 @@ def read_rows(data: str | os.PathLike, split: str) -> SplitRows:
     raw = read_manifest_file(data, "index.parquet")
     if raw is None:
         raise PrepError(f"{shard_url(data, 'index.parquet')}: missing; rerun `prep shard`")
-    table = pq.read_table(pa.BufferReader(raw),
-                          columns=["key", "split", "shard", "offset", "jpg_crc32"])
+    table = parquet_table(raw, columns=["key", "split", "shard", "offset", "jpg_crc32"])
     cols = table.to_pydict()
     keep = [i for i, s in enumerate(cols["split"]) if s in names]
     return SplitRows([cols["key"][i] for i in keep],

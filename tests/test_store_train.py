@@ -1,0 +1,256 @@
+"""Training from object storage against a real S3 server (SeaweedFS, tests/conftest.py `s3`):
+the resumable loader through a node's bounded shard cache, the trainer end to end, and the
+store's faults (a server killed mid-epoch, gone for good, a replaced object, throttling and
+dropped connections)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from shards.build import ShardSettings
+from shards.cache import ShardCache, open_cache, parse_size
+from shards.store import Store
+from shards.store_build import shard_to_store
+from tests.conftest import sharded_sample
+from train.data import collate
+from train.decode import TrainDecoder
+from train.resumable import ResumableLoader, epoch_order, read_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARDS = 8
+B = 4
+
+
+@pytest.fixture
+def stored(s3, tmp_path):
+    """A sample sharded to a local dir and, the same way, to the test's bucket:
+    (s3 url, local shard dir)."""
+    local = sharded_sample(tmp_path, "ilsvrc2017", SHARDS, classes=4, train_per_class=12,
+                           val_per_class=3, size=40)
+    shard_to_store(tmp_path / "data/imagenet", s3.url("ds"), ShardSettings(num_shards=SHARDS),
+                   workers=1, progress=False)
+    return s3.url("ds"), local
+
+
+def _loader(rows, cache=None, window=0, workers=0, seed=3):
+    return ResumableLoader(rows, TrainDecoder(32, 0.3, True, seed=seed), batch_size=B,
+                           seed=seed, workers=workers, collate=collate, cache=cache,
+                           window=window)
+
+
+def _keys(batches):
+    return [k for b in batches for k in b[-1]]
+
+
+class Watch:
+    """The most the cache folder held at any moment, sampled every few milliseconds."""
+
+    def __init__(self, cache: ShardCache):
+        self.cache, self.peak, self.stop = cache, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.cache.usage())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def test_store_loader_gives_the_local_batches_within_the_cache_bound(stored, tmp_path):
+    url, local = stored
+    rows, local_rows = read_rows(url, "train"), read_rows(local, "train")
+    assert rows.keys == local_rows.keys and rows.offsets == local_rows.offsets
+    window = 2
+    probe = open_cache(Store(url), tmp_path / "cache", None)
+    limit = (2 * window + 2) * probe.largest()  # the least the trainer accepts
+    cache = ShardCache(Store(url), tmp_path / "cache", limit, probe.objects)
+    with Watch(cache) as watch:
+        loader = _loader(rows, cache, window, workers=2)
+        two_epochs = list(loader) + list(loader)
+        loader.close()
+    on_disk = _loader(local_rows, window=window)
+    expected = list(on_disk) + list(on_disk)
+    assert _keys(two_epochs) == _keys(expected)  # same order as the same loader on disk
+    for a, b in zip(two_epochs, expected):  # same pixels and labels: the same bytes
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    n = len(rows.keys)
+    epoch = _keys(two_epochs)[: n // B * B]
+    assert max(Counter(epoch).values()) == 1  # every sample once
+    assert 0 < watch.peak <= limit, (watch.peak, limit)
+    assert sum(size for size, _ in cache.objects.values()) > limit  # eviction was needed
+
+
+def test_windows_keep_a_bounded_set_of_shards_together(stored):
+    url, _ = stored
+    rows = read_rows(url, "train")
+    sizes = rows.shard_sizes()
+    assert len(sizes) == SHARDS
+    order = epoch_order(len(rows.keys), 7, 0, 3, sizes)
+    assert sorted(order.tolist()) == list(range(len(rows.keys)))  # a permutation
+    number = {s: i for i, s in enumerate(dict.fromkeys(rows.shards))}
+    shard_no = [number[rows.shards[i]] for i in order]
+    pos = 0
+    while pos < len(order):  # cut where the shards seen so far are complete
+        seen, end = set(), pos
+        while True:
+            seen.add(shard_no[end])
+            end += 1
+            if end - pos == sum(sizes[s] for s in seen):
+                break
+        assert len(seen) <= 3, seen  # never more than a window's shards mixed
+        pos = end
+    assert not (order == epoch_order(len(rows.keys), 7, 1, 3, sizes)).all()  # per epoch
+    assert not (order == epoch_order(len(rows.keys), 7, 0, 0, sizes)).all()
+
+
+def test_store_loader_resumes_at_any_step_with_other_workers(stored, tmp_path):
+    url, _ = stored
+    rows = read_rows(url, "train")
+    cache = open_cache(Store(url), tmp_path / "cache", None)
+    whole = list(_loader(rows, cache, 2))
+    first = _loader(rows, cache, 2)
+    it = iter(first)
+    for _ in range(3):
+        next(it)
+    state = first.state_dict()
+    first.close()
+    assert state["window"] == 2 and state["consumed"] == 3 * B
+    again = _loader(rows, cache, 2, workers=2)
+    again.load_state_dict(state)
+    assert _keys(list(again)) == _keys(whole[3:])
+    again.close()
+    other = _loader(rows, cache, 4)
+    with pytest.raises(ValueError, match="window"):  # another window: another order
+        other.load_state_dict(state)
+
+
+SETTINGS = ["arch=resnet18", "num_classes=4", "image_size=32", "val_resize=36", "val_crop=32",
+            "batch_size=4", "workers=1", "lr=0.05", "epochs=1", "log_every=1",
+            "shard_window=1"]
+
+
+def _train(data, out, *extra, env=None, timeout=300, **kw):
+    args = [sys.executable, str(ROOT / "train/main.py"), "--data", data, "--output-dir",
+            str(out), "--device", "cpu", *[a for s in SETTINGS for a in ("--set", s)], *extra]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, **kw)
+
+
+def test_trainer_trains_and_evaluates_from_the_store_like_from_disk(stored, tmp_path):
+    url, local = stored
+    cache = tmp_path / "cache"
+    r = _train(url, tmp_path / "run", "--cache-dir", str(cache), "--cache-size", "2MB",
+               "--save-every", "3")
+    assert r.returncode == 0, r.stderr
+    assert "coverage: exact" in r.stdout
+    record = json.loads((tmp_path / "run/metrics.jsonl").read_text().splitlines()[0])
+    n = 48  # 4 classes x 12
+    assert record["samples"] == n // B * B and record["coverage_check"] == "exact"
+    assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 2_000_000
+    preds = {}
+    for name, data in (("store", url), ("disk", str(local))):
+        out = tmp_path / f"{name}.pkl"
+        r = subprocess.run([sys.executable, str(ROOT / "train/main.py"), "--data", data,
+                            "--evaluate", "--checkpoint", str(tmp_path / "run/checkpoint.pt"),
+                            "--out", str(out), "--device", "cpu", "--cache-dir", str(cache),
+                            "--set", "workers=2"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        with open(out, "rb") as f:
+            preds[name] = pickle.load(f)
+    assert len(preds["store"]) == len(preds["disk"]) == 12
+    for a, b in zip(preds["store"], preds["disk"]):  # the same samples, the same scores
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+
+
+def test_a_cache_smaller_than_the_loaders_need_is_refused_at_once(stored, tmp_path):
+    url, _ = stored
+    r = _train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "c"), "--cache-size",
+               "20KB")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "--cache-size 20.0 KB is too small" in r.stderr and "at least" in r.stderr
+    r = _train(url, tmp_path / "run", "--cache-size", "lots")
+    assert r.returncode == 1 and "--cache-size 'lots': not a size" in r.stderr
+
+
+def test_sizes_read_as_people_write_them():
+    assert parse_size("200GB") == 200 * 10**9 and parse_size("500MiB") == 500 << 20
+    assert parse_size("1000") == 1000 and parse_size("1.5T") == 1_500_000_000_000
+    with pytest.raises(ValueError):
+        parse_size("12 parsecs")
+
+
+def test_a_replaced_shard_object_stops_the_run_naming_it(stored, s3, tmp_path):
+    url, local = stored
+    c = s3.client()
+    victim = "ds/train-000003.tar"  # another shard's bytes under its name: same size or not
+    c.put_object(Bucket=s3.bucket, Key=victim, Body=(local / "train-000004.tar").read_bytes())
+    r = _train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode == 1, r.stdout
+    assert f"s3://{s3.bucket}/{victim}: its bytes differ from SHA256SUMS" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run/checkpoint.pt").exists()
+    assert not list((tmp_path / "cache").rglob("train-000003.tar"))  # never kept
+
+
+@pytest.mark.slow
+def test_a_store_restarted_mid_epoch_loses_nothing(stored, s3, tmp_path):
+    url, _ = stored
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train/main.py"), "--data", url, "--output-dir",
+         str(tmp_path / "run"), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+         "--cache-size", "1MB", *[a for s in SETTINGS for a in ("--set", s)],
+         "--set", "epochs=2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PREP_S3_RETRY_SECONDS": "120"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run/steps.jsonl").exists():
+            time.sleep(0.05)
+        assert (tmp_path / "run/steps.jsonl").exists(), proc.stderr
+        s3.kill()  # SIGKILL, mid-epoch: shards still to fetch (the cache holds ~2)
+        time.sleep(4)
+        s3.start()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.count("coverage: exact") == 2
+
+
+def test_a_store_that_stays_away_ends_the_run_with_one_line(stored, s3, tmp_path):
+    url, _ = stored
+    s3.kill()
+    try:
+        t0 = time.time()
+        r = _train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "cache"),
+                   env={"PREP_S3_RETRY_SECONDS": "3"}, timeout=120)
+        took = time.time() - t0
+    finally:
+        s3.start()
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert s3.endpoint in lines[0] and "did not answer" in lines[0]
+    assert "PREP_S3_RETRY_SECONDS" in lines[0]
+    assert took < 60
