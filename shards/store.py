@@ -117,32 +117,22 @@ class Store:
             tries += 1
             try:
                 return fn()
-            except NoCredentialsError:
-                raise StoreError(f"{self.where.url(name)}: no credentials for the store while "
-                                f"{what}; set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or "
-                                "AWS_PROFILE (~/.aws)") from None
-            except ClientError as exc:
-                code = str(exc.response.get("Error", {}).get("Code", ""))
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in _AUTH_CODES or status in (401, 403):
+            except Exception as raised:
+                # boto3's transfers wrap the request's error (S3UploadFailedError): judge
+                # the request's own
+                exc = raised.__cause__ if type(raised).__name__ == "S3UploadFailedError" \
+                    and raised.__cause__ is not None else raised
+                if isinstance(exc, NoCredentialsError):
                     raise StoreError(
-                        f"{self.where.url(name)}: the store refused access ({code}) while "
-                        f"{what}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / "
-                        "AWS_PROFILE") from None
-                if code in ("NoSuchKey", "404") or status == 404 and code != "NoSuchBucket":
-                    raise StoreError(f"{self.where.url(name)}: missing from the store while "
-                                    f"{what}; `prep verify {self.where}` lists what is "
-                                    "missing, a rerun of `prep shard` rewrites it") from None
-                if code == "NoSuchBucket":
-                    raise StoreError(f"{self.where}: no bucket {self.where.bucket!r} at "
-                                    f"{self.endpoint()}; create it first") from None
-                if not (code in _RETRYABLE_CODES or status >= 500 or status == 429):
+                        f"{self.where.url(name)}: no credentials for the store while {what}; "
+                        "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE "
+                        "(~/.aws)") from None
+                if isinstance(exc, ClientError):
+                    why = self._judge(exc, name, what)
+                elif _transient(exc):  # connection refused / reset, timeouts, short bodies
+                    why = f"{type(exc).__name__}: {str(exc)[:160]}"
+                else:
                     raise
-                why = f"{code or status}"
-            except Exception as exc:  # connection refused / reset, timeouts, short bodies
-                if not _transient(exc):
-                    raise
-                why = f"{type(exc).__name__}: {str(exc)[:160]}"
             if time.monotonic() + delay > deadline:
                 raise StoreError(
                     f"{self.where.url(name)}: the store at {self.endpoint()} did not answer "
@@ -150,6 +140,28 @@ class Store:
                     "PREP_S3_RETRY_SECONDS sets how long to retry") from None
             time.sleep(delay * (0.5 + random.random() / 2))
             delay = min(delay * 2, 15.0)
+
+    def _judge(self, exc: Exception, name: str, what: str) -> str:
+        """A store's error answer: raise the ones a retry cannot mend, else say why to
+        retry."""
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        if code in _AUTH_CODES or status in (401, 403):
+            raise StoreError(
+                f"{self.where.url(name)}: the store refused access ({code}) while {what}; "
+                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE") from None
+        if code == "NoSuchBucket":
+            raise StoreError(f"{self.where}: no bucket {self.where.bucket!r} at "
+                             f"{self.endpoint()}; create it first") from None
+        if code in ("NoSuchKey", "404") or status == 404:
+            raise StoreError(f"{self.where.url(name)}: missing from the store while {what}; "
+                             f"`prep verify {self.where}` lists what is missing, a rerun of "
+                             "`prep shard` rewrites it") from None
+        if not (code in _RETRYABLE_CODES or status >= 500 or status == 429):
+            message = str(exc.response.get("Error", {}).get("Message", ""))[:200]
+            raise StoreError(f"{self.where.url(name)}: the store answered {code or status} "
+                             f"({message}) while {what}") from None
+        return code or str(status)
 
     def get(self, name: str) -> bytes | None:
         """The object's bytes; None when it does not exist."""

@@ -254,3 +254,127 @@ def test_a_store_that_stays_away_ends_the_run_with_one_line(stored, s3, tmp_path
     assert s3.endpoint in lines[0] and "did not answer" in lines[0]
     assert "PREP_S3_RETRY_SECONDS" in lines[0]
     assert took < 60
+
+
+class FaultyProxy:
+    """An HTTP proxy in front of the S3 server that answers some requests with faults:
+    503 SlowDown, a connection closed without an answer, a body cut short."""
+
+    FAULTS = ("slowdown", "reset", "short")
+
+    def __init__(self, upstream: str, every: int = 3):
+        import http.server
+        from urllib.parse import urlparse
+
+        self.upstream, self.every, self.count = urlparse(upstream), every, 0
+        self.injected: Counter = Counter()
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                proxy.handle(self)
+
+            do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _any
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def handle(self, req):
+        import http.client
+
+        chunked = "chunked" in req.headers.get("Transfer-Encoding", "").lower()
+        body = _read_chunked(req.rfile) if chunked else \
+            req.rfile.read(int(req.headers.get("Content-Length") or 0))
+        with self.lock:
+            self.count += 1
+            fault = self.FAULTS[(self.count // self.every) % 3] \
+                if self.count % self.every == 0 else None
+        if fault == "slowdown":
+            self.injected[fault] += 1
+            xml = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                   b"<Message>Please reduce your request rate.</Message></Error>")
+            req.send_response(503)
+            req.send_header("Content-Type", "application/xml")
+            req.send_header("Content-Length", str(len(xml)))
+            req.end_headers()
+            req.wfile.write(xml)
+            return
+        if fault == "reset":
+            self.injected[fault] += 1
+            req.close_connection = True
+            return  # no answer at all
+        conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port,
+                                          timeout=30)
+        headers = {k: v for k, v in req.headers.items()
+                   if k.lower() not in ("expect", "connection")}
+        conn.request(req.command, req.path, body=[body] if chunked else body, headers=headers,
+                     encode_chunked=chunked)
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        req.send_response(resp.status)
+        head = req.command == "HEAD"  # its Content-Length is the object's, with no body
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection") and \
+                    (head or k.lower() != "content-length"):
+                req.send_header(k, v)
+        if not head:
+            req.send_header("Content-Length", str(len(data)))
+        req.end_headers()
+        if fault == "short" and req.command == "GET" and len(data) > 100:
+            self.injected[fault] += 1
+            req.wfile.write(data[: len(data) // 2])  # the connection drops mid-body
+            req.close_connection = True
+            return
+        req.wfile.write(data)
+
+    def close(self):
+        self.server.shutdown()
+
+
+def _read_chunked(f) -> bytes:
+    """An HTTP/1.1 chunked body (botocore streams uploads that way), trailers dropped."""
+    out = b""
+    while True:
+        size = int(f.readline().split(b";")[0].strip(), 16)
+        if size == 0:
+            while f.readline().strip():
+                pass
+            return out
+        out += f.read(size)
+        f.readline()
+
+
+def test_throttling_resets_and_cut_bodies_are_retried_to_the_same_bytes(stored, s3, tmp_path,
+                                                                      monkeypatch):
+    url, local = stored
+    proxy = FaultyProxy(s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # Store reads it when made
+        rows = read_rows(url, "train")
+        cache = open_cache(Store(url), tmp_path / "cache", None)
+        got = _keys(list(_loader(rows, cache)))
+        want = _keys(list(_loader(read_rows(local, "train"))))
+        assert got == want
+        for name in cache.objects:  # every train shard fetched and checked
+            if name.startswith("train"):
+                assert (cache.path(name)).read_bytes() == (local / name).read_bytes()
+        # the writer too: shard into a new prefix through the same faults
+        shard_to_store(tmp_path / "data/imagenet", s3.url("again"),
+                       ShardSettings(num_shards=SHARDS), workers=1, progress=False)
+    finally:
+        proxy.close()
+    assert set(proxy.injected) == set(FaultyProxy.FAULTS), proxy.injected
+    again = {o["Key"][len("again/"):]: o["Size"] for o in s3.client().list_objects_v2(
+        Bucket=s3.bucket, Prefix="again/")["Contents"]}
+    for p in local.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            assert again[p.name] == p.stat().st_size, p.name
