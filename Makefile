@@ -2,9 +2,13 @@
 VENV := .venv
 STAMP := $(VENV)/.setup-done
 
-.PHONY: demo test test-fast setup clean gpu-check gpu-wheels
+.PHONY: demo demo-s3 test test-fast setup clean gpu-check gpu-wheels
 demo: $(STAMP)
 	scripts/demo.sh
+
+# the same pipeline against object storage: a local S3 server (SeaweedFS) it starts and stops
+demo-s3: $(STAMP)
+	scripts/demo_s3.sh
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

