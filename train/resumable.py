@@ -27,6 +27,7 @@ import hashlib
 import mmap
 import os
 import random
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -151,12 +152,13 @@ class IndexedSamples(torch.utils.data.Dataset):
         self._numbers = {u: i for i, u in enumerate(dict.fromkeys(rows.shards))} \
             if cache is not None else {}
         self._windows: dict[int, np.ndarray] = {}  # per epoch: each shard's window
+        self._prefetcher: threading.Thread | None = None
 
     def __len__(self) -> int:
         return len(self.rows.keys)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}, "_pins": {}}  # maps are per process
+        return {**self.__dict__, "_maps": {}, "_pins": {}, "_prefetcher": None}  # per process
 
     def _map(self, path: str, epoch: int) -> mmap.mmap:
         if path not in self._maps:
@@ -167,19 +169,41 @@ class IndexedSamples(torch.utils.data.Dataset):
                     self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._maps[path]
 
-    def _open_cached(self, url: str, epoch: int) -> None:
-        """Pin and map a cached shard; let go of those of earlier windows."""
-        numbers = self._numbers
+    def _window_map(self, epoch: int) -> np.ndarray:
         if epoch not in self._windows:
-            self._windows[epoch] = window_of_shard(len(numbers), self.seed, epoch,
-                                                   self.window or len(numbers))
-        seq = (epoch, int(self._windows[epoch][numbers[url]]))
-        for old in [u for u, (s, _) in self._pins.items() if s < seq]:
+            self._windows = {e: w for e, w in self._windows.items() if e >= epoch - 1}
+            self._windows[epoch] = window_of_shard(len(self._numbers), self.seed, epoch,
+                                                   self.window or len(self._numbers))
+        return self._windows[epoch]
+
+    def _open_cached(self, url: str, epoch: int) -> None:
+        """Pin and map a cached shard; let go of those of earlier windows. Entering a window
+        starts fetching the next one in the background (the cache bound still holds: a
+        prefetch waits for room like any download)."""
+        seq = (epoch, int(self._window_map(epoch)[self._numbers[url]]))
+        older = [u for u, (s, _) in self._pins.items() if s < seq]
+        for old in older:
             self._maps.pop(old).close()
             self._pins.pop(old)[1].close()
+        if older or not self._pins:
+            self._prefetch(seq)
         pinned = self.cache.open(self.cache.name(url))
         self._pins[url] = (seq, pinned)
         self._maps[url] = pinned.map()
+
+    def _prefetch(self, seq: tuple[int, int]) -> None:
+        """Fetch the shards of the window after `seq` into the cache, in a thread (one at a
+        time per process; a worker never forks, so a thread is safe here)."""
+        if self._prefetcher is not None and self._prefetcher.is_alive():
+            return
+        epoch, g = seq
+        where = self._window_map(epoch)
+        nxt = (epoch, g + 1) if g + 1 <= int(where.max()) else (epoch + 1, 0)
+        where = self._window_map(nxt[0])
+        urls = [u for u, i in self._numbers.items() if where[i] == nxt[1]]
+        self._prefetcher = threading.Thread(target=_fetch_quietly, args=(self.cache, urls),
+                                            daemon=True, name="shard-prefetch")
+        self._prefetcher.start()
 
     def release(self) -> None:
         """Unmap the shards this process holds (and let go of cached ones)."""
@@ -351,6 +375,16 @@ class ResumableLoader:
             raise ValueError(f"loader state: consumed {state['consumed']} is outside the epoch")
         self.epoch, self.consumed, self.coverage = state["epoch"], state["consumed"], 0
         self._stream = None  # the next iteration starts from here
+
+
+def _fetch_quietly(cache: ShardCache, urls: list[str]) -> None:
+    """Bring shards into the cache and let go of them; a failure is left to the read that
+    needs the shard (it retries, or says what is wrong)."""
+    for url in urls:
+        try:
+            cache.open(cache.name(url)).close()
+        except Exception:  # noqa: BLE001 - reported by the read itself
+            return
 
 
 def _columns(batch: list[tuple]) -> tuple:
