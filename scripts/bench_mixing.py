@@ -66,6 +66,10 @@ def main() -> None:
     order = epoch_order(n, 123, 0)
     all_labels = np.array([labels[k] for k in rows.keys])
     ideal = [all_labels[order[i : i + a.batch]] for i in range(0, n - a.batch + 1, a.batch)]
+    for window in (1, 2):  # s3:// data: shards shuffled in windows (train/resumable.py)
+        o = epoch_order(n, 123, 0, window, rows.shard_sizes())
+        runs[f"resumable, shard_window {window} (s3:// order)"] = [
+            all_labels[o[i : i + a.batch]] for i in range(0, n - a.batch + 1, a.batch)]
     print(f"{a.classes} classes x {a.per_class} train images in {a.shards} shards; batch "
           f"{a.batch}\n")
     print("| loader | distinct classes per batch | lag-1 autocorrelation of batch-mean label |")

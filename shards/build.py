@@ -309,17 +309,23 @@ def _finished(parts: Path, out: Path, plan: ShardPlan, data: Path) -> ShardRecor
         return None
     if not index_path(out / plan.name).is_file():  # DALI's index: redo the shard (same bytes)
         return None
+    return rec if sources_unchanged(data, plan, rec) else None
+
+
+def sources_unchanged(data: Path, plan: ShardPlan, rec: ShardRecord) -> bool:
+    """Whether every source file of a recorded shard still has the size and mtime the record
+    holds (a changed one: the shard is written again)."""
     if len(rec.source_stats) != len(plan.samples):
-        return None
+        return False
     base = f"{data}/{plan.split}/"
     for s, recorded in zip(plan.samples, rec.source_stats):
         try:
             st = os.stat(base + s.path)
         except OSError:
-            return None
+            return False
         if [st.st_size, st.st_mtime_ns] != recorded:
-            return None
-    return rec
+            return False
+    return True
 
 
 def _save(parts: Path, rec: ShardRecord) -> None:

@@ -38,7 +38,14 @@ from prep import __version__
 from prep.errors import PrepError
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool
-from shards.build import STATE, ShardReport, ShardSettings, fingerprint, make_plans
+from shards.build import (
+    STATE,
+    ShardReport,
+    ShardSettings,
+    fingerprint,
+    make_plans,
+    sources_unchanged,
+)
 from shards.dali_index import index_path
 from shards.manifest import INFO, write_manifest
 from shards.plan import ShardPlan
@@ -196,18 +203,9 @@ def _kept(store: Store, plan: ShardPlan, listing: dict[str, dict], data: Path
         return None
     now = listing.get(plan.name)
     if now is None or [now["size"], now["etag"]] != [obj.get("size"), obj.get("etag")] \
-            or index_path(plan.name).name not in listing \
-            or len(rec.source_stats) != len(plan.samples):
+            or index_path(plan.name).name not in listing:
         return None
-    base = f"{data}/{plan.split}/"
-    for s, recorded in zip(plan.samples, rec.source_stats):
-        try:
-            st = os.stat(base + s.path)
-        except OSError:
-            return None
-        if [st.st_size, st.st_mtime_ns] != recorded:
-            return None
-    return rec
+    return rec if sources_unchanged(data, plan, rec) else None
 
 
 def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], fp: str,
