@@ -52,7 +52,7 @@ class SeaweedFS:
         self.env = {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                     "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         (self.root / "data").mkdir(parents=True, exist_ok=True)
         config = self.root / "s3.json"  # one identity: requests must be signed with its key
         identity = {"name": "prep", "credentials": [{"accessKey": ACCESS_KEY,
@@ -83,8 +83,17 @@ class SeaweedFS:
         raise RuntimeError(f"weed server did not answer on {self.endpoint} in {timeout} s")
 
     def _answers(self) -> bool:
+        """Up and writable: after a restart the gateway answers listings well before its
+        volumes take writes again (InternalError meanwhile)."""
+        c = self.client()
         try:
-            self.client().list_buckets()
+            c.list_buckets()
+            try:
+                c.create_bucket(Bucket="prep-probe")
+            except Exception as exc:  # noqa: BLE001
+                if "BucketAlready" not in str(exc):
+                    raise
+            c.put_object(Bucket="prep-probe", Key="probe", Body=b"probe")
             return True
         except Exception:  # noqa: BLE001 - not up yet
             return False
