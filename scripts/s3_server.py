@@ -63,11 +63,11 @@ class SeaweedFS:
         cmd = [weed_binary(), "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1",
                "-ip.bind=127.0.0.1", f"-master.port={p['master']}",
                f"-volume.port={p['volume']}", f"-filer.port={p['filer']}", "-s3",
-               f"-s3.port={p['s3']}", f"-s3.config={config}", "-volume.max=100",
+               f"-s3.port={p['s3']}", f"-s3.config={config}", "-volume.max=2000",
                f"-s3.port.grpc={p['s3.grpc']}", f"-master.port.grpc={p['master.grpc']}",
                f"-volume.port.grpc={p['volume.grpc']}", f"-filer.port.grpc={p['filer.grpc']}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-               "-master.volumeSizeLimitMB=1024"]
+               "-master.volumeSizeLimitMB=256"]
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -120,6 +120,19 @@ class SeaweedFS:
                         return
                     raise
                 time.sleep(0.3)
+
+    def drop_bucket(self, name: str) -> None:
+        """Delete a bucket and everything in it (best effort: the server may be stopped)."""
+        if self.proc is None:
+            return
+        try:
+            c = self.client()
+            for page in c.get_paginator("list_objects_v2").paginate(Bucket=name):
+                for o in page.get("Contents", []):
+                    c.delete_object(Bucket=name, Key=o["Key"])
+            c.delete_bucket(Bucket=name)
+        except Exception:  # noqa: BLE001 - cleaning up only
+            pass
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -212,3 +212,4 @@ def s3(s3_server, monkeypatch, request):
     s3_server.bucket = bucket
     s3_server.url = lambda prefix="": f"s3://{bucket}/{prefix}".rstrip("/")
     yield s3_server
+    s3_server.drop_bucket(bucket)  # SeaweedFS gives each bucket volumes of its own
