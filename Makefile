@@ -2,7 +2,7 @@
 VENV := .venv
 STAMP := $(VENV)/.setup-done
 
-.PHONY: demo demo-s3 test test-fast setup clean gpu-check gpu-wheels
+.PHONY: demo demo-s3 test test-fast setup clean gpu-check gpu-wheels rivals
 demo: $(STAMP)
 	scripts/demo.sh
 
@@ -27,6 +27,17 @@ gpu-wheels:
 
 gpu-check:
 	python3 scripts/gpu_check.py --out gpu-check
+
+# MosaicML streaming and litdata for scripts/bench_rivals.py, beside the toolkit's venv (not
+# in it: mosaicml-streaming pins numpy<2.2 and imports transformers). --no-deps with the
+# modules they import: pip would otherwise replace numpy, torch and huggingface-hub.
+# Without obstore: litdata's obstore path refuses a plain-http endpoint ("builder error:
+# BadScheme", it builds its client without allow_http), and falls back to boto3 without it.
+rivals: $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps --target .rivals mosaicml-streaming==0.13.0 \
+	  litdata==0.2.76 lightning-utilities tifffile xxhash zstd python-snappy cramjam \
+	  Brotli catalogue "transformers<5" regex requests certifi "huggingface-hub>=0.34,<1.0" \
+	  "tokenizers>=0.22,<=0.23.0" safetensors charset-normalizer
 
 setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c prep/jpegcheck.c
 	scripts/setup.sh $(VENV)

@@ -131,7 +131,7 @@ class ShardCache:
                     fd = self._start(partial, size, deadline)
                 if fd is not None:
                     break
-                time.sleep(0.05)  # another process is fetching it, or no room yet
+                _wait_for_download(partial)  # another process is fetching it, or no room yet
             try:
                 self.store.download(name, fd, size)
                 ok = _sha256(fd, size) == digest
@@ -235,6 +235,21 @@ def open_cache(store: Store, root: str | os.PathLike, limit: int | None,
         free = os.statvfs(root).f_bavail * os.statvfs(root).f_frsize
         limit = min(sum(size for size, _ in objects.values()) + (1 << 20), free // 2)
     return ShardCache(store, root, limit, objects, wait_for)
+
+
+def _wait_for_download(partial: Path) -> None:
+    """Return once the download of `partial` by another process or thread is over (its
+    downloader holds an exclusive flock on it until the file is complete or gone); when
+    there is none (no room in the cache yet), after a short sleep."""
+    try:
+        fd = os.open(partial, os.O_RDONLY)
+    except FileNotFoundError:
+        time.sleep(0.05)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)
 
 
 def _holder_alive(path: Path) -> bool:

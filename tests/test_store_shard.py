@@ -226,3 +226,36 @@ def test_webdataset_reads_the_store_with_its_defaults_through_s5cmd(s3, sharded)
     want = [(s["__key__"], s["cls"], s["jpg"]) for s in wds.WebDataset(
         [str(local / n) for n in names], shardshuffle=False)]
     assert got == want and len(got) == info["splits"]["train"]["num_samples"]
+
+
+def test_wids_reads_the_store_through_s5cmd(s3, sharded, tmp_path):
+    """wids fetches each shard its index names into its download folder; a `pipe:` URL is
+    a command that writes the file `{local}`. The shard index read from the store, each URL
+    made a `pipe:s5cmd ... cp URL {local}`. (wids's `cache_dir` names the local file after
+    the URL's last path part, here `train-000000.tar {local}`; its default naming, a quoted
+    URL, is used, in a folder of the test's.)"""
+    import shutil
+
+    import wids
+
+    from shards.store import Store
+
+    data, local = sharded
+    assert prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards",
+                "4").returncode == 0
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).with_name("s5cmd"))
+    index = json.loads(Store(s3.url("ds")).get("train.shardindex.json"))
+    for shard in index["shardlist"]:
+        shard["url"] = (f"pipe:{s5cmd} --endpoint-url {s3.endpoint} cp "
+                        f"{s3.url('ds')}/{shard['url']} {{local}}")
+    remote = wids.ShardListDataset(index["shardlist"], transformations=[],
+                                   localname=wids.wids.DefaultLocalname(str(tmp_path / "wids")))
+    disk = wids.ShardListDataset(str(local / "train.shardindex.json"), transformations=[])
+    def samples(ds: wids.ShardListDataset) -> dict:  # its values: BytesIO streams
+        return {s["__key__"]: (s[".cls"].read(), s[".jpg"].read()) for s in map(ds.__getitem__,
+                                                                            range(len(ds)))}
+
+    got, want = samples(remote), samples(disk)
+    assert len(got) == len(remote) == len(disk) and got == want
+    fetched = [p for p in (tmp_path / "wids").iterdir() if not p.name.endswith(".lock")]
+    assert len(fetched) == len(index["shardlist"]) == 4

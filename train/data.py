@@ -354,13 +354,15 @@ def worker_init(_: int, main_pid: int) -> None:
     keep_image_buffers_in_heap()
 
 
-def worker_settings(workers: int) -> dict:
+def worker_settings(workers: int, store: bool = False) -> dict:
     """DataLoader arguments for `workers` processes. They start from a forkserver, never
     forked from the trainer, which runs threads by then (process group, TensorBoard): see
-    prep.workers. The forkserver imports this module (torch, webdataset, Pillow) once."""
+    prep.workers. The forkserver imports this module (torch, webdataset, Pillow) once, and
+    boto3 with its S3 model when the workers read object storage (`store`)."""
     if workers == 0:
         return {"num_workers": 0}
-    return {"num_workers": workers, "multiprocessing_context": worker_context(["train.data"]),
+    preload = ["train.data", "shards.s3_preload"] if store else ["train.data"]
+    return {"num_workers": workers, "multiprocessing_context": worker_context(preload),
             "worker_init_fn": partial(worker_init, main_pid=os.getpid())}
 
 
@@ -442,7 +444,7 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         wds.batched(cfg.batch_size, collation_fn=collate_fn, partial=False),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin, persistent_workers=False,
-                           **worker_settings(cfg.workers))
+                           **worker_settings(cfg.workers, store=split.cache is not None))
     return RingLoader(loader.with_epoch(steps), ring) if ring else loader.with_epoch(steps)
 
 
@@ -479,5 +481,5 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         wds.batched(batch_size, collation_fn=collate_fn, partial=True),
     )
     loader = wds.WebLoader(pipeline, batch_size=None, pin_memory=pin,
-                           **worker_settings(cfg.workers))
+                           **worker_settings(cfg.workers, store=split.cache is not None))
     return RingLoader(loader, ring) if ring else loader

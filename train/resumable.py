@@ -152,7 +152,7 @@ class IndexedSamples(torch.utils.data.Dataset):
         self._numbers = {u: i for i, u in enumerate(dict.fromkeys(rows.shards))} \
             if cache is not None else {}
         self._windows: dict[int, np.ndarray] = {}  # per epoch: each shard's window
-        self._prefetcher: threading.Thread | None = None
+        self._prefetcher: _Prefetcher | None = None
 
     def __len__(self) -> int:
         return len(self.rows.keys)
@@ -178,8 +178,8 @@ class IndexedSamples(torch.utils.data.Dataset):
 
     def _open_cached(self, url: str, epoch: int) -> None:
         """Pin and map a cached shard; let go of those of earlier windows. Entering a window
-        starts fetching the next one in the background (the cache bound still holds: a
-        prefetch waits for room like any download)."""
+        starts fetching its shards and the next window's in the background (the cache bound
+        still holds: a prefetch waits for room like any download)."""
         seq = (epoch, int(self._window_map(epoch)[self._numbers[url]]))
         older = [u for u, (s, _) in self._pins.items() if s < seq]
         for old in older:
@@ -192,18 +192,22 @@ class IndexedSamples(torch.utils.data.Dataset):
         self._maps[url] = pinned.map()
 
     def _prefetch(self, seq: tuple[int, int]) -> None:
-        """Fetch the shards of the window after `seq` into the cache, in a thread (one at a
-        time per process; a worker never forks, so a thread is safe here)."""
-        if self._prefetcher is not None and self._prefetcher.is_alive():
-            return
+        """Have this process's prefetch thread fetch the shards of window `seq`, then those
+        of the window after it (a worker never forks, so a thread is safe here). Each worker
+        starts at another place in each list, so the workers of a node download different
+        shards at once rather than wait for the same one."""
         epoch, g = seq
+        nxt = (epoch, g + 1) if g + 1 <= int(self._window_map(epoch).max()) else (epoch + 1, 0)
+        info = torch.utils.data.get_worker_info()
+        turn = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self.cache)
+        self._prefetcher.want([u for w in (seq, nxt)
+                               for u in _from_turn(self._window_urls(*w), *turn)])
+
+    def _window_urls(self, epoch: int, window: int) -> list[str]:
         where = self._window_map(epoch)
-        nxt = (epoch, g + 1) if g + 1 <= int(where.max()) else (epoch + 1, 0)
-        where = self._window_map(nxt[0])
-        urls = [u for u, i in self._numbers.items() if where[i] == nxt[1]]
-        self._prefetcher = threading.Thread(target=_fetch_quietly, args=(self.cache, urls),
-                                            daemon=True, name="shard-prefetch")
-        self._prefetcher.start()
+        return [u for u, i in self._numbers.items() if where[i] == window]
 
     def release(self) -> None:
         """Unmap the shards this process holds (and let go of cached ones)."""
@@ -330,7 +334,7 @@ class ResumableLoader:
                                                  self.batch_size, self.window,
                                                  self.shard_sizes),
             collate_fn=SkipAware(self.collate or _columns), pin_memory=self.pin,
-            **worker_settings(self.workers))
+            **worker_settings(self.workers, store=self.dataset.cache is not None))
         if self.ring is not None:
             from train.batch_ring import RingLoader
 
@@ -377,14 +381,37 @@ class ResumableLoader:
         self._stream = None  # the next iteration starts from here
 
 
-def _fetch_quietly(cache: ShardCache, urls: list[str]) -> None:
-    """Bring shards into the cache and let go of them; a failure is left to the read that
-    needs the shard (it retries, or says what is wrong)."""
-    for url in urls:
-        try:
-            cache.open(cache.name(url)).close()
-        except Exception:  # noqa: BLE001 - reported by the read itself
-            return
+def _from_turn(items: list, worker: int, workers: int) -> list:
+    """`items` rotated to start at worker `worker`'s share of them."""
+    start = worker * len(items) // workers
+    return items[start:] + items[:start]
+
+
+class _Prefetcher:
+    """A thread that brings shards into the cache, in the order last asked for, and lets go
+    of them; a failure is left to the read that needs the shard (it retries, or says what
+    is wrong), and drops what was asked for."""
+
+    def __init__(self, cache: ShardCache):
+        self.cache, self.wanted, self.changed = cache, [], threading.Condition()
+        threading.Thread(target=self._run, daemon=True, name="shard-prefetch").start()
+
+    def want(self, urls: list[str]) -> None:
+        with self.changed:
+            self.wanted = list(urls)
+            self.changed.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.changed:
+                while not self.wanted:
+                    self.changed.wait()
+                url = self.wanted.pop(0)
+            try:
+                self.cache.open(self.cache.name(url)).close()
+            except Exception:  # noqa: BLE001 - reported by the read itself
+                with self.changed:
+                    self.wanted = []
 
 
 def _columns(batch: list[tuple]) -> tuple:

