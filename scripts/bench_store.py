@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from s3_server import SeaweedFS  # noqa: E402
 
+from prep.workers import worker_context  # noqa: E402
 from shards.cache import open_cache  # noqa: E402
 from shards.store import Store  # noqa: E402
 from train.data import collate  # noqa: E402
@@ -104,7 +105,10 @@ def main() -> None:
         total = sum(p.stat().st_size for p in local.glob("train-*.tar"))
         rates = {"local disk": [], "store, cold cache": [], "store, warm cache": [],
                  "store, bounded cache": []}
-        epoch(rows_local, args.workers, window=WINDOW)  # starts the forkserver (once a run)
+        # the loader workers' forkserver, started as the trainer starts it for s3:// data
+        # (boto3 loaded once in the server), then a first epoch that is not counted
+        worker_context(["train.data", "shards.s3_preload"])
+        epoch(rows_local, args.workers, window=WINDOW)
         for trial in range(args.trials):
             rates["local disk"].append(epoch(rows_local, args.workers, window=WINDOW))
             cold = root / f"cache-cold-{trial}"

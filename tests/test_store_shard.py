@@ -259,3 +259,50 @@ def test_wids_reads_the_store_through_s5cmd(s3, sharded, tmp_path):
     assert len(got) == len(remote) == len(disk) and got == want
     fetched = [p for p in (tmp_path / "wids").iterdir() if not p.name.endswith(".lock")]
     assert len(fetched) == len(index["shardlist"]) == 4
+
+
+def test_timm_reads_the_store_through_a_pipe_root(s3, sharded):
+    """timm's `wds/` reader opens `_info.json` and the shards as `os.path.join(root, name)`
+    through webdataset's gopen, which has no s3:// opener; a root that is a `pipe:` prefix
+    (`pipe:s5cmd ... cat s3://bucket/prefix`) reads both from the store."""
+    import shutil
+
+    from timm.data import create_dataset
+
+    data, local = sharded
+    assert prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards",
+                "4").returncode == 0
+    s5cmd = shutil.which("s5cmd") or str(Path(sys.executable).with_name("s5cmd"))
+    root = f"pipe:{s5cmd} --endpoint-url {s3.endpoint} cat {s3.url('ds')}"
+    info = json.loads((local / "_info.json").read_text())
+    for split in ("validation", "train"):
+        remote = create_dataset("wds/imagenet", root=root, split=split, is_training=False)
+        disk = create_dataset("wds/imagenet", root=str(local), split=split, is_training=False)
+        got = sorted((img.tobytes(), int(t)) for img, t in remote)
+        assert len(got) == info["splits"][split]["num_samples"] > 0
+        assert got == sorted((img.tobytes(), int(t)) for img, t in disk)
+
+
+def test_huggingface_datasets_reads_the_store_through_s3fs(s3, sharded, tmp_path, monkeypatch):
+    """Hugging Face `datasets` opens s3:// data files through fsspec (s3fs), configured by
+    `storage_options`; every sample and label as read from the local shards."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # (offline mode refuses s3:// too)
+    from datasets import load_dataset
+
+    data, local = sharded
+    assert prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards",
+                "4").returncode == 0
+    info = json.loads((local / "_info.json").read_text())
+    names = info["splits"]["train"]["filenames"]
+    options = {"key": os.environ["AWS_ACCESS_KEY_ID"],
+               "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+               "client_kwargs": {"endpoint_url": s3.endpoint}}
+
+    def rows(files: list[str], **kw: object) -> dict:
+        ds = load_dataset("webdataset", data_files={"train": files}, split="train",
+                          cache_dir=str(tmp_path / "hf-cache"), **kw)
+        return {r["__key__"]: (int(r["cls"]), r["jpg"].tobytes()) for r in ds}
+
+    got = rows([f"{s3.url('ds')}/{n}" for n in names], storage_options=options)
+    assert len(got) == info["splits"]["train"]["num_samples"] > 0
+    assert got == rows([str(local / n) for n in names])

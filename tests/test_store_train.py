@@ -378,3 +378,18 @@ def test_throttling_resets_and_cut_bodies_are_retried_to_the_same_bytes(stored, 
     for p in local.iterdir():
         if p.is_file() and not p.name.startswith("."):
             assert again[p.name] == p.stat().st_size, p.name
+
+
+def test_a_manifest_file_is_downloaded_once_until_it_changes(stored):
+    """The trainer reads index.parquet for the checksums and again for the rows: the second
+    read is the first's bytes, and an object replaced in the store is read anew."""
+    from train.data import read_manifest_file
+
+    url, local = stored
+    first = read_manifest_file(url, "index.parquet")
+    assert first == (local / "index.parquet").read_bytes()
+    assert read_manifest_file(url, "index.parquet") is first  # not downloaded again
+    Store(url).put("index.parquet", first[:-1] + bytes([first[-1] ^ 1]))  # same size
+    changed = read_manifest_file(url, "index.parquet")
+    assert changed != first and len(changed) == len(first)
+    assert read_manifest_file(url, "missing.parquet") is None

@@ -119,12 +119,33 @@ def local_dir(data: str) -> str | None:
     return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
 
+_FETCHED: dict[tuple[str, str, int], bytes] = {}  # (object URL, ETag, size) -> its bytes
+
+
+def _store_manifest_file(store: Store, name: str) -> bytes | None:
+    """A manifest object, downloaded once per process while its ETag and size stay the same
+    (the trainer reads index.parquet for the checksums and again for the rows: on ImageNet,
+    tens of MB per rank); each read still asks the store whether it changed."""
+    info = store.head(name)
+    if info is None:
+        return None
+    key = (store.where.url(name), info["etag"], info["size"])
+    if key not in _FETCHED:
+        raw = store.get(name)
+        if raw is None or len(raw) != info["size"]:  # replaced in between: no memo
+            return raw
+        if len(_FETCHED) >= 4:
+            _FETCHED.clear()
+        _FETCHED[key] = raw
+    return _FETCHED[key]
+
+
 def read_manifest_file(data: str, name: str) -> bytes | None:
     """File `name` of a shard output (directory, URL prefix or pipe template); None when a
     local one does not exist."""
     where = shard_url(data, name)
     if is_store_url(data):
-        return Store(data).get(name)
+        return _store_manifest_file(Store(data), name)
     if tarread.is_local(where):
         return Path(where).read_bytes() if Path(where).is_file() else None
     try:
