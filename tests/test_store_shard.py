@@ -286,8 +286,13 @@ def test_timm_reads_the_store_through_a_pipe_root(s3, sharded):
 def test_huggingface_datasets_reads_the_store_through_s3fs(s3, sharded, tmp_path, monkeypatch):
     """Hugging Face `datasets` opens s3:// data files through fsspec (s3fs), configured by
     `storage_options`; every sample and label as read from the local shards."""
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # (offline mode refuses s3:// too)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import datasets.config
     from datasets import load_dataset
+
+    # offline mode refuses s3:// files too; datasets reads it once, at its import (an
+    # earlier test in this process may have imported it with HF_DATASETS_OFFLINE=1)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
 
     data, local = sharded
     assert prep("shard", "-q", "--data", str(data), "--out", s3.url("ds"), "--num-shards",
