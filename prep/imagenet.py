@@ -186,12 +186,11 @@ def _scan_val(lay: Layout, pool: Executor | None) -> tuple[dict[str, str], dict 
     if lay.val_in_folders:
         folders, probs = scan_class_split(lay.val_dir, rel, pool)
         _check_val_once(folders, lay.val_dir)
-        paths = [f"{w}/{n}" for w, names in folders.items() for n in names]
-        check_unique_keys(paths, str(lay.val_dir))
+        check_unique_keys(folders, str(lay.val_dir))
         files = {n.rsplit(".", 1)[0]: f"{w}/{n}" for w, names in folders.items() for n in names}
         return files, folders, probs
     names, probs = list_images(str(lay.val_dir), rel)
-    check_unique_keys(names, str(lay.val_dir))
+    check_unique_keys({"": names}, str(lay.val_dir))
     return {n.rsplit(".", 1)[0]: n for n in names}, None, probs
 
 
@@ -285,10 +284,9 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
                         f"control character, or bytes that are not UTF-8, which would break "
                         f"the index files: "
                         + ", ".join(map(repr, bad[:5])) + "; rename them, then rerun")
-    check_unique_keys((f"{w}/{n}" for w in sorted(scan.train) for n in scan.train[w]),
-                      str(lay.train_dir))
+    check_unique_keys(scan.train, str(lay.train_dir))
     if scan.test:
-        check_unique_keys(scan.test, str(lay.test_dir))
+        check_unique_keys({"": scan.test}, str(lay.test_dir))
     val_labels = cross_check(scan.sources, scan.val_files)
     scan.problems.missing += _missing_val(scan.sources, scan.val_files, lay)
     _check_val_classes(val_labels, scan.train, lay)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,16 +57,53 @@ def sample_key(name: str) -> str:
     return name.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
 
 
-def check_unique_keys(paths: Iterable[str], where: str) -> None:
-    """PrepError naming both files when two files of a split would get one sample key."""
+def check_unique_keys(folders: Mapping[str, Sequence[str]], where: str) -> None:
+    """PrepError naming both files when two files of a split would get one sample key.
+
+    `folders`: {folder: the file names one listing of it gave} ('' for files at the top).
+    Keys come from names alone, so files in different folders can collide. The common case
+    is proven free of collisions with a few C-level counts per folder instead of a key per
+    file (1.28 M keys took ~1 s): see `_keys_clearly_unique`. Anything else computes them."""
+    if _keys_clearly_unique(folders):
+        return
     seen: dict[str, str] = {}
-    for path in paths:
-        key = sample_key(path)
-        if key in seen:
-            raise PrepError(f"{where}: {seen[key]} and {path} would both be sample {key!r} "
-                            "in the shards (one name, or names that differ only in '.' vs "
-                            "'_' or in the extension); rename or remove one of them")
-        seen[key] = path
+    for folder in sorted(folders):
+        for name in folders[folder]:
+            path = f"{folder}/{name}" if folder else name
+            key = sample_key(name)
+            if key in seen:
+                raise PrepError(f"{where}: {seen[key]} and {path} would both be sample "
+                                f"{key!r} in the shards (one name, or names that differ only "
+                                "in '.' vs '_' or in the extension); rename or remove one of "
+                                "them")
+            seen[key] = path
+
+
+def _keys_clearly_unique(folders: Mapping[str, Sequence[str]]) -> bool:
+    """True when no two names can share a key, shown without computing one:
+    - in each folder every name has exactly one '.', no newline, and the same extension as
+      the others: its key is its stem, and names in one folder are distinct, so keys are;
+    - with several folders, each name also starts with `folder_` (ILSVRC's train names:
+      `n01440764/n01440764_10026.JPEG`), and no folder's `folder_` is a prefix of another's:
+      keys of different folders start differently. False means "not shown", not "collision".
+    """
+    prefixes = []
+    for folder, names in folders.items():
+        if not names:
+            continue
+        blob = "\n".join(names) + "\n"
+        ext = names[0][names[0].rfind("."):]
+        n = len(names)
+        if not (ext.startswith(".") and blob.count(".") == n and blob.count("\n") == n
+                and blob.count(ext + "\n") == n):
+            return False
+        if len(folders) > 1:
+            prefix = f"{folder}_"
+            if "/" in folder or "." in folder or ("\n" + blob).count("\n" + prefix) != n:
+                return False
+            prefixes.append(prefix)
+    prefixes.sort()
+    return not any(b.startswith(a) for a, b in zip(prefixes, prefixes[1:]))
 
 
 def entry_kind(e: os.DirEntry) -> str:
@@ -122,8 +159,11 @@ def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str]
         files = [e for e in entries if e.is_file()]
     except OSError:  # a symlink loop among the entries: the slow path names it
         files = [e for e in entries if entry_kind(e) == "file"]
-    images = [e for e in files if e.name.endswith(IMAGE_EXTS) and not is_litter(e.name)
-              and not bad_name(e.name)]
+    if len(files) == len(entries) and _all_plain_images([e.name for e in files]):
+        images = files
+    else:
+        images = [e for e in files if e.name.endswith(IMAGE_EXTS) and not is_litter(e.name)
+                  and not bad_name(e.name)]
     names = [e.name for e in images]
     if len(names) != len(entries):
         _classify_odd(entries, rel, probs)
@@ -131,6 +171,19 @@ def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str]
         probs.empty = sorted(f"{rel}/{e.name}" for e in images if e.stat().st_size == 0)
     names.sort()
     return names, probs
+
+
+def _all_plain_images(names: list[str]) -> bool:
+    """True when every name is an image by its extension (all the same one), ASCII without
+    control characters, and not litter: what the per-name tests would find, in a few passes
+    over one string (the per-name tests cost ~1 us a name, 1.28 M names per train scan)."""
+    if not names:
+        return True
+    blob = "/".join(names) + "/"  # '/' is the one character no name holds
+    ext = names[0][names[0].rfind("."):]
+    return (ext in IMAGE_EXTS and blob.count(ext + "/") == len(names) and blob.isascii()
+            and _CONTROL.search(blob) is None and "/._" not in "/" + blob
+            and LITTER_NAMES.isdisjoint(names))
 
 
 def _classify_odd(entries: list[os.DirEntry], rel: str, probs: Problems) -> None:
