@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep import __version__
+from prep.checked import CheckedRecord, Identity
 from prep.classes import (
     NUM_CLASSES,
     ClassInfo,
@@ -114,6 +115,8 @@ class SourceScan:
     sources: list[LabelSource]
     ids: dict[str, int] | None  # WNID -> ILSVRC2012_ID from the copy's own devkit
     problems: Problems
+    # --check full: {split: {path relative to the split dir: identity}} of images it passed
+    checked: dict[str, dict[str, Identity]]
 
 
 def read_source(lay: Layout, check: str, workers: int, progress: bool) -> SourceScan:
@@ -140,11 +143,13 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
         probs.merge(tprobs)
         if check != "fast" and lay.train_list:
             probs.merge(compare_with_list(train, lay.train_list, train_rel))
+        checked: dict[str, dict[str, Identity]] = {}
         if check == "full":
             rels = [f"{w}/{n}" for w in train for n in train[w]]
-            probs.merge(_prefixed(check_images(lay.train_dir, rels, pool, progress), train_rel))
+            tprobs, checked["train"] = check_images(lay.train_dir, rels, pool, progress)
+            probs.merge(_prefixed(tprobs, train_rel))
             vrel = [val_files[s] for s in sorted(val_files)]
-            vprobs = check_images(lay.val_dir, vrel, pool, progress)
+            vprobs, checked["val"] = check_images(lay.val_dir, vrel, pool, progress)
             probs.merge(_prefixed(vprobs, _rel(lay.val_dir, lay.src)))
     except BaseException:
         if pool:
@@ -152,7 +157,7 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
         raise
     if pool:
         pool.shutdown()
-    return SourceScan(train, val_files, test, sources, ids, probs)
+    return SourceScan(train, val_files, test, sources, ids, probs, checked)
 
 
 def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
@@ -307,9 +312,24 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
                            scan.test, provenance)
     changes = apply_outputs(link, outputs, force,
                             report={"problems.txt": _problems_text(scan.problems)})
+    _keep_checked(link / "imagenet", scan, val_labels)
     return PrepReport(lay.describe(), lay.src, link, classes, counts,
                       [s.name for s in scan.sources], scan.problems, changes, notes,
                       time.perf_counter() - t0)
+
+
+def _keep_checked(view: Path, scan: SourceScan, val_labels: dict[str, str]) -> None:
+    """What --check full passed, under the view's paths (`train/WNID/NAME`, `val/WNID/NAME`:
+    what prep shard reads), so that `prep shard` does not check it again (prep.checked)."""
+    if not scan.checked:
+        return
+    rows = [(f"train/{rel}", *ident) for rel, ident in scan.checked["train"].items()]
+    stems = {rel: stem for stem, rel in scan.val_files.items()}
+    rows += [(f"val/{val_labels[stems[rel]]}/{os.path.basename(rel)}", *ident)
+             for rel, ident in scan.checked["val"].items() if stems[rel] in val_labels]
+    record = CheckedRecord(view, strict=True)
+    record.add(rows)
+    record.close()
 
 
 def _check_val_classes(val_labels: dict[str, str], train: dict[str, list[str]],

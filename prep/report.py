@@ -54,6 +54,9 @@ def format_shard(r: Any, out: Path) -> str:
     rate = f", {n / r.seconds:,.0f} img/s, {mb / r.seconds:,.1f} MB/s" if r.written else ""
     lines = [f"{out}: wrote {len(r.written)} shards ({n:,} samples, {mb:,.1f} MB) in "
              f"{r.seconds:.1f} s{rate}; kept {r.kept} finished earlier"]
+    if r.trusted:
+        lines.append(f"  strict check: {r.trusted:,} sources passed it in an earlier run and "
+                     "are unchanged since (.checked.sqlite in --data); the rest were checked")
     if r.pending:
         lines.append(f"  {r.pending} shards belong to other --shard-range parts; the last "
                      "part to finish (or `prep shard --finalize`) writes the manifest")

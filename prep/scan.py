@@ -18,6 +18,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prep.checked import Identity, identity
 from prep.classes import is_wnid
 from prep.errors import PrepError, read_error
 from prep.progress import progress_bar
@@ -295,10 +296,11 @@ def compare_with_list(train: dict[str, list[str]], list_file: Path, rel: str) ->
     return probs
 
 
-def _check_one(path: str) -> tuple[str, str | None]:
-    """('ok'|'cmyk'|'png'|'grayscale'|'undecodable', detail) for one image file. Decoded in
-    full with libjpeg's warnings as errors (prep.jpeg.strict_problem): a JPEG cut short
-    with an EOI marker appended is undecodable, not a grey-bottomed picture."""
+def _check_one(path: str) -> tuple[str, str | None, Identity | None]:
+    """('ok'|'cmyk'|'png'|'grayscale'|'undecodable', detail, identity) for one image file.
+    Decoded in full with libjpeg's warnings as errors (prep.jpeg.strict_problem): a JPEG cut
+    short with an EOI marker appended is undecodable, not a grey-bottomed picture. identity
+    (prep.checked): of the bytes that were checked, None when undecodable."""
     import io
 
     from PIL import Image
@@ -307,44 +309,48 @@ def _check_one(path: str) -> tuple[str, str | None]:
 
     try:
         with open(path, "rb") as f:
+            ident = identity(os.fstat(f.fileno()))
             data = f.read()
     except OSError as exc:
-        return "undecodable", f"unreadable ({exc.strerror})"
+        return "undecodable", f"unreadable ({exc.strerror})", None
     problem = strict_problem(data)
     if problem:
-        return "undecodable", problem
+        return "undecodable", problem, None
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format != "JPEG":
-                return f"{im.format or 'unknown'} named as JPEG".lower(), None
+                return f"{im.format or 'unknown'} named as JPEG".lower(), None, ident
             if im.mode == "CMYK":
-                return "cmyk", None
+                return "cmyk", None, ident
             if im.mode in ("L", "LA", "1"):
-                return "grayscale", None
-        return "ok", None
+                return "grayscale", None, ident
+        return "ok", None, ident
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError ...
-        return "undecodable", f"{type(exc).__name__}: {exc}"
+        return "undecodable", f"{type(exc).__name__}: {exc}", None
 
 
-def _check_chunk(paths: list[str]) -> list[tuple[str, str | None]]:
+def _check_chunk(paths: list[str]) -> list[tuple[str, str | None, Identity | None]]:
     return [_check_one(p) for p in paths]
 
 
 def check_images(
     root: Path, rel_paths: Iterable[str], pool: Executor | None = None, progress: bool = True
-) -> Problems:
-    """Decode every image (the full check); list undecodable ones and the ones needing repair."""
+) -> tuple[Problems, dict[str, Identity]]:
+    """Decode every image (the full check); list undecodable ones and the ones needing
+    repair. Also {rel path: identity} of every image that passed (for prep.checked)."""
     rels = list(rel_paths)
     chunks = [rels[i : i + 256] for i in range(0, len(rels), 256)]
-    probs = Problems()
+    probs, passed = Problems(), {}
     bar = progress_bar(total=len(rels), unit="img", desc="decode check", disable=not progress)
     full = [[str(root / r) for r in c] for c in chunks]
     for chunk, res in zip(chunks, run_chunks(pool, _check_chunk, full)):
-        for rel, (kind, detail) in zip(chunk, res):
+        for rel, (kind, detail, ident) in zip(chunk, res):
             if kind == "undecodable":
                 probs.undecodable.append(f"{rel} ({detail})")
             elif kind != "ok":
                 probs.notes.setdefault(kind, []).append(rel)
+            if ident is not None:
+                passed[rel] = ident
         bar.update(len(chunk))
     bar.close()
-    return probs
+    return probs, passed

@@ -55,7 +55,7 @@ def epoch_toolkit(url: str, cache: str, context: object) -> int:
                              workers=WORKERS, collate=collate,
                              cache=open_cache(Store(url), cache, None),
                              window=TrainConfig().shard_window)
-    n = sum(len(b[1]) for b in loader)
+    n = count(loader)
     loader.close()
     return n
 
@@ -71,7 +71,7 @@ def epoch_mosaicml(url: str, cache: str, context: object) -> int:
                          batch_size=BATCH)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, num_workers=WORKERS,
                                          collate_fn=collate, multiprocessing_context=context)
-    return sum(len(b[1]) for b in loader)
+    return count(loader)
 
 
 def epoch_litdata(url: str, cache: str, context: object) -> int:
@@ -85,7 +85,19 @@ def epoch_litdata(url: str, cache: str, context: object) -> int:
 
     loader = StreamingDataLoader(data, batch_size=BATCH, num_workers=WORKERS,
                                          collate_fn=collate, multiprocessing_context=context)
-    return sum(len(b[1]) for b in loader)
+    return count(loader)
+
+
+FIRST: list[float] = []  # when the first batch arrived (perf_counter)
+
+
+def count(loader: object) -> int:
+    n = 0
+    for batch in loader:
+        if not FIRST:
+            FIRST.append(time.perf_counter())
+        n += len(batch[1])
+    return n
 
 
 EPOCHS = {"toolkit": epoch_toolkit, "mosaicml-streaming": epoch_mosaicml,
@@ -112,17 +124,17 @@ def one(name: str, url: str, cache: str) -> None:
     started.join()
     t = time.perf_counter()
     n = EPOCHS[name](url, cache, context)
-    print(json.dumps({"images": n, "seconds": time.perf_counter() - t}))
+    print(json.dumps({"images": n, "seconds": time.perf_counter() - t, "first": FIRST[0] - t}))
 
 
-def run_one(name: str, url: str, cache: Path, env: dict) -> float:
+def run_one(name: str, url: str, cache: Path, env: dict) -> dict:
+    """{"images", "seconds", "first"} of one epoch in a fresh process."""
     done = subprocess.run([sys.executable, __file__, "--one", name, url, str(cache)],
                           env=env, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name}: the epoch failed:\n{done.stderr[-3000:]}")
     out = done.stdout
-    got = json.loads(out.strip().splitlines()[-1])
-    return got["images"] / got["seconds"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def samples(local: Path) -> list[dict]:
@@ -168,6 +180,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default="/tmp/store-bench")
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--per-class", type=int, default=400,
+                    help="train images per class, 10 classes (default: 400)")
     ap.add_argument("--one", nargs=3, metavar=("NAME", "URL", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -180,7 +194,7 @@ def main() -> None:
     from s3_server import SeaweedFS
 
     root = Path(args.root)
-    data = build(root, 400, 320)
+    data = build(root, args.per_class, 320)
     local = root / "local-rivals"
     shutil.rmtree(local, ignore_errors=True)
     shard(data, str(local), 32)
@@ -188,7 +202,7 @@ def main() -> None:
     server = SeaweedFS(root / "seaweedfs-rivals")
     shutil.rmtree(server.root, ignore_errors=True)
     server.start()
-    rates: dict[tuple[str, str], list[float]] = {}
+    runs: dict[tuple[str, str], list[dict]] = {}
     try:
         os.environ.update(server.env)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(RIVALS), str(REPO)])}
@@ -200,29 +214,42 @@ def main() -> None:
             subprocess.run([s5cmd, "--endpoint-url", server.endpoint, "cp", f"{folder}/*",
                             f"{urls[name]}/"], check=True, stdout=subprocess.DEVNULL)
         for trial in range(args.trials):
-            for name in CONTENDERS:
+            turn = trial % len(CONTENDERS)  # each contender goes first in some trial
+            for name in CONTENDERS[turn:] + CONTENDERS[:turn]:
                 cold = root / f"rivals-cache/{name}-{trial}"
                 shutil.rmtree(cold, ignore_errors=True)
-                rates.setdefault((name, "cold"), []).append(run_one(name, urls[name], cold, env))
-                rates.setdefault((name, "warm"), []).append(run_one(name, urls[name], cold, env))
-                print(f"trial {trial}: {name} cold {rates[name, 'cold'][-1]:.0f} img/s, "
-                      f"warm {rates[name, 'warm'][-1]:.0f} img/s", flush=True)
+                for case in ("cold", "warm"):
+                    runs.setdefault((name, case), []).append(
+                        run_one(name, urls[name], cold, env))
+                print(f"trial {trial}: {name} cold {rate(runs[name, 'cold'][-1]):.0f} img/s, "
+                      f"warm {rate(runs[name, 'warm'][-1]):.0f} img/s", flush=True)
     finally:
         server.kill()
     total = sum(p.stat().st_size for p in local.glob("train-*.tar"))
     print(f"\n{len(samples(local))} train images (320 px, {total / 1e6:.0f} MB in 32 objects "
           f"per format), {WORKERS} loader workers, batch {BATCH}, {args.trials} trials "
-          "(medians)")
-    print(f"{'loader epoch':<22} {'cold img/s':>10} {'toolkit is':>10} {'warm img/s':>10} "
-          f"{'toolkit is':>10}")
-    for name in CONTENDERS:
-        cells = []
-        for case in ("cold", "warm"):
-            m = statistics.median(rates[name, case])
-            ours = statistics.median(rates["toolkit", case])
-            cells += [f"{m:10.0f}", f"{ours / m:9.2f}x"]
-        print(f"{name:<22} {' '.join(cells)}")
+          "(medians). epoch: images / seconds from making the dataset to the last batch; "
+          "first: seconds to the first batch; steady: the rate after the first batch")
+    for case in ("cold", "warm"):
+        print(f"\n{case + ' cache':<20} {'epoch img/s':>11} {'toolkit is':>10} {'first s':>8} "
+              f"{'steady img/s':>12} {'toolkit is':>10}")
+        ours = runs["toolkit", case]
+        for name in CONTENDERS:
+            theirs = runs[name, case]
+            e, s_ = (statistics.median(map(f, theirs)) for f in (rate, steady))
+            oe, os_ = (statistics.median(map(f, ours)) for f in (rate, steady))
+            first = statistics.median(r["first"] for r in theirs)
+            print(f"{name:<20} {e:11.0f} {oe / e:9.2f}x {first:8.2f} {s_:12.0f} "
+                  f"{os_ / s_:9.2f}x")
 
+
+def rate(run: dict) -> float:
+    return run["images"] / run["seconds"]
+
+
+def steady(run: dict) -> float:
+    """Images per second after the first batch (start-up excluded)."""
+    return (run["images"] - BATCH) / (run["seconds"] - run["first"])
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from prep import __version__
 from prep.atomic import write_atomic
+from prep.checked import CheckedRecord
 from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.progress import progress_bar
@@ -48,7 +49,7 @@ from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_mani
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.record import INDEX_COLUMNS, ShardRecord
 from shards.source import read_classes, read_samples
-from shards.write import ShardOptions, write_shard
+from shards.write import ShardOptions, source_paths, write_shard
 
 STATE = ".prep-shard"
 LOCK = ".prep-shard.lock"
@@ -73,6 +74,7 @@ class ShardReport:
     written: list[ShardRecord] = field(default_factory=list)
     kept: int = 0  # shards finished by an earlier run
     pending: int = 0  # shards left to other --shard-range parts
+    trusted: int = 0  # sources the strict check passed before, unchanged since (not checked)
     info: dict | None = None  # the manifest, once complete
     seconds: float = 0.0
 
@@ -411,10 +413,16 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
                         "finished yet; run the missing --shard-range parts first")
     opts = ShardOptions(settings.max_size, settings.quality, settings.on_error,
                         strict=settings.check == "full")
-    for rec in _run(todo, data, out, opts, workers, progress):
-        _save(parts, rec)
-        records[rec.name] = rec
-        report.written.append(rec)
+    checked = CheckedRecord(data, opts.strict)
+    try:
+        for rec in _run(todo, data, out, opts, workers, progress, checked):
+            _save(parts, rec)
+            checked.keep(rec.checked, rec.trusted)
+            records[rec.name] = rec
+            report.written.append(rec)
+    finally:
+        checked.close()
+    report.trusted = checked.trusted_count
     manifest_file = parts.parent / "manifest.json"
     if report.pending == 0 and not report.written and manifest_file.is_file() and \
             not foreign_files(out, set()) and None not in _read_json(manifest_file).values():
@@ -436,7 +444,7 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
 
 
 def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, workers: int,
-         progress: bool):
+         progress: bool, checked: CheckedRecord):
     """Yield records as shards finish; stop at the first error (after cancelling the rest)."""
     total = sum(len(p.samples) for p in todo)
     bar = progress_bar(total=total, unit="img", desc="shard", disable=not progress or not todo)
@@ -444,8 +452,8 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     pool = process_pool(workers)
     try:
         with interrupt_at_checks() as check:
-            futures: set[Future] = {pool.submit(write_shard, p, data, out, opts)
-                                    for p in todo}
+            futures: set[Future] = {pool.submit(write_shard, p, data, out, opts,
+                                                checked.trusted(source_paths(p))) for p in todo}
             preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
             while futures:
                 # FIRST_COMPLETED: each finished shard is recorded at once (a kill keeps it,

@@ -45,7 +45,15 @@ class ShardRecord:
     source_stats: list[list[int]] = field(default_factory=list)
     tar_inode: int = 0
     tar_mtime_ns: int = 0
+    # for shards.checked, not stored: sources the strict check passed in this write ([path,
+    # *identity]), and how many it trusted from an earlier check
+    checked: list[list] = field(default_factory=list)
+    trusted: int = 0
+
+    def stored(self) -> dict:
+        """The fields kept beside the outputs (vars(), not dataclasses.asdict: asdict
+        deep-copies every column)."""
+        return {k: v for k, v in vars(self).items() if k not in ("checked", "trusted")}
 
     def to_json(self) -> str:
-        # vars(), not dataclasses.asdict: asdict deep-copies every column
-        return json.dumps(vars(self), separators=(",", ":"))
+        return json.dumps(self.stored(), separators=(",", ":"))

@@ -35,6 +35,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prep import __version__
+from prep.checked import CheckedRecord
 from prep.errors import PrepError
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool
@@ -51,7 +52,7 @@ from shards.manifest import INFO, write_manifest
 from shards.plan import ShardPlan
 from shards.record import ShardRecord
 from shards.store import Store
-from shards.write import ShardOptions, write_shard
+from shards.write import ShardOptions, source_paths, write_shard
 
 LOCK = ".prep-shard.lock"
 LOCK_STALE_S = 600.0  # a lock not rewritten for this long is stale
@@ -227,10 +228,12 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
     opts = ShardOptions(settings.max_size, settings.quality, settings.on_error,
                         strict=settings.check == "full")
     tmp = Path(tempfile.mkdtemp(prefix="prep-shard-", dir=staging))
+    checked = CheckedRecord(data, opts.strict)
     try:
-        for rec in _upload_all(store, todo, data, tmp, opts, workers, progress):
+        for rec in _upload_all(store, todo, data, tmp, opts, workers, progress, checked):
             records[rec.name] = rec
             report.written.append(rec)
+        report.trusted = checked.trusted_count
         prep = {"tool": f"prep {__version__}", "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
         report.info = write_manifest(tmp, [records[p.name] for p in plans], wnids, prep, extra)
@@ -242,13 +245,15 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
             etags[n] = store.head(n)["etag"]
         store.put(MANIFEST, json.dumps(etags).encode())
     finally:
+        checked.close()
         shutil.rmtree(tmp, ignore_errors=True)
     report.seconds = time.perf_counter() - t0
     return report
 
 
 def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
-                opts: ShardOptions, workers: int, progress: bool) -> Iterator[ShardRecord]:
+                opts: ShardOptions, workers: int, progress: bool,
+                checked: CheckedRecord) -> Iterator[ShardRecord]:
     """Write shards in the process pool and upload each as it finishes; at most
     workers + 2 shards wait on local disk. Yields records once uploaded and recorded."""
     total = sum(len(p.samples) for p in todo)
@@ -262,7 +267,9 @@ def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
         with interrupt_at_checks() as check:
             while pending or writing or sending:
                 while pending and len(writing) + len(sending) < workers + 2:
-                    writing.add(pool.submit(write_shard, pending.pop(), data, tmp, opts))
+                    plan = pending.pop()
+                    writing.add(pool.submit(write_shard, plan, data, tmp, opts,
+                                            checked.trusted(source_paths(plan))))
                 done, _ = wait(writing | sending, timeout=0.2, return_when=FIRST_COMPLETED)
                 check()
                 for f in done:
@@ -274,6 +281,7 @@ def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
                     else:
                         sending.discard(f)
                         rec = f.result()
+                        checked.keep(rec.checked, rec.trusted)
                         bar.update(rec.num_samples + len(rec.skipped))
                         yield rec
                         check()
@@ -297,7 +305,7 @@ def _send(store: Store, rec: ShardRecord, tmp: Path) -> ShardRecord:
         raise PrepError(f"{store.where.url(rec.name)}: the store holds "
                         f"{head and head['size']} bytes after the upload, not {rec.filesize}")
     rec.tar_inode = rec.tar_mtime_ns = 0  # local facts of the staging copy: meaningless here
-    store.put(_part(rec.name), json.dumps({"record": vars(rec), "object": head}).encode())
+    store.put(_part(rec.name), json.dumps({"record": rec.stored(), "object": head}).encode())
     tar.unlink()
     idx.unlink()
     return rec

@@ -24,7 +24,8 @@ from shards.source import Sample
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
-ABI = 2  # tarpack.c's tp_abi(): the signature of tp_write
+ABI = 3  # tarpack.c's tp_abi(): the signature of tp_write
+ID_FIELDS = 5  # shards.checked.Identity: size, mtime, ctime, inode, device
 
 
 def _load():
@@ -38,7 +39,8 @@ def _load():
     lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
                              p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int),
-                             p(_I64), p(ctypes.c_uint), ctypes.c_void_p, ctypes.c_ulonglong]
+                             p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_uint),
+                             ctypes.c_void_p, ctypes.c_ulonglong]
     return lib
 
 
@@ -66,11 +68,14 @@ def _json_parts(s: Sample, split: str) -> tuple[bytes, bytes]:
 
 
 def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
-                  strict: bool = True) -> tuple[int, int, list[tuple[int, int, int, int, int]]]:
+                  strict: bool = True, trusted: list[tuple | None] | None = None,
+                  ) -> tuple[int, int, list[tuple]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
-    [(sample start offset, jpg bytes, width, height, source mtime ns, jpg crc32)] for them).
-    Raises
+    [(sample start offset, jpg bytes, width, height, source identity, checked, jpg crc32)]
+    for them); the identity is shards.checked.Identity, `checked` whether the strict check
+    ran. `trusted`: per sample, the identity under which it passed the strict check before,
+    or None; a file with that identity now is not checked again. Raises
     OSError on a write error; stops early at a sample Python must handle: not a clean RGB
     JPEG, size 0 or above prep.jpeg.MAX_PIXELS, or (`strict`, with prep/jpegcheck.c built)
     one whose entropy data ends early."""
@@ -86,17 +91,24 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     off = _I64(offset)
     starts, sizes = (_I64 * n)(), (_I64 * n)()
     widths, heights = (ctypes.c_int * n)(), (ctypes.c_int * n)()
-    mtimes, crcs = (_I64 * n)(), (ctypes.c_uint * n)()
+    ids, checked, crcs = (_I64 * (n * ID_FIELDS))(), (ctypes.c_int * n)(), (ctypes.c_uint * n)()
+    trust = [-1] * (n * ID_FIELDS)
+    for i, t in enumerate(trusted or ()):
+        if t is not None:
+            trust[i * ID_FIELDS : (i + 1) * ID_FIELDS] = t
     check = jpeg.check_function_address() if strict else None
     done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
                          strs(*ends), ctypes.byref(off), starts, sizes, widths, heights,
-                         mtimes, crcs, check, jpeg.MAX_PIXELS)
+                         (_I64 * (n * ID_FIELDS))(*trust), ids, checked, crcs, check,
+                         jpeg.MAX_PIXELS)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+    idents = [tuple(ids[i * ID_FIELDS : (i + 1) * ID_FIELDS]) for i in range(done)]
     return done, off.value, list(zip(starts[:done], sizes[:done], widths[:done],
-                                     heights[:done], mtimes[:done], crcs[:done]))
+                                     heights[:done], idents, map(bool, checked[:done]),
+                                     crcs[:done]))
 
 
 if __name__ == "__main__":

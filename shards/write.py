@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from prep.checked import Identity, identity
 from prep.errors import PrepError, read_error, write_error
 from shards import tarpack
 from shards.dali_index import write_dali_index
@@ -33,8 +34,13 @@ class ShardOptions:
     strict: bool = True  # entropy-decode every JPEG (prep.jpeg.strict_problem)
 
 
-def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> ShardRecord:
-    """Write `out/plan.name` from the images under `data/<split>/`; returns its record."""
+def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions,
+                trusted: dict[str, Identity] | None = None) -> ShardRecord:
+    """Write `out/plan.name` from the images under `data/<split>/`; returns its record.
+    `trusted`: {`split/path`: identity} of sources that passed the strict check before
+    (shards.checked); one that still has that identity is not checked again. The record's
+    `checked` lists the sources this write checked, for the caller to remember."""
+    trusted = trusted or {}
     final = out / plan.name
     partial = out / f"{plan.name}.partial"
     rec = ShardRecord(plan.name, plan.split, 0, 0, "")
@@ -50,10 +56,11 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
             use_c = tarpack.available() and not opts.max_size
             while i < len(samples):
                 run = samples[i : i + RUN]
-                done = _write_run(tar, digest, run, base, plan, rec, opts) if use_c else 0
+                done = _write_run(tar, digest, run, base, plan, rec, opts, trusted) \
+                    if use_c else 0
                 i += done
                 if done < len(run):
-                    _write_sample(tar, samples[i], base, data, plan, opts, rec)
+                    _write_sample(tar, samples[i], base, data, plan, opts, rec, trusted)
                     i += 1
             tar.close()
             rec.sha256 = digest.hexdigest()
@@ -76,21 +83,38 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions) -> S
     return rec
 
 
+def source_paths(plan: ShardPlan) -> list[str]:
+    """The plan's sources as `split/path` under --data (their `source` in the json)."""
+    return [f"{plan.split}/{s.path}" for s in plan.samples]
+
+
 RUN = 64  # samples per C call: the hashing thread catches up between calls
 
 
 def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: str,
-               plan: ShardPlan, rec: ShardRecord, opts: ShardOptions) -> int:
+               plan: ShardPlan, rec: ShardRecord, opts: ShardOptions,
+               trusted: dict[str, Identity]) -> int:
     """Write the leading good JPEGs of `samples` through shards/tarpack; how many."""
+    sources = [f"{plan.split}/{s.path}" for s in samples]
     done, end, written = tarpack.write_samples(digest.fd, tar.offset,
                                                [base + s.path for s in samples], samples,
-                                               plan.split, opts.strict)
+                                               plan.split, opts.strict,
+                                               [trusted.get(src) for src in sources])
     digest.advance(end - tar.offset)
     tar.offset = end
-    for s, (offset, size, w, h, mtime, crc) in zip(samples, written):
+    for s, src, (offset, size, w, h, ident, checked, crc) in zip(samples, sources, written):
         _add_row(rec, plan, s, offset, size, crc, w, h, None)
-        rec.source_stats.append([size, mtime])
+        rec.source_stats.append([size, ident[1]])
+        if opts.strict:
+            _count_check(rec, src, ident, checked)
     return done
+
+
+def _count_check(rec: ShardRecord, source: str, ident: Identity, checked: bool) -> None:
+    if checked:
+        rec.checked.append([source, *ident])
+    else:
+        rec.trusted += 1
 
 
 def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_bytes: int,
@@ -104,7 +128,7 @@ def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_byte
 
 
 def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardPlan,
-                  opts: ShardOptions, rec: ShardRecord) -> None:
+                  opts: ShardOptions, rec: ShardRecord, trusted: dict[str, Identity]) -> None:
     src = base + s.path
     try:
         raw, st = read_file(src)
@@ -114,8 +138,10 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
     except OSError as exc:  # a source that cannot be read: not the shard's disk
         raise read_error(src, exc) from exc
     rec.source_stats.append([st.st_size, st.st_mtime_ns])
+    source, ident = f"{plan.split}/{s.path}", identity(st)
+    strict = opts.strict and trusted.get(source) != ident
     try:
-        jpg, info = encode_image(raw, opts.max_size, opts.quality, opts.strict)
+        jpg, info = encode_image(raw, opts.max_size, opts.quality, strict)
     except UndecodableImage as exc:
         if opts.on_error == "skip":
             rec.skipped.append(f"{plan.split}/{s.path}: {exc}")
@@ -131,6 +157,8 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
     tar.add_many(members)
     _add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
              info.repaired)
+    if opts.strict:
+        _count_check(rec, source, ident, strict)
 
 
 
