@@ -10,6 +10,9 @@ import click
 
 from prep import __version__
 from prep.errors import PrepError, exit_on_error, refuse_overwrite, refuse_url, run_program
+from shards.settings import ShardSettings
+
+SHARD = ShardSettings()  # prep shard's defaults, declared once there
 
 # numpy (the shard plan's permutation, pyarrow) starts one OpenBLAS thread per core, and on
 # start-up they cost ~0.15 s of CPU that the shard writers need; `prep` does no linear algebra
@@ -252,16 +255,17 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 @click.option("--num-shards", type=click.IntRange(1), default=None,
               help="Shards per split (overrides --samples-per-shard).")
 @workers_option("writing shards (default: CPU count)")
-@click.option("--seed", default=0, show_default=True, help="Seed of the train permutation.")
+@click.option("--seed", default=SHARD.seed, show_default=True,
+              help="Seed of the train permutation.")
 @click.option("--max-size", type=click.IntRange(16), default=None,
               help="Pre-resize: longer side at most PX (FFCV-style; default: keep sizes).")
-@click.option("--quality", type=click.IntRange(1, 100), default=90, show_default=True,
-              help="JPEG quality of resized images.")
-@click.option("--splits", default="train,val,test", show_default=True,
+@click.option("--quality", type=click.IntRange(1, 100), default=SHARD.quality,
+              show_default=True, help="JPEG quality of resized images.")
+@click.option("--splits", default=",".join(SHARD.splits), show_default=True,
               help="Comma-separated splits (test only when meta/test.txt exists).")
-@click.option("--on-error", type=click.Choice(["fail", "skip"]), default="fail",
+@click.option("--on-error", type=click.Choice(["fail", "skip"]), default=SHARD.on_error,
               show_default=True, help="Undecodable image: stop, or leave it out and list it.")
-@click.option("--check", type=click.Choice(["full", "header"]), default="full",
+@click.option("--check", type=click.Choice(["full", "header"]), default=SHARD.check,
               show_default=True,
               help="full: entropy-decode every JPEG (a file cut short is undecodable even when "
                    "it ends in EOI; ~0.5 ms per 50 KB image, spread over --workers); header: "
@@ -280,7 +284,7 @@ def shard(data: Path, out: Path | str, samples_per_shard: int | None, num_shards
           quiet: bool) -> None:
     """Write reproducible WebDataset tar shards and their manifest (resumable)."""
     from prep.report import format_shard
-    from shards.build import ShardSettings, shard_dataset
+    from shards.build import shard_dataset
 
     settings = ShardSettings(
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), num_shards=num_shards,

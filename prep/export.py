@@ -198,25 +198,17 @@ def write_export(data: bytes, out: Path) -> None:
 def real_scores(p: Predictions, classes: list[ClassInfo] | None,
                 idx: np.ndarray | None = None) -> dict | None:
     """ReaL top-1/top-5 (fractions) over the ILSVRC2012 val images ReaL keeps; None when
-    the predictions hold none or their classes are not known WNIDs."""
-    from prep.scoring import global_index, official_label, real_for
+    the predictions hold none or their classes are not known WNIDs (prep.scoring.RealTally)."""
+    from prep.scoring import RealTally, global_index
 
     gi = global_index()
     if classes is None or not all(c.wnid in gi for c in classes):
         return None
-    to_global = np.array([gi[c.wnid] for c in classes])
+    tally = RealTally([gi[c.wnid] for c in classes])
     idx = topk(p, 5)[0] if idx is None else idx
-    c1 = c5 = n = 0
     for i, name in enumerate(p.paths if p.named else []):
-        if p.labels[i] >= 0 and official_label(name) not in (None, to_global[p.labels[i]]):
-            return None  # not ImageNet's val images under their names: ReaL does not apply
-        answers = real_for(name)
-        if answers:
-            row = to_global[idx[i]]
-            c1 += int(row[0]) in answers
-            c5 += any(int(x) in answers for x in row)
-            n += 1
-    return {"real_top1": c1 / n, "real_top5": c5 / n, "real_samples": n} if n else None
+        tally.add(name, int(p.labels[i]), idx[i])
+    return tally.result()
 
 
 def summary(p: Predictions, classes: list[ClassInfo] | None, worst: int = 10) -> str:

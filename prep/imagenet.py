@@ -52,7 +52,7 @@ SHIPPED = "real ILSVRC2012 val labels (shipped)"
 EXPECTED = {"train": 1_281_167, "val": 50_000, "test": 100_000}  # ILSVRC2012 CLS-LOC
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PrepReport:
     layout: str
     src: Path
@@ -313,9 +313,10 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     changes = apply_outputs(link, outputs, force,
                             report={"problems.txt": _problems_text(scan.problems)})
     _keep_checked(link / "imagenet", scan, val_labels)
-    return PrepReport(lay.describe(), lay.src, link, classes, counts,
-                      [s.name for s in scan.sources], scan.problems, changes, notes,
-                      time.perf_counter() - t0)
+    return PrepReport(layout=lay.describe(), src=lay.src, link_dir=link, classes=classes,
+                      counts=counts, label_sources=[s.name for s in scan.sources],
+                      problems=scan.problems, changes=changes, notes=notes,
+                      seconds=time.perf_counter() - t0)
 
 
 def _keep_checked(view: Path, scan: SourceScan, val_labels: dict[str, str]) -> None:

@@ -19,6 +19,8 @@ import ctypes
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prep import cbuild
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -70,17 +72,9 @@ def size_problem(width: int, height: int) -> str | None:
     return None
 
 
-def _load():
-    if not LIBRARY.exists():
-        return None
-    lib = ctypes.CDLL(str(LIBRARY))
-    lib.jc_check.restype = ctypes.c_int
-    lib.jc_check.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulonglong,
-                             ctypes.POINTER(ctypes.c_int), ctypes.c_char_p]
-    return lib
-
-
-_lib = _load()
+_lib = cbuild.load(LIBRARY, "jc_check", ctypes.c_int,
+                   [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_ulonglong,
+                    ctypes.POINTER(ctypes.c_int), ctypes.c_char_p])
 
 
 def available() -> bool:
@@ -150,6 +144,4 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 
 if __name__ == "__main__":
-    from prep import cbuild
-
     cbuild.main(SOURCE, LIBRARY, ("-ljpeg",), "truncated JPEGs that end in EOI are not caught")

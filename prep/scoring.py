@@ -14,6 +14,8 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cache
 
 from prep.classes import package_data, reference_words
@@ -70,3 +72,41 @@ def real_for(key_or_path: str) -> tuple[int, ...] | None:
     i = int(m.group(1)) - 1
     labels = real_labels()
     return labels[i] if 0 <= i < len(labels) and labels[i] else None
+
+
+@dataclass
+class RealTally:
+    """ReaL top-1/top-5, the one scorer (the trainer's evaluation, `prep export-preds`).
+    `to_global`: the model's class index -> sorted-WNID index. One labelled sample whose
+    label is not the official one for its name (a synthetic or relabelled set reusing the
+    names) and there is no result: ReaL describes ImageNet's val photos, not those."""
+
+    to_global: Sequence[int]
+    top1: int = 0
+    top5: int = 0
+    n: int = 0
+    unlike: int = 0  # labelled samples whose label is not the official one
+
+    def add(self, name: str, label: int, top5: Sequence[int]) -> None:
+        """One sample: its key or path, its label (-1: unlabelled), the model's top-5 class
+        indices, best first."""
+        if label >= 0 and official_label(name) not in (None, self.to_global[label]):
+            self.unlike += 1
+        answers = real_for(name)
+        if answers:
+            row = [int(self.to_global[i]) for i in top5]
+            self.top1 += row[0] in answers
+            self.top5 += any(x in answers for x in row)
+            self.n += 1
+
+    def counts(self) -> list[int]:
+        """(top1, top5, n, unlike): what ranks sum before `result`."""
+        return [self.top1, self.top5, self.n, self.unlike]
+
+    def result(self) -> dict | None:
+        """{"real_top1", "real_top5" (fractions), "real_samples"}, or None (none counted, or
+        labels unlike the official ones)."""
+        if self.unlike or not self.n:
+            return None
+        return {"real_top1": self.top1 / self.n, "real_top5": self.top5 / self.n,
+                "real_samples": self.n}

@@ -82,7 +82,8 @@ def child_toolkit(shards: Path, workers: int, n_batches: int, checked: bool = Tr
 
     split = read_split(str(shards), "train")
     n = (n_batches + WARM_BATCHES + 1) * BATCH
-    split = SplitInfo(split.urls, n, split.num_classes,  # the shard stream repeats
+    split = SplitInfo(urls=split.urls, num_samples=n,  # the shard stream repeats
+                      num_classes=split.num_classes,
                       checksums=split.checksums if checked else None)
     cfg = TrainConfig(batch_size=BATCH, workers=workers, shuffle_buffer=1000)
     loader = make_train_loader(split, cfg, 0, 1, 0, SkipCounter(cfg.max_skip_rate))

@@ -48,24 +48,13 @@ from shards.dali_index import index_path
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
 from shards.record import INDEX_COLUMNS, ShardRecord
+from shards.settings import ShardSettings
 from shards.source import read_classes, read_samples
-from shards.write import ShardOptions, source_paths, write_shard
+from shards.write import source_paths, write_shard
 
 STATE = ".prep-shard"
 LOCK = ".prep-shard.lock"
 FORMAT = 4  # bump when the bytes written for the same plan (or the records) change
-
-
-@dataclass
-class ShardSettings:
-    splits: tuple[str, ...] = ("train", "val", "test")
-    num_shards: int | None = None  # per split; None: default_num_shards
-    samples_per_shard: int | None = None
-    seed: int = 0
-    max_size: int | None = None
-    quality: int = 90
-    on_error: str = "fail"
-    check: str = "full"  # full: entropy-decode every JPEG; header: trust complete headers
 
 
 @dataclass
@@ -386,15 +375,16 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     fp = fingerprint(plans, settings)
     with output_lock(out, shard_range, exclusive=force or finalize_only):
         parts = _claim(out, fp, settings, data, force, [p.name for p in plans])
-        return _shard_locked(data, out, plans, wnids, fp, parts, settings, workers,
-                             shard_range, finalize_only, progress, t0,
+        return _shard_locked(data, out, plans, settings, wnids=wnids, fp=fp, parts=parts,
+                             workers=workers, shard_range=shard_range,
+                             finalize_only=finalize_only, progress=progress, t0=t0,
                              extra={"evalset": evalset} if evalset else {})
 
 
-def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str], fp: str,
-                  parts: Path, settings: ShardSettings, workers: int,
+def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: ShardSettings, *,
+                  wnids: list[str], fp: str, parts: Path, workers: int,
                   shard_range: tuple[int, int], finalize_only: bool, progress: bool,
-                  t0: float, *, extra: dict) -> ShardReport:
+                  t0: float, extra: dict) -> ShardReport:
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
@@ -411,11 +401,9 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
     if finalize_only and (todo or report.pending):
         raise PrepError(f"{out}: {len(todo) + report.pending} of {len(plans)} shards are not "
                         "finished yet; run the missing --shard-range parts first")
-    opts = ShardOptions(settings.max_size, settings.quality, settings.on_error,
-                        strict=settings.check == "full")
-    checked = CheckedRecord(data, opts.strict)
+    checked = CheckedRecord(data, settings.strict)
     try:
-        for rec in _run(todo, data, out, opts, workers, progress, checked):
+        for rec in _run(todo, data, out, settings, workers, progress, checked):
             _save(parts, rec)
             checked.keep(rec.checked, rec.trusted)
             records[rec.name] = rec
@@ -443,7 +431,7 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str
     return report
 
 
-def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, workers: int,
+def _run(todo: list[ShardPlan], data: Path, out: Path, settings: ShardSettings, workers: int,
          progress: bool, checked: CheckedRecord):
     """Yield records as shards finish; stop at the first error (after cancelling the rest)."""
     total = sum(len(p.samples) for p in todo)
@@ -452,7 +440,7 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, opts: ShardOptions, worke
     pool = process_pool(workers)
     try:
         with interrupt_at_checks() as check:
-            futures: set[Future] = {pool.submit(write_shard, p, data, out, opts,
+            futures: set[Future] = {pool.submit(write_shard, p, data, out, settings,
                                                 checked.trusted(source_paths(p))) for p in todo}
             preload_manifest_libs()  # ~0.2 s of imports, done while the workers write
             while futures:

@@ -52,7 +52,7 @@ from shards.manifest import INFO, write_manifest
 from shards.plan import ShardPlan
 from shards.record import ShardRecord
 from shards.store import Store
-from shards.write import ShardOptions, source_paths, write_shard
+from shards.write import source_paths, write_shard
 
 LOCK = ".prep-shard.lock"
 LOCK_STALE_S = 600.0  # a lock not rewritten for this long is stale
@@ -225,12 +225,10 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
         report.info = json.loads(store.get(INFO) or b"{}")
         report.seconds = time.perf_counter() - t0
         return report
-    opts = ShardOptions(settings.max_size, settings.quality, settings.on_error,
-                        strict=settings.check == "full")
     tmp = Path(tempfile.mkdtemp(prefix="prep-shard-", dir=staging))
-    checked = CheckedRecord(data, opts.strict)
+    checked = CheckedRecord(data, settings.strict)
     try:
-        for rec in _upload_all(store, todo, data, tmp, opts, workers, progress, checked):
+        for rec in _upload_all(store, todo, data, tmp, settings, workers, progress, checked):
             records[rec.name] = rec
             report.written.append(rec)
         report.trusted = checked.trusted_count
@@ -252,7 +250,7 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
 
 
 def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
-                opts: ShardOptions, workers: int, progress: bool,
+                settings: ShardSettings, workers: int, progress: bool,
                 checked: CheckedRecord) -> Iterator[ShardRecord]:
     """Write shards in the process pool and upload each as it finishes; at most
     workers + 2 shards wait on local disk. Yields records once uploaded and recorded."""
@@ -268,7 +266,7 @@ def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
             while pending or writing or sending:
                 while pending and len(writing) + len(sending) < workers + 2:
                     plan = pending.pop()
-                    writing.add(pool.submit(write_shard, plan, data, tmp, opts,
+                    writing.add(pool.submit(write_shard, plan, data, tmp, settings,
                                             checked.trusted(source_paths(plan))))
                 done, _ = wait(writing | sending, timeout=0.2, return_when=FIRST_COMPLETED)
                 check()

@@ -17,7 +17,7 @@ import ctypes
 import os
 from pathlib import Path
 
-from prep import jpeg
+from prep import cbuild, jpeg
 from shards.record import sample_json
 from shards.source import Sample
 
@@ -28,23 +28,14 @@ ABI = 3  # tarpack.c's tp_abi(): the signature of tp_write
 ID_FIELDS = 5  # shards.checked.Identity: size, mtime, ctime, inode, device
 
 
-def _load():
-    if not LIBRARY.exists():
-        return None
-    lib = ctypes.CDLL(str(LIBRARY), use_errno=True)
-    if not hasattr(lib, "tp_abi") or lib.tp_abi() != ABI:
-        return None  # built from an older tarpack.c: `make setup` rebuilds it
-    p = ctypes.POINTER
-    lib.tp_write.restype = ctypes.c_int
-    lib.tp_write.argtypes = [ctypes.c_int, ctypes.c_int, p(ctypes.c_char_p), p(ctypes.c_char_p),
-                             p(ctypes.c_int), p(ctypes.c_char_p), p(ctypes.c_char_p),
-                             p(_I64), p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_int),
-                             p(_I64), p(_I64), p(ctypes.c_int), p(ctypes.c_uint),
-                             ctypes.c_void_p, ctypes.c_ulonglong]
-    return lib
-
-
-_lib = _load()
+_p = ctypes.POINTER
+_lib = cbuild.load(LIBRARY, "tp_write", ctypes.c_int,
+                   [ctypes.c_int, ctypes.c_int, _p(ctypes.c_char_p), _p(ctypes.c_char_p),
+                    _p(ctypes.c_int), _p(ctypes.c_char_p), _p(ctypes.c_char_p), _p(_I64),
+                    _p(_I64), _p(_I64), _p(ctypes.c_int), _p(ctypes.c_int), _p(_I64),
+                    _p(_I64), _p(ctypes.c_int), _p(ctypes.c_uint), ctypes.c_void_p,
+                    ctypes.c_ulonglong],
+                   abi=("tp_abi", ABI), use_errno=True)
 
 
 def available() -> bool:
@@ -112,6 +103,4 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
 
 
 if __name__ == "__main__":
-    from prep import cbuild
-
     cbuild.main(SOURCE, LIBRARY, ("-lz",), "prep shard uses its Python writer")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from prep.checked import Identity, identity
@@ -22,19 +21,12 @@ from shards.digest import BackgroundDigest
 from shards.image import UndecodableImage, encode_image
 from shards.plan import ShardPlan
 from shards.record import INDEX_COLUMNS, ShardRecord, sample_json
+from shards.settings import ShardSettings
 from shards.source import Sample
 from shards.tario import FdSink, TarStream
 
 
-@dataclass
-class ShardOptions:
-    max_size: int | None = None  # px, longer side; None keeps sizes
-    quality: int = 90  # JPEG quality when resizing
-    on_error: str = "fail"  # "fail" | "skip" for undecodable images
-    strict: bool = True  # entropy-decode every JPEG (prep.jpeg.strict_problem)
-
-
-def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions,
+def write_shard(plan: ShardPlan, data: Path, out: Path, settings: ShardSettings,
                 trusted: dict[str, Identity] | None = None) -> ShardRecord:
     """Write `out/plan.name` from the images under `data/<split>/`; returns its record.
     `trusted`: {`split/path`: identity} of sources that passed the strict check before
@@ -53,14 +45,14 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, opts: ShardOptions,
             i, samples = 0, plan.samples
             # pass-through: good JPEGs in C, a sample it stops at in Python. Not when
             # resizing: nearly every image is then re-encoded by Pillow anyway
-            use_c = tarpack.available() and not opts.max_size
+            use_c = tarpack.available() and not settings.max_size
             while i < len(samples):
                 run = samples[i : i + RUN]
-                done = _write_run(tar, digest, run, base, plan, rec, opts, trusted) \
+                done = _write_run(tar, digest, run, base, plan, rec, settings, trusted) \
                     if use_c else 0
                 i += done
                 if done < len(run):
-                    _write_sample(tar, samples[i], base, data, plan, opts, rec, trusted)
+                    _write_sample(tar, samples[i], base, data, plan, settings, rec, trusted)
                     i += 1
             tar.close()
             rec.sha256 = digest.hexdigest()
@@ -92,20 +84,20 @@ RUN = 64  # samples per C call: the hashing thread catches up between calls
 
 
 def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: str,
-               plan: ShardPlan, rec: ShardRecord, opts: ShardOptions,
+               plan: ShardPlan, rec: ShardRecord, settings: ShardSettings,
                trusted: dict[str, Identity]) -> int:
     """Write the leading good JPEGs of `samples` through shards/tarpack; how many."""
     sources = [f"{plan.split}/{s.path}" for s in samples]
     done, end, written = tarpack.write_samples(digest.fd, tar.offset,
                                                [base + s.path for s in samples], samples,
-                                               plan.split, opts.strict,
+                                               plan.split, settings.strict,
                                                [trusted.get(src) for src in sources])
     digest.advance(end - tar.offset)
     tar.offset = end
     for s, src, (offset, size, w, h, ident, checked, crc) in zip(samples, sources, written):
         _add_row(rec, plan, s, offset, size, crc, w, h, None)
         rec.source_stats.append([size, ident[1]])
-        if opts.strict:
+        if settings.strict:
             _count_check(rec, src, ident, checked)
     return done
 
@@ -128,7 +120,7 @@ def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_byte
 
 
 def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardPlan,
-                  opts: ShardOptions, rec: ShardRecord, trusted: dict[str, Identity]) -> None:
+                  settings: ShardSettings, rec: ShardRecord, trusted: dict[str, Identity]) -> None:
     src = base + s.path
     try:
         raw, st = read_file(src)
@@ -139,11 +131,11 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
         raise read_error(src, exc) from exc
     rec.source_stats.append([st.st_size, st.st_mtime_ns])
     source, ident = f"{plan.split}/{s.path}", identity(st)
-    strict = opts.strict and trusted.get(source) != ident
+    strict = settings.strict and trusted.get(source) != ident
     try:
-        jpg, info = encode_image(raw, opts.max_size, opts.quality, strict)
+        jpg, info = encode_image(raw, settings.max_size, settings.quality, strict)
     except UndecodableImage as exc:
-        if opts.on_error == "skip":
+        if settings.on_error == "skip":
             rec.skipped.append(f"{plan.split}/{s.path}: {exc}")
             return
         raise PrepError(f"{src}: {exc}; rerun with --on-error skip to leave it out "
@@ -157,7 +149,7 @@ def _write_sample(tar: TarStream, s: Sample, base: str, data: Path, plan: ShardP
     tar.add_many(members)
     _add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
              info.repaired)
-    if opts.strict:
+    if settings.strict:
         _count_check(rec, source, ident, strict)
 
 

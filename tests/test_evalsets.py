@@ -196,25 +196,24 @@ def test_real_top1_and_top5_on_known_predictions():
             counted += 1
             expect1 += i % 2 == 0
             expect5 += i % 2 == 0 or i % 4 == 1
-    m = evaluate(_Table(table), _loader([0] * n, keys), _Norm(), num_samples=n, amp="none",
-                 num_classes=1000, real=real_for, to_global=list(range(1000)))
+    from prep.scoring import official_label
+
+    official = [official_label(k) for k in keys]
+    m = evaluate(_Table(table), _loader(official, keys), _Norm(), num_samples=n, amp="none",
+                 num_classes=1000, to_global=list(range(1000)))
     assert m["real_samples"] == counted < n  # the excluded images are left out
     assert m["real_top1"] == pytest.approx(expect1 / counted)
     assert m["real_top5"] == pytest.approx(expect5 / counted)
     assert real_for("val/n01751748/ILSVRC2012_val_00000002.jpg") == real[1]  # blurred name
     assert real_for("ILSVRC2012_test_00000002") is None
-    from prep.scoring import official_label
-
     # labels that are not the official ones for these names: ReaL is not reported
     relabelled = [(official_label(k) + 1) % 1000 for k in keys]
     m = evaluate(_Table(table), _loader(relabelled, keys), _Norm(), num_samples=n, amp="none",
-                 num_classes=1000, real=real_for, official=official_label,
-                 to_global=list(range(1000)))
+                 num_classes=1000, to_global=list(range(1000)))
     assert "real_top1" not in m
-    official = [official_label(k) for k in keys]
-    m = evaluate(_Table(table), _loader(official, keys), _Norm(), num_samples=n, amp="none",
-                 num_classes=1000, real=real_for, official=official_label,
-                 to_global=list(range(1000)))
+    unlabelled = [-1] * n  # test-like: nothing to disagree with, ReaL still scores
+    m = evaluate(_Table(table), _loader(unlabelled, keys), _Norm(), num_samples=n,
+                 amp="none", num_classes=1000, to_global=list(range(1000)))
     assert m["real_top1"] == pytest.approx(expect1 / counted)
 
 

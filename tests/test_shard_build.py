@@ -271,7 +271,7 @@ def test_disk_error_leaves_no_partial(prepared, tmp_path, monkeypatch):
     out = tmp_path / "s"
     out.mkdir()
     with pytest.raises(PrepError, match="No space left on device.*no partial shard"):
-        w.write_shard(plan, data, out, w.ShardOptions())
+        w.write_shard(plan, data, out, ShardSettings())
     assert list(out.iterdir()) == []
 
 
@@ -316,11 +316,11 @@ def test_unreadable_source_image_is_not_blamed_on_the_disk(prepared, shared_tmp)
     locked.chmod(0o000)
     script = ("from pathlib import Path; from prep.errors import PrepError\n"
               "from shards.build import ShardSettings, make_plans\n"
-              "from shards.write import ShardOptions, write_shard\n"
+              "from shards.write import write_shard\n"
               f"data, out = Path({str(view / 'imagenet')!r}), Path({str(shared_tmp / 's')!r})\n"
               "out.mkdir()\n"
               "try:\n"
-              "    [write_shard(p, data, out, ShardOptions()) for p in "
+              "    [write_shard(p, data, out, ShardSettings()) for p in "
               "make_plans(data, ShardSettings(num_shards=1))[1]]\n"
               "except PrepError as exc:\n"
               "    print(exc)\n")

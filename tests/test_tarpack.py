@@ -5,7 +5,7 @@ import pytest
 
 from shards import tarpack
 from shards.build import ShardSettings, make_plans
-from shards.write import ShardOptions, write_shard
+from shards.write import write_shard
 from tests.conftest import sha256_files
 
 pytestmark = pytest.mark.skipif(not tarpack.available(),
@@ -19,7 +19,7 @@ def test_c_writer_is_byte_identical_to_the_python_writer(prepared, tmp_path, mon
     not see the monkeypatches) by the C writer, then by the Python one."""
     data, plan = prepared("ilsvrc2012", bad_files=True)  # CMYK, PNG, grayscale, truncated
     _, plans, _ = make_plans(data, ShardSettings(num_shards=2))
-    opts = ShardOptions(max_size=max_size, on_error="skip")
+    opts = ShardSettings(max_size=max_size, on_error="skip")
     real, via_c = tarpack.write_samples, []
 
     def counting(*args):

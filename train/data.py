@@ -49,7 +49,7 @@ MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet statistics, on the 0.
 STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SplitInfo:
     urls: list[str]
     num_samples: int
@@ -188,9 +188,10 @@ def read_splits(data: str, *splits: str) -> list[SplitInfo]:
     checksums = read_checksums(data, [f for s in shards for f in s["filenames"]],
                                [n for s in shards for n in s["shard_lengths"]]) \
         if isinstance(info.get("prep"), dict) else None
-    return [SplitInfo([shard_url(data, f) for f in s["filenames"]], s["num_samples"],
-                      info["num_classes"], classes, evalset,
-                      {shard_url(data, f): checksums[f] for f in s["filenames"]}
+    return [SplitInfo(urls=[shard_url(data, f) for f in s["filenames"]],
+                      num_samples=s["num_samples"], num_classes=info["num_classes"],
+                      classes=classes, evalset=evalset,
+                      checksums={shard_url(data, f): checksums[f] for f in s["filenames"]}
                       if checksums is not None else None, split=split)
             for split, s in zip(splits, shards)]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from prep.errors import PrepError
 from prep.progress import progress_bar
-from prep.scoring import RESTRICTED, global_index, official_label, real_for, subset_wnids
+from prep.scoring import RESTRICTED, RealTally, global_index, subset_wnids
 from train.data import MEAN, STD, SplitInfo
 
 
@@ -134,8 +134,6 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
              amp: str,
              num_classes: int, show: bool = False, tta_flip: bool = False,
              keep: dict | None = None, valid: list[int] | None = None,
-             real: Callable[[str], tuple[int, ...] | None] | None = None,
-             official: Callable[[str], int | None] | None = None,
              to_global: list[int] | None = None) -> dict:
     """Top-1/top-5/loss over every sample exactly once across ranks; fails loudly when the
     all-reduced count is not the manifest's num_samples. With `keep` (a dict), this rank's
@@ -143,10 +141,9 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
     sample key (for the predictions pickle).
     Unlabelled samples (test, label -1) count toward n but not toward accuracy.
     `valid`: class indices the logits are restricted to (ImageNet-A/-R's 200 classes).
-    `real(key)`: ReaL's answers (global sorted-WNID indices) for a sample, or None to leave
-    it out; `to_global` maps the model's class index to that space (real_top1/real_top5).
-    `official(key)`: the official val label; one labelled sample that disagrees with it
-    (not ImageNet's val images under their names) and no ReaL figures are reported."""
+    `to_global`: the model's class index -> sorted-WNID index, for ReaL's top-1/top-5 over
+    the samples ReaL scores (prep.scoring.RealTally: none when a label is not the official
+    one for its name)."""
     model.eval()
     # c1, c5, loss, n, labelled, real c1, real c5, real n, labels unlike the official ones
     sums = torch.zeros(9, device=norm.device, dtype=torch.float64)
@@ -154,7 +151,7 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
     if valid is not None:
         mask = torch.full((num_classes,), float("-inf"), device=norm.device)
         mask[torch.tensor(valid, device=norm.device)] = 0.0
-    glob = torch.tensor(to_global, device=norm.device) if real is not None else None
+    real = RealTally(to_global) if to_global is not None else None
     for images, labels, keys, origins in progress_bar(loader, desc="eval", disable=not show,
                                                       unit="batch"):
         x, y = norm(images), labels.to(norm.device)
@@ -170,16 +167,9 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
                                                labels.tolist(), origins):
                 keep[k] = (score, label, origin)
         if real is not None:
-            top5_all = glob[logits.topk(min(5, num_classes), 1).indices].tolist()
+            top5_all = logits.topk(min(5, num_classes), 1).indices.tolist()
             for key, row, label in zip(keys, top5_all, labels.tolist()):
-                if official is not None and label >= 0 and \
-                        official(key) not in (None, to_global[label]):
-                    sums[8] += 1
-                answers = real(key)
-                if answers:
-                    sums[5] += row[0] in answers
-                    sums[6] += any(p in answers for p in row)
-                    sums[7] += 1
+                real.add(key, label, row)
         sums[3] += len(y)
         labelled = y >= 0
         if not labelled.all():
@@ -190,6 +180,8 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
         if len(y):
             sums[2] += nn.functional.cross_entropy(logits, y, reduction="sum")
         sums[4] += len(y)
+    if real is not None:
+        sums[5:9] += torch.tensor(real.counts(), dtype=sums.dtype, device=sums.device)
     sums = reduce_sum(sums)
     n, m = int(sums[3].item()), max(int(sums[4].item()), 1)
     if n != num_samples:
@@ -197,10 +189,8 @@ def evaluate(model: nn.Module, loader: Iterable, norm: Callable, *, num_samples:
                            f"{num_samples}: samples were dropped or counted twice")
     out = {"top1": (sums[0] / m).item(), "top5": (sums[1] / m).item(),
            "val_loss": (sums[2] / m).item(), "val_samples": n}
-    if real is not None and sums[7] > 0 and sums[8] == 0:
-        r = sums[7].item()
-        out |= {"real_top1": sums[5].item() / r, "real_top5": sums[6].item() / r,
-                "real_samples": int(r)}
+    if real is not None:
+        out |= RealTally(to_global, *(int(v) for v in sums[5:9].tolist())).result() or {}
     return out
 
 
@@ -217,6 +207,5 @@ def scoring(split: SplitInfo, classes: list[str] | None, split_name: str) -> dic
         return {"valid": [index[w] for w in subset_wnids(kind) if w in index]}
     if split.evalset is None and split_name in ("val", "validation") and classes and \
             all(w in global_index() for w in classes):
-        return {"real": real_for, "official": official_label,
-                "to_global": [global_index()[w] for w in classes]}
+        return {"to_global": [global_index()[w] for w in classes]}
     return {}

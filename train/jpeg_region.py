@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from prep import cbuild
 from prep.jpeg import MAX_PIXELS
 
 SOURCE = Path(__file__).with_name("jpeg_region.c")
@@ -27,19 +28,10 @@ LIBRARY = Path(__file__).with_name("_jpeg_region.so")
 _MSG = 200
 
 
-def _load():
-    if not LIBRARY.exists():
-        return None
-    lib = ctypes.CDLL(str(LIBRARY))
-    lib.jr_decode.restype = ctypes.c_int
-    lib.jr_decode.argtypes = [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong,
-                              ctypes.c_void_p, ctypes.c_ulong, ctypes.POINTER(ctypes.c_int),
-                              ctypes.c_char_p]
-    return lib
-
-
-_lib = _load()
+_lib = cbuild.load(LIBRARY, "jr_decode", ctypes.c_int,
+                   [ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                    ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong, ctypes.c_void_p,
+                    ctypes.c_ulong, ctypes.POINTER(ctypes.c_int), ctypes.c_char_p])
 
 
 def available() -> bool:
@@ -79,6 +71,4 @@ def decode_region(data: bytes, box: tuple[float, float, float, float],
 
 
 if __name__ == "__main__":
-    from prep import cbuild
-
     cbuild.main(SOURCE, LIBRARY, ("-ljpeg",), "the loader uses Pillow")
