@@ -265,30 +265,18 @@ def _dataset_order(items: list[dict], path: Path) -> list[int]:
     return order
 
 
-def write_predictions(kept: dict, out: Path, num_classes: int, rank: int, world: int,
-                      classes: list[str] | None = None) -> list[dict] | None:
-    """Gather every rank's kept predictions ({key: (scores, label, (source, shard number,
-    member number))}) on rank 0 (through files beside `out`: no 200 MB object all-gather)
-    and write the pickle there in manifest order (shard, then member); `img_path` is the
-    sample's own `source`, `wnid` named from `classes` (the checkpoint's class list).
-    Nothing comes from index.parquet. Returns the written list on rank 0."""
+def write_predictions(kept: dict, out: Path, num_classes: int,
+                      classes: list[str] | None = None) -> list[dict]:
+    """Write the predictions pickle at `out` from every rank's kept predictions ({key:
+    (scores, label, (source, shard number, member number))}, gathered by the trainer), in
+    manifest order (shard, then member); `img_path` is the sample's own `source`, `wnid`
+    named from `classes` (the checkpoint's class list). Nothing comes from index.parquet.
+    Returns the written list."""
     import torch
-    import torch.distributed as dist
 
-    part = out.with_name(f".{out.name}.rank{rank}")
-    torch.save(kept, part)
-    if world > 1:
-        dist.barrier()
-    if rank != 0:
-        return None
-    merged: dict = {}
-    for r in range(world):
-        p = out.with_name(f".{out.name}.rank{r}")
-        merged |= torch.load(p, weights_only=True)
-        p.unlink()
     wnids = classes or []
     results = []
-    ordered = sorted(merged.items(), key=lambda kv: (kv[1][2][1], kv[1][2][2], kv[0]))
+    ordered = sorted(kept.items(), key=lambda kv: (kv[1][2][1], kv[1][2][2], kv[0]))
     for idx, (key, (score, label, (source, _, _))) in enumerate(ordered):
         score = score.float()
         pred = int(score.argmax())

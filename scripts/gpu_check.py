@@ -126,7 +126,8 @@ def throughput(name: str, shards: Path | None, decode: str, compile_: bool, devi
     from train.config import TrainConfig
     from train.data import SkipCounter, make_train_loader, read_split
     from train.engine import autocast
-    from train.main import batch_transform, build_model
+    from train.model import build_model
+    from train.normalize import batch_transform
 
     cuda = device.type == "cuda"
     split = read_split(str(shards), "train") if shards else None

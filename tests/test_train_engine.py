@@ -3,7 +3,8 @@ import torch
 from torch import nn
 
 from train.config import TrainConfig
-from train.engine import EpochTally, LossNotFinite, Normalize, evaluate, train_one_epoch
+from train.engine import EpochTally, LossNotFinite, evaluate, train_one_epoch
+from train.normalize import Normalize
 
 
 def _setup():

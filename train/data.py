@@ -45,9 +45,6 @@ from train.config import TrainConfig
 from train.decode import TrainDecoder, ValDecoder, derive_seed, worker_slot
 from train.device_decode import RawTrainDecoder, RawValDecoder, collate_raw
 
-MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # ImageNet statistics, on the 0..255 scale
-STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-
 
 @dataclass(kw_only=True)
 class SplitInfo:

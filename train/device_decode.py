@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 import random
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -161,16 +160,6 @@ def nvjpeg_works(device: torch.device) -> bool:
         return True
     except RuntimeError:
         return False
-
-
-class DecodeNormalize:
-    """The trainer's `norm` for --decode gpu: raw batch -> decoded -> normalized."""
-
-    def __init__(self, decoder: DeviceDecoder, norm: Callable) -> None:
-        self.decoder, self.norm, self.device = decoder, norm, norm.device
-
-    def __call__(self, raw: tuple) -> torch.Tensor:
-        return self.norm(self.decoder(raw))
 
 
 def resolve_decode(choice: str, device: torch.device) -> str:

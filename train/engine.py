@@ -16,23 +16,7 @@ from torch import nn
 from prep.errors import PrepError
 from prep.progress import progress_bar
 from prep.scoring import RESTRICTED, RealTally, global_index, subset_wnids
-from train.data import MEAN, STD, SplitInfo
-
-
-class Normalize:
-    """uint8 N x 3 x H x W batch (any layout) on the host -> normalized float on the
-    device (non-blocking copy)."""
-
-    def __init__(self, device: torch.device, channels_last: bool):
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.device, self.channels_last = device, channels_last
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)
-        # the loader's batches are N x 3 x H x W views of N x H x W x 3 memory (channels-last)
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last
-                            else torch.contiguous_format)
+from train.data import SplitInfo
 
 
 def autocast(device: torch.device, amp: str) -> AbstractContextManager:

@@ -49,7 +49,8 @@ from train.decode import derive_seed
 from train.device_decode import resolve_decode
 from train.engine import EpochTally, LossNotFinite, evaluate, scoring, train_one_epoch
 from train.metrics import plot_metrics, write_metrics
-from train.model import batch_transform, build_model, build_optimizer, check_classes, load_weights
+from train.model import build_model, build_optimizer, check_classes, load_weights
+from train.normalize import batch_transform
 from train.preempt import EXIT_PREEMPTED, GO_ON, STOP, Preempted, StepControl
 from train.resumable import (
     STATE_VERSION,

@@ -59,7 +59,26 @@ from train.device_decode import resolve_decode
 from train.dist_init import init_process_group
 from train.engine import evaluate, scoring
 from train.fit import fit
-from train.model import batch_transform, build_model, check_classes, load_weights
+from train.gather import gather_on_rank0
+from train.model import build_model, check_classes, load_weights
+from train.normalize import batch_transform
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> dict:
+    """Train (train/fit.py) or evaluate (run_eval): the settings, the process group, then
+    the work; the functions below follow in the order it reaches them."""
+    args = parse_args(argv)
+    cfg = load_config(args.recipe, args.set)
+    rank, world, device = setup_distributed(args.device)
+    try:
+        torch.manual_seed(cfg.seed + rank)
+        if args.evaluate:
+            return run_eval(args, cfg, rank, world, device)
+        return fit(args, cfg, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -239,29 +258,14 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
                        **scoring(split, classes, args.split))
     if args.out:
         out = Path(args.out)
-        results = write_predictions(kept, out, cfg.num_classes, rank, world,
-                                    classes or split.classes)
-        if results is not None:  # rank 0
+        merged = gather_on_rank0(kept, out, rank, world)
+        if merged is not None:  # rank 0
+            results = write_predictions(merged, out, cfg.num_classes, classes or split.classes)
             metrics["per_class_top1"] = per_class_accuracy(results, cfg.num_classes)
             (out.with_suffix(".metrics.json")).write_text(json.dumps(metrics, indent=1) + "\n")
     if master_process:
         print(json.dumps(metrics))
     return metrics
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    cfg = load_config(args.recipe, args.set)
-    rank, world, device = setup_distributed(args.device)
-    try:
-        torch.manual_seed(cfg.seed + rank)
-        if args.evaluate:
-            return run_eval(args, cfg, rank, world, device)
-        return fit(args, cfg, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

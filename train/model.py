@@ -4,16 +4,12 @@ for (same architecture, same classes in the same order)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torchvision
 
 from prep.errors import PrepError
 from train import checkpoint as ckpt
 from train.config import TrainConfig
-from train.device_decode import DecodeNormalize, DeviceDecoder
-from train.engine import Normalize
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -32,12 +28,6 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig,
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=peak_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-
-
-def batch_transform(cfg: TrainConfig, device: torch.device, decode: str, size: int) -> Callable:
-    """uint8 batch -> normalized float on the device; with --decode gpu, decode first."""
-    norm = Normalize(device, cfg.channels_last)
-    return DecodeNormalize(DeviceDecoder(device, size), norm) if decode == "gpu" else norm
 
 
 def check_classes(saved: list[str] | None, shards: list[str] | None, checkpoint: str,
