@@ -26,9 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep import __version__
 from prep.classes import NUM_CLASSES, build_class_table, classes_csv, is_wnid, reference_words
 from prep.errors import PrepError
+from prep.formats import VIEW, stamp
 from prep.layout import check_source
 from prep.link import SRC_VAL, Changes, Outputs, apply_outputs, check_link_dir
 from prep.scan import IMAGE_EXTS, Problems, entry_kind, is_litter, list_images
@@ -207,7 +207,7 @@ def prepare_evalset(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     info = {"kind": kind, "variant": variant, "name": name, "classes_present": present,
             "classes_scored": list(subset_wnids(kind) or []), "images": images,
             "label_space": "1000-class sorted-WNID index", "keys": "class-prefixed"}
-    provenance = {"tool": f"prep {__version__}", "layout": kind, "src": str(src),
+    provenance = {**stamp(VIEW), "layout": kind, "src": str(src),
                   "counts": {"val": images}, "label_space": "sorted-WNID index"}
     table = build_class_table(reference_words())
     out.meta = {k: v.encode() for k, v in {

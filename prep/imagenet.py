@@ -14,7 +14,6 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep import __version__
 from prep.checked import CheckedRecord, Identity
 from prep.classes import (
     NUM_CLASSES,
@@ -26,6 +25,7 @@ from prep.classes import (
 )
 from prep.errors import PrepError
 from prep.extract import extract_class_archive, extract_flat_archive, extract_train_archive
+from prep.formats import VIEW, stamp
 from prep.hf import extract_release
 from prep.labels import (
     LabelSource,
@@ -303,7 +303,7 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
     notes: list[str] = []
     _check_counts(counts, len(classes), notes)
     provenance = {
-        "tool": f"prep {__version__}", "layout": lay.name, "src": str(lay.src),
+        **stamp(VIEW), "layout": lay.name, "src": str(lay.src),
         "train_dir": str(lay.train_dir), "val_dir": str(lay.val_dir),
         "label_sources": [f"{s.name}: {s.path}" for s in scan.sources],
         "classes": len(classes), "counts": counts, "label_space": "sorted-WNID index",

@@ -37,11 +37,11 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from prep import __version__
 from prep.atomic import write_atomic
 from prep.checked import CheckedRecord
 from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
+from prep.formats import SHARDS, stamp
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool
 from shards.dali_index import index_path
@@ -262,8 +262,8 @@ def _claim(out: Path, fp: str, settings: ShardSettings, data: Path, force: bool,
             "write, --force included. Move them away or choose another --out")
     (state / "parts").mkdir(parents=True, exist_ok=True)
     if old is None:
-        doc = {"fingerprint": fp, "data": str(data), "settings": asdict(settings),
-               "tool": f"prep {__version__}", "shards": names}
+        doc = {**stamp(SHARDS), "fingerprint": fp, "data": str(data),
+               "settings": asdict(settings), "shards": names}
         write_atomic(plan_file, json.dumps(doc, indent=1) + "\n")  # parts may race here
     return state / "parts"
 
@@ -416,7 +416,7 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: Shard
             not foreign_files(out, set()) and None not in _read_json(manifest_file).values():
         report.info = json.loads((out / INFO).read_text())  # finished earlier: nothing to redo
     elif report.pending == 0:
-        prep = {"tool": f"prep {__version__}", "data": str(data), "fingerprint": fp,
+        prep = {**stamp(SHARDS), "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
         foreign = foreign_files(out, set())
         if foreign:  # a file the user put there since the run started

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prep.atomic import write_atomic
 from prep.errors import PrepError
+from prep.formats import SHARDS, refuse_newer
 from shards.record import INDEX_COLUMNS, ShardRecord
 
 INFO, INDEX, SUMS = "_info.json", "index.parquet", "SHA256SUMS"
@@ -158,7 +159,9 @@ def parse_info(text: str | bytes, where: str) -> dict:
     if not isinstance(info, dict) or not isinstance(info.get("splits"), dict) or \
             not info["splits"]:
         raise bad('no "splits" object listing the splits')
-    if not isinstance(info.get("prep"), dict):
+    if isinstance(info.get("prep"), dict):
+        refuse_newer(info["prep"], SHARDS, where, "rerun `prep shard` with this one")
+    else:
         # not written by `prep shard` (timm/imagenet-1k-wds, with or without a class count):
         # no checksums, no index; ImageNet-1k's 1000 classes in sorted-WNID order, which
         # its `cls` labels use, unless it names its own count

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 from typing import NamedTuple
 
 from prep.errors import PrepError
 from prep.evalset import evalset_key
+from prep.formats import VIEW, refuse_newer
 from prep.scan import sample_key
 
 
@@ -21,8 +23,14 @@ class Sample(NamedTuple):  # a tuple: cheap to make 1.28 M of and to send to the
 
 
 def read_classes(data: Path) -> list[str]:
-    """WNIDs in label order from meta/classes.csv (or meta/synsets.txt)."""
+    """WNIDs in label order from meta/classes.csv (or meta/synsets.txt), from a view this
+    prep can read (meta/prep.json's format)."""
     meta = data / "meta"
+    try:
+        made = json.loads((meta / "prep.json").read_text())
+    except (OSError, ValueError):
+        made = None
+    refuse_newer(made, VIEW, str(meta / "prep.json"), "rerun `prep imagenet` with this one")
     table = meta / "classes.csv"
     if table.is_file():
         with open(table, newline="", encoding="utf-8") as f:

@@ -34,9 +34,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from prep import __version__
 from prep.checked import CheckedRecord
 from prep.errors import PrepError
+from prep.formats import SHARDS, stamp
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool
 from shards.build import (
@@ -182,9 +182,8 @@ def shard_to_store(data: Path, url: str, settings: ShardSettings, *, workers: in
                 f"({', '.join(foreign[:5])}); prep never replaces or deletes an object it did "
                 "not write, --force included. Choose another --out prefix")
         if old is None:
-            store.put(PLAN, (json.dumps({"fingerprint": fp, "data": str(data),
-                                         "settings": asdict(settings),
-                                         "tool": f"prep {__version__}",
+            store.put(PLAN, (json.dumps({**stamp(SHARDS), "fingerprint": fp,
+                                         "data": str(data), "settings": asdict(settings),
                                          "shards": [p.name for p in plans]}, indent=1)
                              + "\n").encode())
         return _write(store, data, plans, wnids, fp, settings, listing, workers, progress,
@@ -232,7 +231,7 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
             records[rec.name] = rec
             report.written.append(rec)
         report.trusted = checked.trusted_count
-        prep = {"tool": f"prep {__version__}", "data": str(data), "fingerprint": fp,
+        prep = {**stamp(SHARDS), "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
         report.info = write_manifest(tmp, [records[p.name] for p in plans], wnids, prep, extra)
         names = sorted(n.name for n in tmp.iterdir() if n.name != INFO) + [INFO]
