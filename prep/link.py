@@ -155,26 +155,39 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
 
 
 def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
-    """Make the links of one directory; returns (created, replaced)."""
+    """Make the links of one directory; returns (created, replaced). Each link is made
+    relative to the open directory (symlinkat): the kernel resolves one name, not the
+    whole path, per link."""
     parent, links = item
     os.makedirs(parent, exist_ok=True)
     created = replaced = 0
-    for path, target in links:
-        try:
-            os.symlink(target, path)
-            created += 1
-        except FileExistsError:  # --force: swap atomically, never a moment without a link
-            tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp")
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            os.symlink(target, tmp)
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for path, target in links:
             try:
-                os.replace(tmp, path)
-            except OSError:
-                os.unlink(tmp)
-                raise
-            replaced += 1
+                os.symlink(target, os.path.basename(path), dir_fd=fd)
+                created += 1
+            except FileExistsError:
+                replaced += _replace_link(parent, path, target)
+            except OSError as exc:  # name the whole path, as without dir_fd
+                raise OSError(exc.errno, exc.strerror, path) from None
+    finally:
+        os.close(fd)
     return created, replaced
+
+
+def _replace_link(parent: str, path: str, target: str) -> int:
+    """--force: swap a link atomically, never a moment without one; 1."""
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    return 1
 
 
 def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes) -> None:

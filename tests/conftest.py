@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import signal
 import subprocess
@@ -213,3 +214,37 @@ def s3(s3_server, monkeypatch, request):
     s3_server.url = lambda prefix="": f"s3://{bucket}/{prefix}".rstrip("/")
     yield s3_server
     s3_server.drop_bucket(bucket)  # SeaweedFS gives each bucket volumes of its own
+
+
+def set_jpeg_size(buf: bytearray | mmap.mmap, width: int, height: int, start: int = 0) -> None:
+    """Rewrite, in place, the size in the SOF header of the JPEG that begins at `start` of
+    `buf` (a JPEG's bytes, or a whole shard held in memory): a file that claims another size
+    than its pixels, for the size checks."""
+    i = start + 2
+    while buf[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
+    buf[i + 5 : i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+
+
+def run_prep_imagenet(*args) -> tuple[int, str]:
+    """`prep imagenet -q --workers 1 ARGS` in this process: (exit code, output)."""
+    from click.testing import CliRunner
+
+    from prep.cli import main
+
+    result = CliRunner().invoke(main, ["imagenet", "-q", "--workers", "1", *map(str, args)])
+    return result.exit_code, result.output
+
+
+def assert_refused(src, link, *needles, extra=()) -> str:
+    """`prep imagenet --src SRC --link LINK` fails, with every needle in its output, no
+    traceback, and SRC untouched; returns the output."""
+    before = tree_hash(src) if src.exists() else None
+    code, out = run_prep_imagenet("--src", src, "--link", link, *extra)
+    assert code != 0, out
+    assert "Traceback" not in out
+    for n in needles:
+        assert str(n) in out, (n, out)
+    if before:
+        assert tree_hash(src) == before
+    return out

@@ -7,24 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from prep.cli import main
-from tests.conftest import tree_hash
-
-
-def run(*args):
-    result = CliRunner().invoke(main, ["imagenet", "-q", "--workers", "1", *map(str, args)])
-    return result.exit_code, result.output
-
-
-def assert_refused(src, link, *needles, extra=()):
-    before = tree_hash(src) if src.exists() else None
-    code, out = run("--src", src, "--link", link, *extra)
-    assert code != 0, out
-    assert "Traceback" not in out
-    for n in needles:
-        assert str(n) in out, (n, out)
-    if before:
-        assert tree_hash(src) == before
-    return out
+from tests.conftest import assert_refused
 
 
 def test_missing_src(tmp_path):

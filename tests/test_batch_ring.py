@@ -24,6 +24,7 @@ def _batches(loader):
     return [(images.clone(), labels.clone()) for images, labels, *_ in loader]
 
 
+@pytest.mark.slow
 def test_ring_batches_equal_fresh_tensor_batches(shards):
     from dataclasses import replace
 
@@ -43,6 +44,7 @@ def test_ring_batches_equal_fresh_tensor_batches(shards):
     assert all(torch.equal(x, x0) for (x, _), (x0, _) in zip(ev, ev0))
 
 
+@pytest.mark.slow
 def test_worker_falls_back_when_every_slot_is_held(shards, monkeypatch):
     monkeypatch.setattr(batch_ring, "WAIT_S", 0.05)
     split = read_split(str(shards), "train")

@@ -41,6 +41,7 @@ def test_console_script_entry_point():
     assert out.stdout.startswith("prep, version")
 
 
+@pytest.mark.slow
 def test_every_option_is_in_the_reference():
     """docs/cli.md holds every command's --help; an option missing there fails here (to
     regenerate: each `prep COMMAND --help` and `python train/main.py --help`, in fences)."""

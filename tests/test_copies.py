@@ -122,6 +122,7 @@ def test_timm_wds_shards_verify_and_evaluate(timm_shards, tmp_path):
     assert not r.ok and any("imagenet1k-validation-00.tar" in p for p in r.problems)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_timm_wds_shards(timm_shards, tmp_path):
     from train.main import main as train_main
 
@@ -275,6 +276,7 @@ def _retar(path, change):
     ("cls 1000", "cls 1000 is outside 0..999"),
     ("no cls", "no cls member (this split is labelled)"),
 ])
+@pytest.mark.slow
 def test_evaluating_foreign_shards_checks_every_label(timm_shards, tmp_path, damage, message):
     """An IndexError traceback, or a sample counted as unlabelled, before."""
     import torch
@@ -308,6 +310,7 @@ def test_evaluating_foreign_shards_checks_every_label(timm_shards, tmp_path, dam
 
 
 @pytest.mark.parametrize("form", ["json with num_classes", "yaml"])
+@pytest.mark.slow
 def test_timm_manifests_are_not_taken_for_prep_outputs(timm_shards, form):
     """timm's _info.json may carry num_classes, or come as _info.yaml: still timm's shards
     (no SHA256SUMS to ask for), read by verify and the trainer alike."""

@@ -170,6 +170,7 @@ def test_a_and_r_logits_restricted_to_their_200_classes():
     assert scored["top1"] == 1.0 and scored["top5"] == 1.0
 
 
+@pytest.mark.slow
 def test_real_top1_and_top5_on_known_predictions():
     real = real_labels()
     assert len(real) == 50_000 and real[0] == () and real[1] == (970, 795)

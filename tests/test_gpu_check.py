@@ -41,6 +41,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     (["--device", "cuda:7"], "--device cuda:7: no such CUDA device here"),
     (["--out", "FILE"], "is a file; give a directory for the results"),
 ])
+@pytest.mark.slow
 def test_bad_arguments_are_one_line(tmp_path, args, message):
     (tmp_path / "notes").write_text("mine")
     args = [str(tmp_path / "notes") if a == "FILE" else a for a in args]

@@ -161,6 +161,7 @@ def test_shard_range_parts_run_side_by_side_but_not_twice(prepared, tmp_path):
     assert r.info is not None  # the last part writes the manifest
 
 
+@pytest.mark.slow
 def test_two_real_runs_on_one_output(make_sample, tmp_path):
     """Two `prep shard` processes at once: one finishes, the other stops with a clear error
     naming it (never a misleading disk-space error, never a wrong digest kept)."""

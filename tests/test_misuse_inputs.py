@@ -21,8 +21,7 @@ from prep.cli import main as prep_main
 from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
 from shards.build import ShardSettings, shard_dataset
-from tests.conftest import tree_hash
-from tests.test_bad_input import assert_refused
+from tests.conftest import assert_refused, set_jpeg_size, tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,10 +154,7 @@ def test_malformed_pickles_are_one_line_errors(tmp_path, items, message):
 
 def _patch_first_sof(path: Path, width: int, height: int) -> None:
     data = bytearray(path.read_bytes())
-    i = 2
-    while data[i + 1] not in (0xC0, 0xC1, 0xC2):
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    data[i + 5 : i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    set_jpeg_size(data, width, height)
     path.write_bytes(bytes(data))
 
 
@@ -184,15 +180,13 @@ def test_plain_verify_flags_bad_sizes_in_shards(prepared, tmp_path):
     tar = out / "train-000000.tar"
     buf = bytearray(tar.read_bytes())
     name, start, _ = next(m for m in members(bytes(buf), str(tar)) if m[0].endswith(".jpg"))
-    i = start + 2
-    while buf[i + 1] not in (0xC0, 0xC2):
-        i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
-    buf[i + 5 : i + 9] = b"\0\0\0\0"
+    set_jpeg_size(buf, 0, 0, start)
     tar.write_bytes(bytes(buf))
     r = verify_shards(out, deep=False, progress=False)
     assert any(f"member {name}: image is 0x0 pixels" in p for p in r.problems), r.problems
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_prep_shard_prints_one_line(make_sample, tmp_path):
     """SIGINT to the whole process group (what a terminal's Ctrl-C does), at several moments:
     one `interrupted` line, exit status 130, no traceback from any process."""
@@ -242,6 +236,7 @@ def test_ctrl_c_after_the_work_ends_still_gives_one_line():
         "interrupted: rerun the same command to continue where it stopped"], proc.stderr
 
 
+@pytest.mark.slow
 def test_one_error_path_for_both_entry_points():
     """Both `prep` and train/main.py turn PrepError into one `error: ...` line on stderr and
     exit status 1, as real processes (prep.errors.exit_on_error)."""

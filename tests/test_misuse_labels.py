@@ -136,7 +136,7 @@ def test_class_table_that_contradicts_the_pickle_is_refused(tmp_path):
 
 
 def test_val_image_in_two_class_folders_is_refused(make_sample, tmp_path):
-    from tests.test_bad_input import assert_refused
+    from tests.conftest import assert_refused
 
     src, plan = make_sample("imagefolder")
     stem, wnid = sorted(plan.val.items())[0]
@@ -148,7 +148,7 @@ def test_val_image_in_two_class_folders_is_refused(make_sample, tmp_path):
 
 
 def test_same_val_image_with_other_extension_in_two_folders_is_refused(make_sample, tmp_path):
-    from tests.test_bad_input import assert_refused
+    from tests.conftest import assert_refused
 
     src, plan = make_sample("imagefolder")
     stem, wnid = sorted(plan.val.items())[1]

@@ -21,7 +21,7 @@ from PIL import Image
 
 from prep.errors import SampleError
 from prep.synth import encode_jpeg, render_class_image
-from tests.conftest import sharded_sample
+from tests.conftest import set_jpeg_size, sharded_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["arch=resnet18", "image_size=32", "val_resize=36", "val_crop=32", "batch_size=8",
@@ -55,12 +55,14 @@ def _digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_the_ordered_class_list(runs):
     tmp, a, _ = runs
     state = torch.load(tmp / "run/checkpoint.pt", weights_only=True)
     assert state["classes"] == json.loads((a / "_info.json").read_text())["classes"]
 
 
+@pytest.mark.slow
 def test_evaluate_on_shards_of_other_classes_is_refused(runs):
     from train.main import main as train_main
 
@@ -74,6 +76,7 @@ def test_evaluate_on_shards_of_other_classes_is_refused(runs):
                     str(tmp / "run/best.pt"), "--device", "cpu"])
 
 
+@pytest.mark.slow
 def test_resume_on_shards_of_other_classes_is_refused(runs):
     tmp, _, b = runs
     out = tmp / "resume-b"
@@ -84,6 +87,7 @@ def test_resume_on_shards_of_other_classes_is_refused(runs):
     assert _digest(out / "checkpoint.pt") == before
 
 
+@pytest.mark.slow
 def test_predictions_name_wnids_from_the_checkpoint(runs):
     from train.main import main as train_main
 
@@ -99,6 +103,7 @@ def test_predictions_name_wnids_from_the_checkpoint(runs):
 
 
 @pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+@pytest.mark.slow
 def test_out_that_is_the_checkpoint_is_refused(runs, how):
     from train.main import main as train_main
 
@@ -121,6 +126,7 @@ def test_out_that_is_the_checkpoint_is_refused(runs, how):
     assert _digest(ck) == before
 
 
+@pytest.mark.slow
 def test_output_dir_inside_the_shards_is_refused(runs):
     tmp, a, _ = runs
     before = sorted(p.name for p in a.iterdir())
@@ -129,12 +135,14 @@ def test_output_dir_inside_the_shards_is_refused(runs):
     assert sorted(p.name for p in a.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_batch_larger_than_the_dataset_is_a_clear_error(runs):
     tmp, a, _ = runs
     with pytest.raises(SystemExit, match="fewer than one global batch"):
         _train(a, tmp / "big", sets=("epochs=1", "num_classes=3", "batch_size=512"))
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_falls_back_to_the_previous_one(runs, capsys):
     tmp, a, _ = runs
     out = tmp / "trunc"
@@ -155,6 +163,7 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(runs, capsys):
     assert kept["history"][-1]["top1"] == kept["best_top1"]
 
 
+@pytest.mark.slow
 def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(runs):
     tmp, a, _ = runs
     out = tmp / "trunc2"
@@ -165,6 +174,7 @@ def test_truncated_checkpoint_without_a_previous_one_is_a_clear_error(runs):
         _train(a, out, "--resume", "auto")
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_refused(runs):
     tmp, a, _ = runs
     out = tmp / "arch"
@@ -179,6 +189,7 @@ def test_resume_with_another_architecture_is_refused(runs):
     (["--set", "batch_size=big"], "batch_size must be int, got 'big'"),
     (["--set", "lr=[1"], "not valid YAML"),
 ])
+@pytest.mark.slow
 def test_bad_settings_are_one_line_errors(runs, args, message):
     tmp, a, _ = runs
     r = subprocess.run([sys.executable, str(ROOT / "train/main.py"), "--data", str(a),
@@ -201,10 +212,7 @@ def _patch_sof(tar: Path, member: str, width: int, height: int) -> None:
     with open(tar, "r+b") as f:
         buf = mmap.mmap(f.fileno(), 0)
         start, size = next((s, n) for name, s, n in members(buf, str(tar)) if name == member)
-        i = start + 2
-        while buf[i + 1] not in (0xC0, 0xC1, 0xC2):
-            i += 2 + int.from_bytes(buf[i + 2 : i + 4], "big")
-        buf[i + 5 : i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+        set_jpeg_size(buf, width, height, start)
         buf.flush()
         crc = zlib.crc32(buf[start : start + size])
         buf.close()
@@ -217,6 +225,7 @@ def _patch_sof(tar: Path, member: str, width: int, height: int) -> None:
         pq.write_table(pa.Table.from_pylist(rows), index)
 
 
+@pytest.mark.slow
 def test_zero_size_val_image_is_a_clear_error_in_evaluate(runs):
     from train.main import main as train_main
 
@@ -235,15 +244,13 @@ def test_zero_size_val_image_is_a_clear_error_in_evaluate(runs):
     assert "Traceback" not in text and "ZeroDivision" not in text
 
 
+@pytest.mark.slow
 def test_train_skip_messages_name_shard_member_and_reason(tmp_path):
     from train.decode import TrainDecoder, ValDecoder
 
     good = encode_jpeg(render_class_image(1, 3, np.random.default_rng(0), 48))
     zero = bytearray(good)
-    i = 2
-    while zero[i + 1] not in (0xC0, 0xC2):
-        i += 2 + int.from_bytes(zero[i + 2 : i + 4], "big")
-    zero[i + 5 : i + 9] = b"\0\0\0\0"
+    set_jpeg_size(zero, 0, 0)
     for decoder in (TrainDecoder(32, 0.08, True, 0), ValDecoder(36, 32)):
         for data, reason in ((bytes(zero), "0x0"), (b"\xff\xd8garbage", "Error")):
             sample = {"jpg": data, "cls": b"1", "__key__": "k7", "__url__": "/s/train-000003.tar"}
@@ -257,10 +264,7 @@ def _bomb(progressive: bool = True) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (90, 120, 30)).save(buf, "JPEG", progressive=progressive)
     data = bytearray(buf.getvalue())
-    i = 2
-    while data[i + 1] not in (0xC0, 0xC2):
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    data[i + 5 : i + 9] = (45000).to_bytes(2, "big") * 2
+    set_jpeg_size(data, 45000, 45000)
     return bytes(data)
 
 
@@ -295,6 +299,7 @@ def test_region_decoder_checks_its_request_in_c():
     assert jpeg_region.decode_region(good, (0, 0, 5000, 5000), 16) is None  # outside
 
 
+@pytest.mark.slow
 def test_evaluate_with_set_changes_only_the_named_setting(runs):
     """`--evaluate --checkpoint C --set batch_size=4` (or `-b 4`) keeps the checkpoint's
     architecture: only the named settings change (a resnet50 was built before)."""
@@ -307,6 +312,7 @@ def test_evaluate_with_set_changes_only_the_named_setting(runs):
         assert metrics["val_samples"] == 12
 
 
+@pytest.mark.slow
 def test_plain_progress_lines_when_stderr_is_a_file(runs):
     tmp, a, _ = runs
     log = tmp / "train.log"
@@ -327,6 +333,7 @@ def test_plain_progress_lines_when_stderr_is_a_file(runs):
                                                              "took" in lines[0])
 
 
+@pytest.mark.slow
 def test_resume_with_another_seed_is_refused_naming_it(runs):
     """The saved position is a place in the seed's order: under another seed it would
     train on other samples, silently."""
@@ -337,6 +344,7 @@ def test_resume_with_another_seed_is_refused_naming_it(runs):
         _train(a, out, "--resume", "auto", sets=("epochs=3", "num_classes=3", "seed=7"))
 
 
+@pytest.mark.slow
 def test_resume_on_another_shard_set_is_refused_naming_it(runs, tmp_path):
     tmp, a, _ = runs
     fewer = sharded_sample(tmp_path, "ilsvrc2017", 2, classes=3, train_per_class=11,
@@ -347,6 +355,7 @@ def test_resume_on_another_shard_set_is_refused_naming_it(runs, tmp_path):
         _train(fewer, out, "--resume", "auto", sets=("epochs=3", "num_classes=3"))
 
 
+@pytest.mark.slow
 def test_damaged_step_checkpoint_falls_back_to_the_previous_one(runs, capsys):
     """Step checkpoints every 2 steps (36 samples, 4 steps): checkpoint.pt is the epoch's
     end, checkpoint.prev.pt step 4. Damaged, the latest is passed over, said so, and the
@@ -370,6 +379,7 @@ def ckpt_position(path):
     return position["epoch"], position["consumed"]
 
 
+@pytest.mark.slow
 def test_sigterm_in_one_process_checkpoints_and_exits_75(runs):
     """No torchrun: SIGTERM (a spot VM's notice) mid-epoch -> step checkpoint, status 75,
     preempted.json; the resumed run logs each step once and its receipts are exact."""

@@ -57,6 +57,7 @@ def test_every_sample_once_per_epoch_on_any_world_size(rows, world):
 
 
 @pytest.mark.parametrize("cut,workers_after", [(1, 0), (5, 0), (3, 2)])
+@pytest.mark.slow
 def test_resume_gives_the_same_batches_as_an_uninterrupted_epoch(rows, cut, workers_after):
     whole = list(_loader(rows))
     first = _loader(rows)
@@ -131,6 +132,7 @@ def test_bytes_that_are_not_the_indexed_ones_stop_the_read(rows, tmp_path):
         next(iter(_loader(bad)))
 
 
+@pytest.mark.slow
 def test_an_abandoned_loader_lets_its_workers_go_at_once(rows):
     """A loader dropped mid-epoch (a seek, a stopped loop) stops its workers at once: its
     sampler holds no reference back to the loader, so the DataLoader iterator is freed by

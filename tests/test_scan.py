@@ -71,7 +71,7 @@ def _split(draw: st.DrawFn) -> dict[str, list[str]]:
     return out
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(_split())
 @example({"n1": ["n1_a_5.JPEG"], "n1_a": ["n1_a_5.JPEG"]})  # one folder's prefix in another's
 @example({"n1": ["n1_5"], "n2": ["n1_5"]})  # no extension

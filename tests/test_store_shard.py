@@ -51,6 +51,7 @@ def sharded(tmp_path):
     return tmp_path / "data/imagenet", local
 
 
+@pytest.mark.slow
 def test_store_output_is_byte_for_byte_the_local_one(s3, sharded):
     data, local = sharded
     src_before = tree_hash(data.parent.parent / "src")
@@ -72,6 +73,7 @@ def test_store_output_is_byte_for_byte_the_local_one(s3, sharded):
     assert objects(s3, "ds") == remote
 
 
+@pytest.mark.slow
 def test_replaced_shard_object_is_rewritten_and_verify_names_it(s3, sharded):
     data, local = sharded
     url = s3.url("ds")
@@ -116,6 +118,7 @@ def test_second_writer_is_refused_naming_the_holder_and_a_stale_lock_is_taken(s3
     assert ".prep-shard.lock" not in objects(s3, "ds")  # released at the end
 
 
+@pytest.mark.slow
 def test_foreign_objects_are_refused_and_force_deletes_only_recorded_ones(s3, sharded):
     data, _ = sharded
     c = s3.client()
@@ -139,6 +142,7 @@ def test_foreign_objects_are_refused_and_force_deletes_only_recorded_ones(s3, sh
         "val-000000.tar", "val-000001.tar"]
 
 
+@pytest.mark.slow
 def test_a_killed_upload_leaves_no_manifest_and_a_rerun_finishes(s3, tmp_path):
     local = sharded_sample(tmp_path, "ilsvrc2017", 16, classes=8, train_per_class=40,
                            val_per_class=4, test_images=0, size=64)
@@ -283,6 +287,7 @@ def test_timm_reads_the_store_through_a_pipe_root(s3, sharded):
         assert got == sorted((img.tobytes(), int(t)) for img, t in disk)
 
 
+@pytest.mark.slow
 def test_huggingface_datasets_reads_the_store_through_s3fs(s3, sharded, tmp_path, monkeypatch):
     """Hugging Face `datasets` opens s3:// data files through fsspec (s3fs), configured by
     `storage_options`; every sample and label as read from the local shards."""

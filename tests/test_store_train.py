@@ -74,6 +74,7 @@ class Watch:
         self.thread.join()
 
 
+@pytest.mark.slow
 def test_store_loader_gives_the_local_batches_within_the_cache_bound(stored, tmp_path):
     url, local = stored
     rows, local_rows = read_rows(url, "train"), read_rows(local, "train")
@@ -121,6 +122,7 @@ def test_windows_keep_a_bounded_set_of_shards_together(stored):
     assert not (order == epoch_order(len(rows.keys), 7, 0, 0, sizes)).all()
 
 
+@pytest.mark.slow
 def test_store_loader_resumes_at_any_step_with_other_workers(stored, tmp_path):
     url, _ = stored
     rows = read_rows(url, "train")
@@ -154,6 +156,7 @@ def _train(data, out, *extra, env=None, timeout=300, **kw):
                           env={**os.environ, **(env or {})}, **kw)
 
 
+@pytest.mark.slow
 def test_trainer_trains_and_evaluates_from_the_store_like_from_disk(stored, tmp_path):
     url, local = stored
     cache = tmp_path / "cache"
@@ -183,6 +186,7 @@ def test_trainer_trains_and_evaluates_from_the_store_like_from_disk(stored, tmp_
             assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
 
 
+@pytest.mark.slow
 def test_a_cache_smaller_than_the_loaders_need_is_refused_at_once(stored, tmp_path):
     url, _ = stored
     r = _train(url, tmp_path / "run", "--cache-dir", str(tmp_path / "c"), "--cache-size",
@@ -200,6 +204,7 @@ def test_sizes_read_as_people_write_them():
         parse_size("12 parsecs")
 
 
+@pytest.mark.slow
 def test_a_replaced_shard_object_stops_the_run_naming_it(stored, s3, tmp_path):
     url, local = stored
     c = s3.client()
@@ -238,6 +243,7 @@ def test_a_store_restarted_mid_epoch_loses_nothing(stored, s3, tmp_path):
     assert out.count("coverage: exact") == 2
 
 
+@pytest.mark.slow
 def test_a_store_that_stays_away_ends_the_run_with_one_line(stored, s3, tmp_path):
     url, _ = stored
     s3.kill()
@@ -353,6 +359,7 @@ def _read_chunked(f) -> bytes:
         f.readline()
 
 
+@pytest.mark.slow
 def test_throttling_resets_and_cut_bodies_are_retried_to_the_same_bytes(stored, s3, tmp_path,
                                                                       monkeypatch):
     url, local = stored

@@ -28,6 +28,7 @@ CFG = TrainConfig(batch_size=4, workers=3, image_size=32, val_resize=36, val_cro
                   shuffle_buffer=20)
 
 
+@pytest.mark.slow
 def test_uneven_shards_give_every_rank_the_same_steps(shards):
     out, _, _ = shards
     split = read_split(str(out), "train")  # 72 samples in 7 shards of 10 or 11
@@ -36,6 +37,7 @@ def test_uneven_shards_give_every_rank_the_same_steps(shards):
     assert steps == [72 // (2 * 4)] * 2
 
 
+@pytest.mark.slow
 def test_train_epochs_reshuffle_identically_on_ranks(shards):
     out, _, _ = shards
     split = read_split(str(out), "train")
@@ -56,6 +58,7 @@ def test_too_few_train_shards_is_a_clear_error(shards):
 
 
 @pytest.mark.parametrize("val_dir", ["val3", "val8"])  # sample-level fallback / shard split
+@pytest.mark.slow
 def test_eval_sees_every_sample_exactly_once(shards, val_dir):
     _, tmp, plan = shards
     split = read_split(str(tmp / val_dir), "val")

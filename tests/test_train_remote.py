@@ -47,6 +47,7 @@ def test_shard_url_forms(tmp_path):
     assert shard_url("pipe:aws s3 cp s3://b/s/{} -", "a.tar") == "pipe:aws s3 cp s3://b/s/a.tar -"
 
 
+@pytest.mark.slow
 def test_http_and_pipe_train_alike_and_evaluate_like_the_local_directory(shards, http_url,
                                                                          tmp_path):
     """Remote shards stream (train.data); local ones are read through the index
@@ -70,6 +71,7 @@ def test_remote_manifest_errors_name_the_url(shards, http_url, tmp_path):
         _train("pipe:cat /nonexistent/{}", tmp_path / "x")
 
 
+@pytest.mark.slow
 def test_evaluate_out_with_remote_data_writes_the_same_pickle(shards, http_url, tmp_path):
     """It ended in a pyarrow traceback after the whole evaluation (the order was read from a
     local index.parquet); the evaluator now names and orders samples from the samples."""

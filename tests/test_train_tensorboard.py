@@ -23,6 +23,7 @@ def _scalars(run):
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.slow
 def test_tensorboard_scalars_match_the_metrics_and_survive_a_resume(tmp_path):
     shards = sharded_sample(tmp_path, "ilsvrc2017", 2, classes=4, train_per_class=8,
                             val_per_class=3, size=40)

@@ -137,6 +137,7 @@ def test_process_pool_runs_work():
         assert list(pool.map(_square, [1, 2, 3])) == [1, 4, 9]
 
 
+@pytest.mark.slow
 def test_loader_workers_and_their_server_outlive_a_sigterm_from_anyone_else(tmp_path):
     """SLURM's preemption and torchrun's shutdown send SIGTERM to every process of a rank
     (its process group): the trainer's loader workers and the forkserver that started them
