@@ -55,12 +55,15 @@ class CheckedRecord:
         if self.db is None:
             return {}
         out: dict[str, Identity] = {}
-        for i in range(0, len(paths), 30000):  # SQLite allows 32766 parameters
-            part = paths[i : i + 30000]
-            marks = ",".join("?" * len(part))
-            for row in self.db.execute("SELECT path, size, mtime, ctime, ino, dev FROM checked "
-                                       f"WHERE path IN ({marks})", part):
-                out[row[0]] = tuple(row[1:])
+        try:
+            for i in range(0, len(paths), 900):  # SQLite before 3.32 allows 999 parameters
+                part = paths[i : i + 900]
+                marks = ",".join("?" * len(part))
+                for row in self.db.execute("SELECT path, size, mtime, ctime, ino, dev FROM "
+                                           f"checked WHERE path IN ({marks})", part):
+                    out[row[0]] = tuple(row[1:])
+        except sqlite3.Error:  # damaged, or locked past the timeout: check everything
+            return {}
         return out
 
     def keep(self, checked: list, trusted: int) -> None:

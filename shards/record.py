@@ -45,7 +45,7 @@ class ShardRecord:
     source_stats: list[list[int]] = field(default_factory=list)
     tar_inode: int = 0
     tar_mtime_ns: int = 0
-    # for shards.checked, not stored: sources the strict check passed in this write ([path,
+    # for prep.checked, not stored: sources the strict check passed in this write ([path,
     # *identity]), and how many it trusted from an earlier check
     checked: list[list] = field(default_factory=list)
     trusted: int = 0

@@ -82,7 +82,7 @@ static int write_all(int fd, struct iovec *v, int cnt) {
 }
 
 /* Read all of `path` into *buf (grown as needed); its size, or -1. id: the file's identity
- * (shards/checked.py) read from the descriptor the bytes come from: size, mtime and ctime in
+ * (prep/checked.py) read from the descriptor the bytes come from: size, mtime and ctime in
  * ns, inode, device. */
 static long long read_file(const char *path, unsigned char **buf, size_t *cap,
                            long long *id) {

@@ -25,7 +25,7 @@ SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
 ABI = 3  # tarpack.c's tp_abi(): the signature of tp_write
-ID_FIELDS = 5  # shards.checked.Identity: size, mtime, ctime, inode, device
+ID_FIELDS = 5  # prep.checked.Identity: size, mtime, ctime, inode, device
 
 
 _p = ctypes.POINTER
@@ -64,7 +64,7 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
     [(sample start offset, jpg bytes, width, height, source identity, checked, jpg crc32)]
-    for them); the identity is shards.checked.Identity, `checked` whether the strict check
+    for them); the identity is prep.checked.Identity, `checked` whether the strict check
     ran. `trusted`: per sample, the identity under which it passed the strict check before,
     or None; a file with that identity now is not checked again. Raises
     OSError on a write error; stops early at a sample Python must handle: not a clean RGB

@@ -30,7 +30,7 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, settings: ShardSettings,
                 trusted: dict[str, Identity] | None = None) -> ShardRecord:
     """Write `out/plan.name` from the images under `data/<split>/`; returns its record.
     `trusted`: {`split/path`: identity} of sources that passed the strict check before
-    (shards.checked); one that still has that identity is not checked again. The record's
+    (prep.checked); one that still has that identity is not checked again. The record's
     `checked` lists the sources this write checked, for the caller to remember."""
     trusted = trusted or {}
     final = out / plan.name

@@ -1,4 +1,4 @@
-"""shards/checked.py: a reshard of sources the strict check passed before checks them not
+"""prep/checked.py: a reshard of sources the strict check passed before checks them not
 again, writes the same bytes, and checks again any file changed since, even one whose size
 and modification time were kept."""
 
@@ -109,3 +109,16 @@ def test_what_prep_imagenet_check_full_passed_is_not_checked_again(make_sample, 
     splits = r.info["splits"]  # --check full decodes train and val (through the val links)
     assert r.trusted == splits["train"]["num_samples"] + splits["validation"]["num_samples"]
     assert r.trusted > 0
+
+
+def test_the_record_answers_for_more_paths_than_one_query_holds(tmp_path):
+    """A shard of thousands of samples asks for thousands of paths at once (SQLite before
+    3.32 takes at most 999 parameters a query)."""
+    from prep.checked import CheckedRecord
+
+    record = CheckedRecord(tmp_path, strict=True)
+    rows = [(f"train/n0/{i}.JPEG", i + 1, 2, 3, 4, 5) for i in range(2500)]
+    record.add(rows)
+    got = record.trusted([r[0] for r in rows] + ["train/n0/missing.JPEG"])
+    record.close()
+    assert got == {r[0]: tuple(r[1:]) for r in rows}
