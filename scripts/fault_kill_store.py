@@ -46,22 +46,13 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
-def cache_bytes(root: Path) -> int:
-    total = 0
-    for folder, _, files in os.walk(root):
-        for f in files:
-            try:
-                total += os.stat(os.path.join(folder, f)).st_size
-            except FileNotFoundError:
-                pass
-    return total
-
-
 def watch(proc: subprocess.Popen, cache: Path, until: float) -> int:
     """The largest cache size seen while `proc` runs, up to time `until`."""
+    from shards.cache import cache_usage
+
     peak = 0
     while proc.poll() is None and time.monotonic() < until:
-        peak = max(peak, cache_bytes(cache))
+        peak = max(peak, cache_usage(cache))
         time.sleep(0.02)
     return peak
 

@@ -105,14 +105,7 @@ class ShardCache:
 
     def usage(self) -> int:
         """Bytes of every file under the cache root (partials at their full size)."""
-        total = 0
-        for folder, _, files in os.walk(self.root):
-            for f in files:
-                try:
-                    total += os.stat(os.path.join(folder, f)).st_size
-                except FileNotFoundError:
-                    pass
-        return total
+        return cache_usage(self.root)
 
     def open(self, name: str) -> Pinned:
         """The object `name` as a pinned, checked local file (downloaded when missing)."""
@@ -209,6 +202,18 @@ class ShardCache:
             if _evict(p):
                 used -= nbytes
         return used + size <= self.limit
+
+
+def cache_usage(root: str | os.PathLike) -> int:
+    """Bytes of every file under a cache folder: what its bound counts."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(folder, f)).st_size
+            except FileNotFoundError:
+                pass
+    return total
 
 
 def open_cache(store: Store, root: str | os.PathLike, limit: int | None,
