@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
+from click.testing import CliRunner
+from PIL import Image
 
 from prep.sample import SamplePlan, SampleSpec, write_sample
+from prep.synth import render_class_image
 
 SHARED_META = Path(__file__).resolve().parents[1] / ".." / "shared" / "imagenet-meta"
 SMALL = SampleSpec(classes=5, train_per_class=4, val_per_class=3, test_images=2, size=32)
@@ -114,7 +120,6 @@ def running(pid: int) -> bool:
 def as_nobody(args: list[str], **kwargs):
     """Run `args` as user nobody (setpriv), where root's reads would ignore permissions; skips
     the test where that cannot be done (not root, no setpriv, the venv out of reach)."""
-    import shutil
     import subprocess
 
     drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -129,7 +134,6 @@ def as_nobody(args: list[str], **kwargs):
 @pytest.fixture
 def shared_tmp():
     """A temporary directory every user can enter (for as_nobody)."""
-    import shutil
     import tempfile
 
     path = Path(tempfile.mkdtemp(prefix="prep-nobody-"))
@@ -228,7 +232,6 @@ def set_jpeg_size(buf: bytearray | mmap.mmap, width: int, height: int, start: in
 
 def run_prep_imagenet(*args) -> tuple[int, str]:
     """`prep imagenet -q --workers 1 ARGS` in this process: (exit code, output)."""
-    from click.testing import CliRunner
 
     from prep.cli import main
 
@@ -248,3 +251,19 @@ def assert_refused(src, link, *needles, extra=()) -> str:
     if before:
         assert tree_hash(src) == before
     return out
+
+
+def png16(path_or_buf):
+    """A 16-bit grayscale PNG: a left-to-right ramp over the full 16-bit range."""
+    ramp = np.tile(np.linspace(0, 65535, 64, dtype=np.uint16), (48, 1))
+    img = Image.fromarray(ramp)  # uint16: mode I;16
+    img.save(path_or_buf, format="PNG")
+    return ramp
+
+
+def truncated_with_eoi(progressive=False):
+    img = render_class_image(0, 3, np.random.default_rng(0), 160)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, progressive=progressive)
+    data = buf.getvalue()
+    return data[: len(data) // 3] + b"\xff\xd9"

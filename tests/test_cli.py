@@ -1,10 +1,13 @@
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from prep.cli import main
+from prep.cli import _slurm_part, main
+from prep.cli import main as prep_main
 
 
 @pytest.mark.parametrize("command", sorted(main.commands))
@@ -45,7 +48,6 @@ def test_console_script_entry_point():
 def test_every_option_is_in_the_reference():
     """docs/cli.md holds every command's --help; an option missing there fails here (to
     regenerate: each `prep COMMAND --help` and `python train/main.py --help`, in fences)."""
-    from pathlib import Path
 
     from train.main import parse_args  # noqa: F401 - its parser is built in parse_args
 
@@ -88,3 +90,36 @@ def test_a_url_is_never_taken_for_a_local_path(tmp_path, monkeypatch):
         with pytest.raises(SystemExit, match=f"{flag} gs://b/x: a URL"):
             train_main(["--data", str(tmp_path), flag, "gs://b/x"])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0",
+      "SLURM_ARRAY_TASK_STEP": "4"}, "1/2"),  # --array=0-7:4
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0",
+      "SLURM_ARRAY_TASK_STEP": "4"}, "0/2"),
+    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "4"},
+     "3/4"),  # --array=4-7
+    ({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3",
+      "SLURM_ARRAY_TASK_STEP": "2"}, "3/4"),  # --array=3-9:2
+    ({}, None),
+])
+def test_slurm_array_parts(env, expected):
+    assert _slurm_part(env) == expected
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_ARRAY_TASK_ID": "3"}, "SLURM_ARRAY_TASK_COUNT is not"),
+    ({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"}, "not a whole number"),
+    ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4.0"}, "not a whole number"),
+    ({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "0",
+      "SLURM_ARRAY_TASK_STEP": "4"}, "not one of evenly spaced tasks"),
+])
+def test_bad_slurm_environment_is_a_clear_error(prepared, tmp_path, monkeypatch, env, message):
+    data, _ = prepared()
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = CliRunner().invoke(prep_main, ["shard", "-q", "--data", str(data), "--out",
+                                       str(tmp_path / "s"), "--workers", "1"])
+    assert r.exit_code == 1 and message in r.output and "Traceback" not in r.output, r.output

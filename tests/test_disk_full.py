@@ -8,7 +8,11 @@ import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from prep.cli import main as prep_main
+from prep.errors import PrepError
+from shards.build import ShardSettings, shard_dataset
 from tests.conftest import tmpfs
 from train import checkpoint as ckpt
 
@@ -31,10 +35,8 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
 
 
 def test_prep_shard_on_a_full_disk_then_rerun(small_disk, tmp_path):
-    from prep.errors import PrepError
     from prep.imagenet import prepare_imagenet
     from prep.sample import SampleSpec, write_sample
-    from shards.build import ShardSettings, shard_dataset
     from shards.tarread import samples
     from shards.verify import verify_shards
 
@@ -94,3 +96,28 @@ def test_extraction_on_a_full_disk_blames_the_disk_and_leaves_no_temp_file(
     (small_disk / "filler").unlink()  # space freed: the rerun completes
     r = CliRunner().invoke(prep_main, args)
     assert r.exit_code == 0, r.output
+
+
+@pytest.fixture
+def inode_starved_disk(tmp_path):
+    with tmpfs(tmp_path / "mnt", "size=8m,nr_inodes=40") as mnt:
+        yield mnt
+
+
+def test_full_disk_while_making_links(make_sample, inode_starved_disk):
+    from prep.imagenet import prepare_imagenet
+
+    src, _ = make_sample("ilsvrc2017", classes=5, val_per_class=10)
+    link = inode_starved_disk / "data"
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src", str(src),
+                                       "--link", str(link)])
+    assert r.exit_code == 1 and "could not write the dataset view" in r.output, r.output
+    assert "No space left" in r.output and "Traceback" not in r.output
+    leftovers = [p for p in link.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    assert not (link / "imagenet/meta/val.txt").exists()  # no index of links not made
+    subprocess.run(["mount", "-o", "remount,nr_inodes=400", str(inode_starved_disk)],
+                   check=True)
+    report = prepare_imagenet(src, link, progress=False, workers=1)
+    assert report.counts["val"] == 50
+    assert len(list((link / "imagenet/val").rglob("*.JPEG"))) == 50

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +14,12 @@ import torch
 from click.testing import CliRunner
 
 from prep.cli import main as prep_main
-from tests.conftest import sharded_sample
-
-pytestmark = pytest.mark.slow  # `make test-fast` skips these
+from prep.errors import PrepError
+from prep.export import load_classes, render
+from prep.predictions import read_predictions
+from tests.conftest import (
+    sharded_sample,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["arch=resnet18", "num_classes=5", "image_size=32", "val_resize=36", "val_crop=32",
@@ -50,6 +54,7 @@ def _load(path):
         return pickle.load(f)
 
 
+@pytest.mark.slow  # the module's trained run
 def test_pickle_layout_and_world_size_independence(run):
     tmp, metrics = run
     one, two = _load(tmp / "one.pkl"), _load(tmp / "two.pkl")
@@ -69,6 +74,7 @@ def test_pickle_layout_and_world_size_independence(run):
     assert len(per_class) == 5 and np.mean(per_class) == pytest.approx(metrics["top1"])
 
 
+@pytest.mark.slow  # the module's trained run
 def test_unlabelled_test_split(run):
     from train.main import main as train_main
 
@@ -83,6 +89,7 @@ def test_unlabelled_test_split(run):
     assert r.exit_code == 0 and "no ground-truth labels" in r.output
 
 
+@pytest.mark.slow  # the module's trained run
 def test_plain_torchvision_state_dict_with_module_prefix(run, tmp_path):
     from train.main import main as train_main
 
@@ -95,6 +102,7 @@ def test_plain_torchvision_state_dict_with_module_prefix(run, tmp_path):
     assert again["top1"] == pytest.approx(metrics["top1"])
 
 
+@pytest.mark.slow  # the module's trained run
 def test_plot(run, tmp_path):
     tmp, _ = run
     r = CliRunner().invoke(prep_main, ["export-preds", str(tmp / "one.pkl"), "--plot",
@@ -112,6 +120,7 @@ def _export(tmp, fmt, *extra):
     return out
 
 
+@pytest.mark.slow  # the module's trained run
 def test_mmcls_export_reproduces_top1(run):
     tmp, metrics = run
     out = _export(tmp, "mmcls")
@@ -217,6 +226,7 @@ def test_class_table_is_read_by_its_index_column(tmp_path):
     assert r.exit_code == 1 and f"wnid '{rows[0][1]}' appears more than once" in r.output
 
 
+@pytest.mark.slow  # the module's trained run
 def test_kaggle_csv_and_parquet(run):
     import pyarrow.parquet as pq
 
@@ -232,6 +242,7 @@ def test_kaggle_csv_and_parquet(run):
     assert csv_rows[0].startswith("sample_idx,path,key,gt_label,top1_label")
 
 
+@pytest.mark.slow  # the module's trained run
 def test_summary(run):
     tmp, metrics = run
     r = CliRunner().invoke(prep_main, ["export-preds", str(tmp / "one.pkl"), "--summary"])
@@ -278,6 +289,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not EVIL_MARK.exists() and not (tmp_path / "o.txt").exists()
 
 
+@pytest.mark.slow  # the module's trained run
 @pytest.mark.parametrize("case,message", [
     ("truncated", "truncated or not a predictions pickle"),
     ("wrong_type", "expected a list of per-sample dicts"),
@@ -306,10 +318,10 @@ def test_bad_inputs(run, tmp_path, case, message):
     assert "Traceback" not in r.output and not out.exists()
 
 
+@pytest.mark.slow  # the module's trained run
 def test_evaluator_names_samples_from_the_samples_not_the_index(run, tmp_path):
     """With two val rows' source swapped in index.parquet, the pickle still gives each key
     its own image path: nothing the evaluator writes comes from index.parquet."""
-    import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -329,3 +341,150 @@ def test_evaluator_names_samples_from_the_samples_not_the_index(run, tmp_path):
     items = _load(tmp_path / "r.pkl")
     assert all(d["img_path"].endswith(f"/{d['key']}.JPEG") for d in items)
     assert [d["key"] for d in items] == [d["key"] for d in _load(tmp / "one.pkl")]
+
+
+def test_export_over_its_own_pickle_is_refused(tmp_path):
+    path = tmp_path / "r.pkl"
+    path.write_bytes(pickle.dumps([{"img_path": "val/a.JPEG", "pred_score": torch.rand(4)}]))
+    link = tmp_path / "link.txt"
+    link.symlink_to(path)
+    before = path.read_bytes()
+    for out in (path, link):
+        r = CliRunner().invoke(prep_main, ["export-preds", str(path), str(out), "--format",
+                                           "mmcls"])
+        assert r.exit_code == 1 and "is the predictions pickle" in r.output, r.output
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("items, message", [
+    ([{"pred_score": torch.rand(4), "gt_label": torch.tensor([], dtype=torch.long)}],
+     "gt_label must hold one whole number"),
+    ([{"pred_score": "0.1 0.9"}], "pred_score is not numeric"),
+    ([{"pred_score": {"a": 1}}], "pred_score is not numeric"),
+    ([{"pred_score": [0.1, "x"]}], "pred_score is not numeric"),
+    ([{"pred_score": torch.rand(4), "gt_label": "cat"}], "gt_label is not numeric"),
+    ([{"pred_score": torch.rand(4), "img_path": 5}], "img_path/key must be a string"),
+    ({"class_scores": "abc"}, "class_scores is not numeric"),
+    ([{"pred_score": [[0.1, 0.9], [0.3]]}], "pred_score is not numeric"),
+])
+def test_malformed_pickles_are_one_line_errors(tmp_path, items, message):
+    path = tmp_path / "r.pkl"
+    path.write_bytes(pickle.dumps(items))
+    r = CliRunner().invoke(prep_main, ["export-preds", str(path), "--summary"])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert "Traceback" not in r.output and r.output.startswith("error: ")
+
+
+def _pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+    return path
+
+
+def _scores(n, c=1000, seed=0):
+    """Scores whose top-1 is class (7 * i) % c for sample i: the order can be read back."""
+    rng = np.random.default_rng(seed)
+    s = rng.random((n, c)).astype(np.float32) * 0.1
+    for i in range(n):
+        s[i, (7 * i) % c] = 1.0
+    return s
+
+
+def _top1_in_lines(lines, classes):
+    """Top-1 class of each line of an ILSVRC file (IDs) or a Kaggle one (ImageId,WNIDs)."""
+    by_id = {c.ilsvrc2012_id: c.index for c in classes}
+    by_wnid = {c.wnid: c.index for c in classes}
+    if "," in lines[0]:
+        return [by_wnid[line.split(",")[1].split()[0]] for line in lines]
+    return [by_id[int(line.split()[0])] for line in lines]
+
+
+@pytest.mark.parametrize("n", [12, 23])
+def test_export_of_mmcls_dict_keeps_dataset_order(tmp_path, n):
+    scores = _scores(n)
+    path = _pickle(tmp_path / "r.pkl", {"class_scores": scores})
+    p = read_predictions(path)
+    classes = load_classes(None, 1000)
+    kaggle = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
+    assert _top1_in_lines(kaggle, classes) == [(7 * i) % 1000 for i in range(n)]
+    assert [line.split(",")[0] for line in kaggle] == [str(i) for i in range(n)]
+    with pytest.raises(PrepError, match="carry no file names"):  # positional: which images?
+        render(p, "ilsvrc", 5, classes)
+
+
+def test_list_without_img_path_uses_sample_idx_then_list_order(tmp_path):
+    n = 15
+    scores = _scores(n)
+    order = np.random.default_rng(1).permutation(n)  # stored shuffled, with sample_idx
+    items = [{"sample_idx": int(i), "pred_score": torch.from_numpy(scores[i])} for i in order]
+    p = read_predictions(_pickle(tmp_path / "a.pkl", items))
+    classes = load_classes(None, 1000)
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
+    assert _top1_in_lines(lines, classes) == [(7 * i) % 1000 for i in range(n)]
+    plain = [{"pred_score": torch.from_numpy(scores[i])} for i in range(n)]  # list order
+    p = read_predictions(_pickle(tmp_path / "b.pkl", plain))
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
+    assert _top1_in_lines(lines, classes) == [(7 * i) % 1000 for i in range(n)]
+
+
+def test_real_names_sort_as_numbers_not_text(tmp_path):
+    names = [f"test/{i}.JPEG" for i in (10, 2, 1, 11, 3)]
+    scores = _scores(5)
+    items = [{"img_path": nm, "pred_score": torch.from_numpy(scores[i])}
+             for i, nm in enumerate(names)]
+    p = read_predictions(_pickle(tmp_path / "r.pkl", items))
+    classes = load_classes(None, 1000)
+    lines = render(p, "kaggle", 5, classes).decode().splitlines()[1:]
+    by_name = {int(nm.split("/")[1].split(".")[0]): (7 * i) % 1000 for i, nm in enumerate(names)}
+    assert _top1_in_lines(lines, classes) == [by_name[k] for k in sorted(by_name)]
+    official = [{"img_path": f"val/ILSVRC2012_val_{i:08d}.JPEG",
+                 "pred_score": torch.from_numpy(scores[j])}
+                for j, i in enumerate((3, 1, 2, 5, 4))]  # ILSVRC: numbered 1..5 in any order
+    p = read_predictions(_pickle(tmp_path / "o.pkl", official))
+    lines = render(p, "ilsvrc", 5, classes).decode().splitlines()
+    assert _top1_in_lines(lines, classes) == [(7 * j) % 1000 for j in (1, 2, 0, 4, 3)]
+
+
+def test_sample_idx_that_is_not_a_permutation_is_refused(tmp_path):
+    items = [{"sample_idx": 0, "pred_score": torch.ones(3)},
+             {"sample_idx": 0, "pred_score": torch.ones(3)}]
+    with pytest.raises(PrepError, match="not a permutation"):
+        read_predictions(_pickle(tmp_path / "r.pkl", items))
+
+
+@pytest.mark.parametrize("bad", ["nan_row", "inf", "one_nan"])
+def test_nan_scores_are_refused_not_exported(tmp_path, bad):
+    scores = _scores(6, 10)
+    if bad == "nan_row":
+        scores[3] = np.nan
+    elif bad == "inf":
+        scores[4, 2] = np.inf
+    else:
+        scores[2, 5] = np.nan
+    items = [{"img_path": f"val/{i}.JPEG", "pred_score": torch.from_numpy(s)}
+             for i, s in enumerate(scores)]
+    path = _pickle(tmp_path / "r.pkl", items)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(path), str(tmp_path / "o.csv"),
+                                       "--format", "csv"])
+    assert r.exit_code == 1 and "NaN or infinite" in r.output and "sample" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize("label", [10, 1000, -2])
+def test_gt_label_out_of_range_is_refused(tmp_path, label):
+    items = [{"img_path": f"val/{i}.JPEG", "pred_score": torch.rand(10),
+              "gt_label": torch.tensor([label if i == 2 else 1])} for i in range(4)]
+    path = _pickle(tmp_path / "r.pkl", items)
+    r = CliRunner().invoke(prep_main, ["export-preds", str(path), "--summary"])
+    assert r.exit_code == 1 and "gt_label outside 0..9" in r.output, r.output
+    assert "sample 2" in r.output
+
+
+def test_class_table_that_contradicts_the_pickle_is_refused(tmp_path):
+    """The evaluator names each prediction's WNID from the checkpoint's classes; a class table
+    with another order must not silently rename them."""
+    classes = load_classes(None, 1000)
+    items = [{"img_path": "val/0.JPEG", "pred_score": torch.from_numpy(_scores(1)[0]),
+              "wnid": classes[1].wnid}]  # says class 0 is classes[1]'s WNID
+    with pytest.raises(PrepError, match="does not belong to this model"):
+        render(read_predictions(_pickle(tmp_path / "r.pkl", items)), "kaggle", 5, classes)

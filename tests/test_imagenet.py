@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -8,6 +9,7 @@ from click.testing import CliRunner
 from prep.cli import main as prep_main
 from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
+from shards.build import ShardSettings, shard_dataset
 from tests.conftest import assert_refused, expected_val_lines, tree_hash
 
 LAYOUT_LABELS = {
@@ -407,3 +409,99 @@ def test_extract_to_inside_src(make_sample, tmp_path):
     src, _ = make_sample("ilsvrc2012-tar")
     assert_refused(src, tmp_path / "data", src / "x", "inside --src",
                    extra=["--extract-to", src / "x"])
+
+
+def _train_dir(src: Path) -> Path:
+    return src / "Data/CLS-LOC/train"
+
+
+@pytest.mark.parametrize("bad", ["a\nb.JPEG", "tab\there.JPEG", "cr\r.JPEG"])
+def test_control_characters_in_train_names_are_refused(make_sample, tmp_path, bad):
+    src, plan = make_sample("ilsvrc2017")
+    wnid = plan.wnids[0]
+    first = sorted((_train_dir(src) / wnid).iterdir())[0]
+    (_train_dir(src) / wnid / f"{wnid}_{bad}").write_bytes(first.read_bytes())
+    assert_refused(src, tmp_path / "data", "control character", repr(f"{wnid}_{bad}")[1:-1])
+    assert not (tmp_path / "data/imagenet/meta/train.txt").exists()
+
+
+def test_os_litter_is_ignored_and_listed(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017")
+    wnid = plan.wnids[0]
+    cls = _train_dir(src) / wnid
+    first = sorted(cls.iterdir())[0]
+    litter = [cls / f"._{first.name}", cls / ".DS_Store", cls / "Thumbs.db",
+              _train_dir(src) / ".DS_Store", src / "Data/CLS-LOC/val/._x.JPEG"]
+    for p in litter:
+        p.write_bytes(b"\0\x05\x16\x07 AppleDouble")
+    (_train_dir(src) / "__MACOSX").mkdir()
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src", str(src),
+                                       "--link", str(tmp_path / "data")])
+    assert r.exit_code == 0, r.output
+    assert "ignored (macOS / Windows metadata" in r.output
+    train = (tmp_path / "data/imagenet/meta/train.txt").read_text()
+    assert "._" not in train and "DS_Store" not in train and "Thumbs" not in train
+    problems = (tmp_path / "data/imagenet/meta/problems.txt").read_text()
+    assert f"ignored\tData/CLS-LOC/train/{wnid}/._{first.name}" in problems
+    assert "__MACOSX" in problems
+    r = shard_dataset(tmp_path / "data/imagenet", tmp_path / "s", ShardSettings(num_shards=2),
+                      workers=1, progress=False)
+    assert r.info["splits"]["train"]["num_samples"] == len(plan.train) * 4
+
+
+@pytest.mark.parametrize("second", ["{stem_}.JPEG", "{stem}.png", "{other}/{stem}.JPEG"])
+def test_sample_key_collisions_are_found_by_prep_imagenet(make_sample, tmp_path, second):
+    src, plan = make_sample("ilsvrc2017")
+    w0, w1 = plan.wnids[:2]
+    data = sorted((_train_dir(src) / w0).iterdir())[0].read_bytes()
+    stem = f"{w0}_dup.x"
+    (_train_dir(src) / w0 / f"{stem}.JPEG").write_bytes(data)
+    name = second.format(stem_=stem.replace(".", "_"), stem=stem, other=w1)
+    where = _train_dir(src) / (name if "/" in name else f"{w0}/{name}")
+    where.write_bytes(data)
+    assert_refused(src, tmp_path / "data", "would both be sample", f"{w0}/{stem}.JPEG")
+
+
+def test_source_folder_named_imagenet(make_sample, tmp_path):
+    src, plan = make_sample("ilsvrc2017", name="imagenet")
+    r = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src", str(src),
+                                       "--link", str(tmp_path / "data")])
+    assert r.exit_code == 0, r.output
+    assert os.readlink(tmp_path / "data/imagenet-source") == str(src)
+    assert (tmp_path / "data/imagenet/meta/train.txt").is_file()
+    assert not list((tmp_path / "data").glob(".*.tmp"))
+    again = CliRunner().invoke(prep_main, ["imagenet", "-q", "--workers", "1", "--src",
+                                           str(src), "--link", str(tmp_path / "data")])
+    assert again.exit_code == 0 and "up to date" in again.output
+
+
+@pytest.mark.parametrize("where", ["class", "split", "val"])
+def test_symlink_loop_in_src_is_a_clear_error(make_sample, tmp_path, where):
+    src, plan = make_sample("ilsvrc2017")
+    parent = {"class": _train_dir(src) / plan.wnids[0], "split": _train_dir(src),
+              "val": src / "Data/CLS-LOC/val"}[where]
+    (parent / "loop.JPEG").symlink_to(parent / "loop.JPEG")
+    out = assert_refused(src, tmp_path / "data", "loop.JPEG")
+    assert "loop" in out
+
+
+def test_val_image_in_two_class_folders_is_refused(make_sample, tmp_path):
+    from tests.conftest import assert_refused
+
+    src, plan = make_sample("imagefolder")
+    stem, wnid = sorted(plan.val.items())[0]
+    other = next(w for w in plan.wnids if w != wnid)
+    shutil.copy(src / "val" / wnid / f"{stem}.JPEG", tmp_path / "copy.JPEG")
+    shutil.move(tmp_path / "copy.JPEG", src / "val" / other / f"{stem}.JPEG")
+    out = assert_refused(src, tmp_path / "data", stem, "two class folders")
+    assert wnid in out and other in out
+
+
+def test_same_val_image_with_other_extension_in_two_folders_is_refused(make_sample, tmp_path):
+    from tests.conftest import assert_refused
+
+    src, plan = make_sample("imagefolder")
+    stem, wnid = sorted(plan.val.items())[1]
+    other = next(w for w in plan.wnids if w != wnid)
+    shutil.copy(src / "val" / wnid / f"{stem}.JPEG", src / "val" / other / f"{stem}.jpg")
+    assert_refused(src, tmp_path / "data", stem, "two class folders")

@@ -6,6 +6,7 @@ from PIL import Image
 
 from prep.synth import bad_file_bytes, encode_jpeg, render_class_image
 from shards.image import UndecodableImage, encode_image
+from tests.conftest import png16, truncated_with_eoi
 
 
 def _photo(w=500, h=375):
@@ -75,3 +76,40 @@ def test_allocator_tuning_applies_on_glibc():
 
     ok = keep_image_buffers_in_heap()
     assert ok == (platform.libc_ver()[0] == "glibc")
+
+
+def test_region_and_strict_check_agree_on_np_data():
+    """Sanity: a normal image passes every check (the checks are not just refusing)."""
+    from prep import jpeg
+    from prep.synth import encode_jpeg, render_class_image
+
+    data = encode_jpeg(render_class_image(0, 3, np.random.default_rng(3), 80))
+    assert jpeg.size_problem(*jpeg.jpeg_sof(data)[:2]) is None
+    assert jpeg.strict_problem(data) is None
+
+
+def test_16bit_png_repair_keeps_the_picture():
+    buf = io.BytesIO()
+    ramp = png16(buf)
+    jpg, info = encode_image(buf.getvalue())
+    assert info.repaired == "png"
+    out = np.asarray(Image.open(io.BytesIO(jpg)).convert("L"), dtype=np.float64)
+    expected = ramp / 257.0
+    assert abs(out.mean() - expected.mean()) < 3  # was ~254: 99% white
+    assert out.std() > 0.9 * expected.std()
+    assert np.corrcoef(out.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("progressive", [False, True])
+def test_truncated_jpeg_with_eoi_is_undecodable(progressive):
+    from prep import jpeg
+
+    if not jpeg.available():
+        pytest.skip("the strict JPEG check (prep/jpegcheck.c) was not built")
+    data = truncated_with_eoi(progressive)
+    Image.open(io.BytesIO(data)).load()  # what made it pass: Pillow decodes it without error
+    assert "premature end of data" in jpeg.strict_problem(data)
+    with pytest.raises(UndecodableImage, match="premature end"):
+        encode_image(data)
+    good = encode_jpeg(render_class_image(1, 3, np.random.default_rng(1), 96))
+    assert jpeg.strict_problem(good) is None

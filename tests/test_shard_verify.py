@@ -5,7 +5,10 @@ import pytest
 from click.testing import CliRunner
 
 from prep.cli import main
+from prep.errors import PrepError
+from prep.imagenet import prepare_imagenet
 from shards.build import ShardSettings, shard_dataset
+from tests.conftest import set_jpeg_size, truncated_with_eoi
 
 
 @pytest.fixture
@@ -122,3 +125,53 @@ def test_wids_index_and_unlisted_tars_are_checked(shards):
     assert code == 1
     assert "train.shardindex.json: lists ('train-000001.tar'" in out
     assert "train-000099.tar: in " in out and "but not in _info.json" in out
+
+
+def test_plain_verify_flags_bad_sizes_in_shards(prepared, tmp_path):
+    from shards.tarread import members
+    from shards.verify import verify_shards
+
+    data, _ = prepared()
+    out = tmp_path / "s"
+    shard_dataset(data, out, ShardSettings(num_shards=2), progress=False)
+    tar = out / "train-000000.tar"
+    buf = bytearray(tar.read_bytes())
+    name, start, _ = next(m for m in members(bytes(buf), str(tar)) if m[0].endswith(".jpg"))
+    set_jpeg_size(buf, 0, 0, start)
+    tar.write_bytes(bytes(buf))
+    r = verify_shards(out, deep=False, progress=False)
+    assert any(f"member {name}: image is 0x0 pixels" in p for p in r.problems), r.problems
+
+
+def _plant(prepared_data, data: bytes):
+    """Overwrite the first train image of a prepared view's source with `data`."""
+    first = (prepared_data / "meta/train.txt").read_text().split()[0]
+    target = prepared_data / "train" / first
+    target.write_bytes(data)
+    return first
+
+
+def test_truncated_jpeg_with_eoi_in_check_full_shard_and_verify(prepared, tmp_path):
+    from prep import jpeg
+    from shards.build import ShardSettings, shard_dataset
+    from shards.verify import verify_shards
+
+    if not jpeg.available():
+        pytest.skip("the strict JPEG check (prep/jpegcheck.c) was not built")
+    data, plan = prepared("ilsvrc2017")
+    name = _plant(data, truncated_with_eoi())
+    report = prepare_imagenet(tmp_path / "src-ilsvrc2017", tmp_path / "data", check="full",
+                              progress=False, workers=1)
+    assert any(name.split("/")[1] in u and "premature" in u
+               for u in report.problems.undecodable)
+    with pytest.raises(PrepError, match="premature end of data.*--on-error skip"):
+        shard_dataset(data, tmp_path / "s1", ShardSettings(num_shards=2), progress=False)
+    r = shard_dataset(data, tmp_path / "s2", ShardSettings(num_shards=2, on_error="skip"),
+                      progress=False)
+    assert any(name in s for s in r.info["prep"]["skipped"])
+    # let it in on purpose (--check header), then the deep verify must find it
+    shard_dataset(data, tmp_path / "s3", ShardSettings(num_shards=2, check="header"),
+                  progress=False)
+    assert verify_shards(tmp_path / "s3", deep=False, progress=False).ok
+    deep = verify_shards(tmp_path / "s3", deep=True, progress=False)
+    assert not deep.ok and any("premature end of data" in p for p in deep.problems)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from prep.synth import render_class_image
+from tests.conftest import png16
 from train.data import collate
 from train.decode import TrainDecoder, ValDecoder, center_box, crop_resize, decode_crop, pixels
 
@@ -121,3 +122,13 @@ def test_train_decoder_same_geometry_as_plain_path_and_flip_in_collate():
 def test_crop_resize_keeps_working_on_non_rgb_modes():
     img = Image.open(io.BytesIO(_jpeg(100, 80, "L")))
     assert crop_resize(img, (0, 0, 100, 80), 20).mode == "RGB"
+
+
+def test_16bit_png_in_the_loader_keeps_the_picture():
+    from train.decode import decode_crop
+
+    buf = io.BytesIO()
+    ramp = png16(buf)
+    img = decode_crop(buf.getvalue(), lambda w, h: (0, 0, w, h), 32)
+    out = np.asarray(img.convert("L"), dtype=np.float64)
+    assert abs(out.mean() - ramp.mean() / 257) < 4 and out[:, -4:].mean() > out[:, :4].mean()

@@ -1,7 +1,6 @@
-"""Issue: the trainer and evaluator under misuse: class lists, outputs that are inputs,
-damaged checkpoints, bad settings, hostile images. Each failed on the code
-before its fix (the round of 2026-11-30: docs/reliability.md, "Misuse, races and hostile
-files")."""
+"""train/main.py as users run it, and misuse of it: the class list a checkpoint carries,
+outputs that are inputs, damaged checkpoints, bad settings, hostile images, resumes that do
+not match their run (docs/reliability.md, "Misuse, races and hostile files")."""
 
 import hashlib
 import io
