@@ -239,7 +239,7 @@ def test_official_val_image_in_the_wrong_class_folder_is_refused(make_sample, tm
     assert tree_hash(src) == before and not (tmp_path / "data/imagenet/meta/val.txt").exists()
 
 
-# Bad inputs (filed here from tests/test_bad_input.py): non-zero exit, a message naming the
+# Bad inputs: non-zero exit, a message naming the
 # file, and SRC unchanged.
 
 
