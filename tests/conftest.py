@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,6 +116,20 @@ def running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# Python ignores Ctrl-C for good when it starts with SIGINT ignored, and the test runner may
+# have started that way (a background job of a non-interactive shell, `nohup`): a Ctrl-C
+# test runs its program through this, which sets SIGINT to its default and execs the
+# program, as a terminal's foreground job starts.
+FOREGROUND = [sys.executable, "-c",
+              "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+              "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def as_foreground(args: list[str]) -> list[str]:
+    """`args` (a command line) started with Ctrl-C at its default, whatever this process has."""
+    return [*FOREGROUND, *args]
 
 
 def as_nobody(args: list[str], **kwargs):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from prep.imagenet import prepare_imagenet
-from tests.conftest import tree_hash
+from tests.conftest import as_foreground, tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,9 +29,9 @@ def test_ctrl_c_during_prep_shard_prints_one_line(make_sample, tmp_path):
             break
         out = tmp_path / f"s{attempt}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "prep.cli", "shard", "-q", "--data",
-             str(tmp_path / "data/imagenet"), "--out", str(out), "--num-shards", "16",
-             "--max-size", "32", "--workers", "2"],
+            as_foreground([sys.executable, "-m", "prep.cli", "shard", "-q", "--data",
+                           str(tmp_path / "data/imagenet"), "--out", str(out),
+                           "--num-shards", "16", "--max-size", "32", "--workers", "2"]),
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             start_new_session=True)
         deadline = time.time() + 60  # wait until it is writing (workers started)
@@ -59,8 +59,8 @@ def test_ctrl_c_after_the_work_ends_still_gives_one_line():
     `interrupted` line and exit status 130."""
     code = ("import os, signal; from prep.errors import run_program; "
             "run_program(lambda: os.kill(os.getpid(), signal.SIGINT))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(as_foreground([sys.executable, "-c", code]), cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "interrupted: rerun the same command to continue where it stopped"], proc.stderr
