@@ -5,8 +5,10 @@ import tarfile
 
 import pytest
 import webdataset as wds
+from hypothesis import given
+from hypothesis import strategies as st
 
-from shards.tarread import ShardError, samples
+from shards.tarread import ShardError, header_checksum, samples
 from tests.conftest import sharded_sample
 
 
@@ -73,3 +75,17 @@ def test_damaged_header_and_empty_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ShardError, match="empty.tar: empty file"):
         list(samples(str(empty)))
+
+
+@given(st.binary(min_size=512, max_size=512))
+def test_header_checksum_is_the_byte_sum(header):
+    assert header_checksum(header) == sum(header) - sum(header[148:156]) + 8 * 32
+
+
+def test_header_checksum_matches_tarfile():
+    for name in ("a.jpg", "n01440764/" + "x" * 90 + ".JPEG"):
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime = 123456, 1700000000
+        header = info.tobuf(tarfile.USTAR_FORMAT)
+        assert header_checksum(header[:512]) == int(header[148:154], 8)
+    assert header_checksum(b"\xff" * 512) == 512 * 255 - 8 * 255 + 256
