@@ -1,6 +1,7 @@
 """train/resumable.py: a loader whose position is (epoch, consumed); exactly once, exact
 resume, elastic, with a receipt anyone can recompute from the index."""
 
+import pickle
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ from train.data import collate
 from train.decode import TrainDecoder
 from train.resumable import (
     ResumableLoader,
+    SplitRows,
     coverage_hex,
     epoch_order,
     key_hash,
@@ -148,3 +150,15 @@ def test_an_abandoned_loader_lets_its_workers_go_at_once(rows):
     del it, loader
     gc.collect()
     assert time.perf_counter() - t0 < 2.0
+
+
+@pytest.mark.parametrize("keys", [["a", "b", "c"], ["one"], [""], [], ["x\ny", "z"], ["", ""]])
+def test_rows_pickle_packed_and_come_back_equal(rows, keys):
+    """SplitRows travel to every loader worker packed (keys joined, shard numbers, arrays);
+    they must come back equal, whatever the keys hold."""
+    n = len(keys)
+    mine = SplitRows(keys, [rows.shards[i % len(rows.shards)] for i in range(n)],
+                     [512 * i for i in range(n)], [2**32 - 1 - i for i in range(n)])
+    back = pickle.loads(pickle.dumps(mine))
+    assert back == mine
+    assert pickle.loads(pickle.dumps(rows)) == rows
