@@ -42,6 +42,18 @@ def test_shipped_data_equals_shared_metadata():
         assert read_loc_csv(f, "shared") == reference_val_labels()
 
 
+def test_shipped_val_labels_pass_the_strict_parser():
+    """reference_val_labels reads the shipped CSV with one regular expression; the strict
+    reader (header, one class per image, no repeats) must give the same 50,000 labels."""
+    import gzip
+
+    from prep.classes import package_data
+
+    text = gzip.decompress(package_data("LOC_val_solution.csv.gz")).decode()
+    strict = read_loc_csv(io.StringIO(text), "shipped")
+    assert len(strict) == 50000 and strict == reference_val_labels()
+
+
 def test_subset_class_table_is_dense_and_sorted():
     table = build_class_table(["n04389033", "n01440764", "n02114367"])
     assert [(c.index, c.wnid) for c in table] == [
