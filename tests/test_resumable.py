@@ -162,3 +162,9 @@ def test_rows_pickle_packed_and_come_back_equal(rows, keys):
     back = pickle.loads(pickle.dumps(mine))
     assert back == mine
     assert pickle.loads(pickle.dumps(rows)) == rows
+
+
+@pytest.mark.parametrize("keys", [[], ["n01440764_10026"], ["ä", "x" * 300, "", "a/b"]])
+def test_key_hashes_are_each_keys_key_hash(keys):
+    assert key_hashes(keys).dtype == "uint64"
+    assert key_hashes(keys).tolist() == [key_hash(k) for k in keys]

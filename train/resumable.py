@@ -84,8 +84,11 @@ def coverage_hex(value: int) -> str:
 
 
 def key_hashes(keys: list[str]) -> np.ndarray:
-    """key_hash of every key, as uint64 (1.3 M keys: ~1 s, once per run)."""
-    return np.fromiter((key_hash(k) for k in keys), dtype=np.uint64, count=len(keys))
+    """key_hash of every key, as uint64 (1.28 M keys: ~1 s, once per run): the digests'
+    first 8 bytes joined and read as big-endian numbers (1.6 s through key_hash per key)."""
+    sha = hashlib.sha256
+    heads = b"".join([sha(k.encode("utf-8")).digest()[:8] for k in keys])
+    return np.frombuffer(heads, dtype=">u8").astype(np.uint64)
 
 
 def planned_coverage(hashes: np.ndarray, order: np.ndarray) -> str:
