@@ -175,6 +175,26 @@ class Store:
                 return None
         return self.call(name, "reading it", fetch)
 
+    def get_unless(self, name: str, etag: str | None) -> tuple[str, bytes] | str | None:
+        """One request: the object's (ETag, bytes); just `etag` again when the object still
+        has that ETag (a conditional GET, If-None-Match: nothing downloaded); None when it
+        does not exist."""
+        from botocore.exceptions import ClientError
+
+        def fetch() -> tuple[str, bytes] | str | None:
+            extra = {"IfNoneMatch": etag} if etag else {}
+            try:
+                r = self.client.get_object(Bucket=self.where.bucket, Key=self.where.key(name),
+                                           **extra)
+            except self.client.exceptions.NoSuchKey:
+                return None
+            except ClientError as exc:
+                if etag and exc.response.get("Error", {}).get("Code") in ("304", "NotModified"):
+                    return etag
+                raise
+            return r.get("ETag", ""), r["Body"].read()
+        return self.call(name, "reading it", fetch)
+
     def head(self, name: str) -> dict | None:
         """{"size", "etag"} of an object; None when it does not exist."""
         from botocore.exceptions import ClientError

@@ -116,25 +116,26 @@ def local_dir(data: str) -> str | None:
     return data.removeprefix("file://") if tarread.is_local(data) and "{}" not in data else None
 
 
-_FETCHED: dict[tuple[str, str, int], bytes] = {}  # (object URL, ETag, size) -> its bytes
+_FETCHED: dict[str, tuple[str, bytes]] = {}  # object URL -> (its ETag, its bytes)
 
 
 def _store_manifest_file(store: Store, name: str) -> bytes | None:
-    """A manifest object, downloaded once per process while its ETag and size stay the same
-    (the trainer reads index.parquet for the checksums and again for the rows: on ImageNet,
-    tens of MB per rank); each read still asks the store whether it changed."""
-    info = store.head(name)
-    if info is None:
+    """A manifest object, downloaded once per process while its ETag stays the same (the
+    trainer reads index.parquet for the checksums and again for the rows: on ImageNet, tens
+    of MB per rank). Each read is one request that still asks the store whether it changed
+    (a conditional GET)."""
+    url = store.where.url(name)
+    memo = _FETCHED.get(url)
+    got = store.get_unless(name, memo[0] if memo and memo[0] else None)
+    if got is None:
+        _FETCHED.pop(url, None)
         return None
-    key = (store.where.url(name), info["etag"], info["size"])
-    if key not in _FETCHED:
-        raw = store.get(name)
-        if raw is None or len(raw) != info["size"]:  # replaced in between: no memo
-            return raw
-        if len(_FETCHED) >= 4:
-            _FETCHED.clear()
-        _FETCHED[key] = raw
-    return _FETCHED[key]
+    if isinstance(got, str):  # unchanged since the memo
+        return memo[1]
+    if len(_FETCHED) >= 4:
+        _FETCHED.clear()
+    _FETCHED[url] = got
+    return got[1]
 
 
 def read_manifest_file(data: str, name: str) -> bytes | None:
