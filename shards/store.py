@@ -120,10 +120,12 @@ class Store:
             try:
                 return fn()
             except Exception as raised:
-                # boto3's transfers wrap the request's error (S3UploadFailedError): judge
-                # the request's own
-                exc = raised.__cause__ if type(raised).__name__ == "S3UploadFailedError" \
-                    and raised.__cause__ is not None else raised
+                # boto3's transfers wrap the request's error (S3UploadFailedError, raised
+                # while handling it: the request's own is its __context__, not __cause__):
+                # judge the request's own, or a 503 SlowDown on an upload is never retried
+                exc = raised
+                if type(raised).__name__ == "S3UploadFailedError":
+                    exc = raised.__cause__ or raised.__context__ or raised
                 if isinstance(exc, NoCredentialsError):
                     raise StoreError(
                         f"{self.where.url(name)}: no credentials for the store while {what}; "

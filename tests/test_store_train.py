@@ -293,6 +293,13 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def choose(self, method: str) -> str | None:
+        """The fault for this request (called under the lock): every `every`-th request
+        gets the next fault in turn."""
+        self.count += 1
+        return self.FAULTS[(self.count // self.every) % 3] \
+            if self.count % self.every == 0 else None
+
     def handle(self, req):
         import http.client
 
@@ -300,9 +307,7 @@ class FaultyProxy:
         body = _read_chunked(req.rfile) if chunked else \
             req.rfile.read(int(req.headers.get("Content-Length") or 0))
         with self.lock:
-            self.count += 1
-            fault = self.FAULTS[(self.count // self.every) % 3] \
-                if self.count % self.every == 0 else None
+            fault = self.choose(req.command)
         if fault == "slowdown":
             self.injected[fault] += 1
             xml = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
@@ -385,6 +390,29 @@ def test_throttling_resets_and_cut_bodies_are_retried_to_the_same_bytes(stored, 
     for p in local.iterdir():
         if p.is_file() and not p.name.startswith("."):
             assert again[p.name] == p.stat().st_size, p.name
+
+
+class SlowDownOnFirstPuts(FaultyProxy):
+    """503 SlowDown on the first three PUTs (more than botocore's own one retry)."""
+
+    def choose(self, method: str) -> str | None:
+        return "slowdown" if method == "PUT" and self.injected["slowdown"] < 3 else None
+
+
+def test_a_slowdown_on_an_upload_is_retried(s3, tmp_path, monkeypatch):
+    """boto3 wraps an upload's error in S3UploadFailedError raised while handling it (the
+    request's error is its __context__): a 503 SlowDown there must be retried like any."""
+    proxy = SlowDownOnFirstPuts(s3.endpoint)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+        src = tmp_path / "x.idx"
+        src.write_bytes(b"0123456789" * 50)
+        Store(s3.url("up")).upload("x.idx", src)
+    finally:
+        proxy.close()
+    assert proxy.injected == {"slowdown": 3}
+    body = s3.client().get_object(Bucket=s3.bucket, Key="up/x.idx")["Body"].read()
+    assert body == src.read_bytes()
 
 
 def test_a_manifest_file_is_downloaded_once_until_it_changes(stored):
