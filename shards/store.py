@@ -169,13 +169,8 @@ class Store:
 
     def get(self, name: str) -> bytes | None:
         """The object's bytes; None when it does not exist."""
-        def fetch() -> bytes | None:
-            try:
-                return self.client.get_object(Bucket=self.where.bucket,
-                                              Key=self.where.key(name))["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                return None
-        return self.call(name, "reading it", fetch)
+        got = self.get_unless(name, None)
+        return None if got is None else got[1]
 
     def get_unless(self, name: str, etag: str | None) -> tuple[str, bytes] | str | None:
         """One request: the object's (ETag, bytes); just `etag` again when the object still
