@@ -67,7 +67,10 @@ class SeaweedFS:
                f"-s3.port.grpc={p['s3.grpc']}", f"-master.port.grpc={p['master.grpc']}",
                f"-volume.port.grpc={p['volume.grpc']}", f"-filer.port.grpc={p['filer.grpc']}",
                "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-               "-master.volumeSizeLimitMB=256"]
+               "-master.volumeSizeLimitMB=256",
+               # its default (1% of the disk: 2.5 GB of a 250 GB one) turns every volume
+               # read-only, each write an InternalError, on a disk with a few GB free
+               "-volume.minFreeSpace=64MiB"]
         with open(self.root / "weed.log", "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
