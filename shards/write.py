@@ -10,9 +10,11 @@ that looks finished. DALI's index of it (`NAME.idx`, shards/dali_index.py) follo
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from pathlib import Path
 
+from prep import jpeg
 from prep.checked import Identity, identity
 from prep.errors import PrepError, read_error, write_error
 from shards import tarpack
@@ -46,14 +48,23 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, settings: ShardSettings,
             # pass-through: good JPEGs in C, a sample it stops at in Python. Not when
             # resizing: nearly every image is then re-encoded by Pillow anyway
             use_c = tarpack.available() and not settings.max_size
-            while i < len(samples):
-                run = samples[i : i + RUN]
-                done = _write_run(tar, digest, run, base, plan, rec, settings, trusted) \
-                    if use_c else 0
-                i += done
-                if done < len(run):
-                    _write_sample(tar, samples[i], base, data, plan, settings, rec, trusted)
-                    i += 1
+            ahead = CheckAhead(plan, base, trusted) if use_c and settings.strict and \
+                jpeg.available() else None
+            try:
+                while i < len(samples):
+                    run = samples[i : i + RUN]
+                    if ahead:
+                        ahead.writer_at(i + len(run))
+                    done = _write_run(tar, digest, run, base, plan, rec, settings, trusted,
+                                      ahead) if use_c else 0
+                    i += done
+                    if done < len(run):
+                        _write_sample(tar, samples[i], base, data, plan, settings, rec,
+                                      trusted)
+                        i += 1
+            finally:
+                if ahead:
+                    ahead.stop()
             tar.close()
             rec.sha256 = digest.hexdigest()
             os.fsync(fd)
@@ -85,21 +96,65 @@ RUN = 64  # samples per C call: the hashing thread catches up between calls
 
 def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: str,
                plan: ShardPlan, rec: ShardRecord, settings: ShardSettings,
-               trusted: dict[str, Identity]) -> int:
-    """Write the leading good JPEGs of `samples` through shards/tarpack; how many."""
+               trusted: dict[str, Identity], ahead: CheckAhead | None) -> int:
+    """Write the leading good JPEGs of `samples` through shards/tarpack; how many.
+    Sources `ahead` has checked already (unchanged since) are not checked again here, and
+    count as checked by this write."""
     sources = [f"{plan.split}/{s.path}" for s in samples]
-    done, end, written = tarpack.write_samples(digest.fd, tar.offset,
-                                               [base + s.path for s in samples], samples,
-                                               plan.split, settings.strict,
-                                               [trusted.get(src) for src in sources])
+    passed = ahead.passed if ahead else {}
+    done, end, written = tarpack.write_samples(
+        digest.fd, tar.offset, [base + s.path for s in samples], samples, plan.split,
+        settings.strict, [passed.get(src) or trusted.get(src) for src in sources])
     digest.advance(end - tar.offset)
     tar.offset = end
     for s, src, (offset, size, w, h, ident, checked, crc) in zip(samples, sources, written):
         _add_row(rec, plan, s, offset, size, crc, w, h, None)
         rec.source_stats.append([size, ident[1]])
         if settings.strict:
-            _count_check(rec, src, ident, checked)
+            _count_check(rec, src, ident, checked or passed.get(src) == ident)
     return done
+
+
+class CheckAhead:
+    """The strict check of a shard's sources on a helper thread, from the last sample
+    backwards, while the writing thread checks and writes from the first sample forwards;
+    the two meet in the middle, and no file is checked twice (but the one both reach at
+    once). `passed`: {source: identity of the bytes that passed}. The C check and the file
+    reads release the GIL, so with a spare core a first run takes about the time of the
+    check alone. A file that fails here is simply not in `passed`: the writer checks it
+    again and applies --on-error as always. Sources trusted from the record are skipped."""
+
+    def __init__(self, plan: ShardPlan, base: str, trusted: dict[str, Identity]) -> None:
+        self.passed: dict[str, Identity] = {}
+        self._plan, self._base, self._trusted = plan, base, trusted
+        self._limit = 0  # samples the writer has taken on
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="shard-check-ahead",
+                                        daemon=True)
+        self._thread.start()
+
+    def writer_at(self, n: int) -> None:
+        """The writer is about to take on samples up to index n (exclusive)."""
+        self._limit = n
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join()
+
+    def _run(self) -> None:
+        split, samples = self._plan.split, self._plan.samples
+        for j in range(len(samples) - 1, -1, -1):
+            if self._stopping or j < self._limit:
+                return
+            src = f"{split}/{samples[j].path}"
+            if src in self._trusted:
+                continue
+            try:
+                raw, st = read_file(self._base + samples[j].path)
+            except OSError:  # the writer reports it
+                continue
+            if raw.startswith(b"\xff\xd8") and jpeg.strict_problem(raw) is None:
+                self.passed[src] = identity(st)
 
 
 def _count_check(rec: ShardRecord, source: str, ident: Identity, checked: bool) -> None:
