@@ -244,11 +244,12 @@ def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
     # to the source's val dir: ext4 keeps such targets inside the inode; a longer absolute
     # target costs a 4 KB block and ~0.4 ms per link here (50,000 links: 200 MB, 20 s).
     out.links[f"imagenet/{SRC_VAL}"] = str(lay.val_dir)
-    val_lines = []
+    val_lines, source = [], f"../../{SRC_VAL}/"
     for stem in sorted(val_files):
-        wnid, name = val_labels[stem], os.path.basename(val_files[stem])
-        out.val_links[f"{wnid}/{name}"] = f"../../{SRC_VAL}/{val_files[stem]}"
-        val_lines.append(f"{wnid}/{name} {index[wnid]}\n")
+        rel, wnid = val_files[stem], val_labels[stem]
+        link = f"{wnid}/{rel.rpartition('/')[2]}"
+        out.val_links[link] = source + rel
+        val_lines.append(f"{link} {index[wnid]}\n")
     # One str.join per class: 1.28 M lines in ~0.1 s instead of ~0.6 s with f-strings.
     train_lines = [f"{w}/" + f" {index[w]}\n{w}/".join(train[w]) + f" {index[w]}\n"
                    for w in sorted(train) if train[w]]

@@ -74,28 +74,34 @@ def check_source(src: str | os.PathLike) -> Path:
 
 def val_has_class_folders(val_dir: Path) -> bool:
     """True when val holds WNID folders (after valprep.sh), False when it is flat."""
-    dirs = files = 0
     with os.scandir(val_dir) as it:
-        for entry in it:
-            if is_litter(entry.name):
-                continue  # macOS / Windows metadata: listed by the scan, never an image
-            try:
-                is_dir = entry.is_dir()
-            except OSError as exc:  # a symlink loop
-                raise PrepError(f"{entry.path}: {exc.strerror}; remove the link") from None
-            if is_dir:
-                dirs += 1
-                if not is_wnid(entry.name):
-                    raise PrepError(
-                        f"{entry.path}: val folder name is not a WNID (expected nXXXXXXXX)"
-                    )
-            elif entry.name.upper().endswith((".JPEG", ".JPG", ".PNG")):
-                files += 1
-            if dirs and files:
+        entries = list(it)
+    try:  # a flat val (50,000 files) shown without a Python step per entry
+        if not any(map(os.DirEntry.is_dir, entries)):
+            return False
+    except OSError:  # a symlink loop: the loop below names it
+        pass
+    dirs = files = 0
+    for entry in entries:
+        if is_litter(entry.name):
+            continue  # macOS / Windows metadata: listed by the scan, never an image
+        try:
+            is_dir = entry.is_dir()
+        except OSError as exc:  # a symlink loop
+            raise PrepError(f"{entry.path}: {exc.strerror}; remove the link") from None
+        if is_dir:
+            dirs += 1
+            if not is_wnid(entry.name):
                 raise PrepError(
-                    f"{val_dir}: holds both class folders and loose images; "
-                    "expected either a flat val or one folder per class"
+                    f"{entry.path}: val folder name is not a WNID (expected nXXXXXXXX)"
                 )
+        elif entry.name.upper().endswith((".JPEG", ".JPG", ".PNG")):
+            files += 1
+        if dirs and files:
+            raise PrepError(
+                f"{val_dir}: holds both class folders and loose images; "
+                "expected either a flat val or one folder per class"
+            )
     return dirs > 0
 
 

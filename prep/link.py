@@ -114,8 +114,8 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
     val = imagenet / "val"
     fresh_val = not val.exists()  # common first run: skip 50,000 readlink calls
     if fresh_val:
-        base = str(val)
-        todo += [(os.path.join(base, rel), t) for rel, t in out.val_links.items()]
+        base = f"{val}/"  # str concatenation: os.path.join costs ~1 us a link
+        todo += [(base + rel, t) for rel, t in out.val_links.items()]
     else:
         for rel, target in out.val_links.items():
             _plan_link(val / rel, target, conflicts, todo, ch)
@@ -165,7 +165,7 @@ def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
     try:
         for path, target in links:
             try:
-                os.symlink(target, os.path.basename(path), dir_fd=fd)
+                os.symlink(target, path.rpartition("/")[2], dir_fd=fd)
                 created += 1
             except FileExistsError:
                 replaced += _replace_link(parent, path, target)
@@ -199,7 +199,8 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
     by_dir: dict[str, list[tuple[str, str]]] = {}
     for path, target in todo:
         path = str(path)
-        by_dir.setdefault(os.path.dirname(path), []).append((path, target))
+        parent = path.rpartition("/")[0] or os.path.dirname(path)  # dirname: ~1 us a link
+        by_dir.setdefault(parent, []).append((path, target))
     # symlink() releases the GIL and most of its cost is in the kernel: 4 threads make
     # 50,000 links ~2x faster than one here (measured 0.97 s vs 1.83 s).
     with ThreadPoolExecutor(LINK_THREADS) as pool:

@@ -169,9 +169,21 @@ def list_images(directory: str, rel: str, sizes: bool = True) -> tuple[list[str]
     if len(names) != len(entries):
         _classify_odd(entries, rel, probs)
     if sizes:
-        probs.empty = sorted(f"{rel}/{e.name}" for e in images if e.stat().st_size == 0)
+        probs.empty = sorted(f"{rel}/{n}" for n in _empty_files(directory, names))
     names.sort()
     return names, probs
+
+
+def _empty_files(directory: str, names: list[str]) -> list[str]:
+    """Those of `names` (in `directory`) that are 0 bytes. Each stat is made relative to the
+    open directory: the kernel resolves one name, not the whole path (50,000 val files:
+    0.16 s instead of 0.23 s through DirEntry.stat here)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stat = os.stat
+        return [n for n in names if stat(n, dir_fd=fd).st_size == 0]
+    finally:
+        os.close(fd)
 
 
 def _all_plain_images(names: list[str]) -> bool:
