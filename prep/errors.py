@@ -4,6 +4,14 @@ Both entry points (`prep` and `train/main.py`) run through `exit_on_error`: a Pr
 prints one line naming the file and what to do, and exits 1; Ctrl-C prints `interrupted`
 and exits 130, from whichever process it reaches (pool workers ignore SIGINT, see
 `ignore_sigint`). Anything else is a bug in the toolkit and keeps its traceback.
+
+A program run by `run_program` ends within `EXIT_GRACE_S` of a Ctrl-C whatever it was doing,
+and at once on a second Ctrl-C: KeyboardInterrupt can land inside the standard library's
+own locks (a ThreadPoolExecutor's `with` block, seen hanging 1 Ctrl-C in 3 here), and the
+unwinding then waits for that lock forever. A watchdog thread then prints the same one
+line and ends the process with status 130 (pool workers die with it, see
+prep.workers.die_with_parent; what a rerun must redo, such as a half-written shard, is
+redone by the rerun).
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import errno
 import functools
 import os
 import re
+import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -35,44 +45,106 @@ class SampleError(PrepError, ValueError):
 
 
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+INTERRUPTED_LINE = "interrupted: rerun the same command to continue where it stopped"
+EXIT_GRACE_S = 10.0  # a program ends at most this long after a Ctrl-C (run_program)
 
 
 def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
     """Wrap an entry point: PrepError -> `error: ...` on stderr and exit 1; Ctrl-C ->
-    `interrupted` and exit 130 (no traceback from any process)."""
+    `interrupted` and exit 130 (no traceback from any process), also when what reaches
+    here after a Ctrl-C is another error the interrupt caused."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except PrepError as exc:  # SystemExit with a text: printed to stderr, exit status 1
-            raise SystemExit(f"error: {worker_message(exc)}") from None
         except KeyboardInterrupt:
             _interrupted()
+        except Exception as exc:
+            if _ctrl_c_seen:  # raised by the unwinding: a lock a KeyboardInterrupt cut
+                _interrupted()  # short ('release unlocked lock'), a stopped pool, ...
+            if isinstance(exc, PrepError):  # SystemExit with a text: to stderr, status 1
+                raise SystemExit(f"error: {worker_message(exc)}") from None
+            raise
 
     return run
 
 
+_ctrl_c_seen = False  # a Ctrl-C reached run_program's handler or interrupt_at_checks
+_reported = False  # the interrupted line is printed (the watchdog must not print it again)
+_watchdog_fd = -1  # write end of the watchdog's pipe: one byte per Ctrl-C
+
+
 def _interrupted() -> None:
-    print("interrupted: rerun the same command to continue where it stopped",
-          file=sys.stderr, flush=True)
+    global _reported
+    print(INTERRUPTED_LINE, file=sys.stderr, flush=True)
+    _reported = True
     raise SystemExit(INTERRUPTED) from None
 
 
 def run_program(main: Callable[[], object]) -> None:
-    """Run an entry point (wrapped in exit_on_error) as a program. Once it returns or
-    raises, Ctrl-C is ignored (interpreter shutdown joins pool threads; a SIGINT there
-    has nothing left to interrupt and would end the process silently with -SIGINT). A
-    SIGINT that lands between the end of `main` and that switch, where exit_on_error no
-    longer catches it, still gives the one `interrupted` line and exit status 130."""
+    """Run an entry point (wrapped in exit_on_error) as a program. A Ctrl-C raises
+    KeyboardInterrupt and starts the exit deadline (see the module's docstring). Once
+    `main` returns or raises, Ctrl-C is ignored (interpreter shutdown joins pool threads; a
+    SIGINT there has nothing left to interrupt and would end the process silently with
+    -SIGINT). A SIGINT that lands between the end of `main` and that switch, where
+    exit_on_error no longer catches it, still gives the one `interrupted` line and exit
+    status 130."""
+    _start_watchdog()
     try:
         try:
+            signal.signal(signal.SIGINT, _on_sigint)
             main()
         finally:
             ignore_sigint()
+    except Exception:
+        if not _ctrl_c_seen:
+            raise
+        ignore_sigint()
+        _interrupted()
     except KeyboardInterrupt:
         ignore_sigint()
         _interrupted()
+
+
+def note_interrupt() -> None:
+    """Tell the exit watchdog (if this is a program run by run_program) that a Ctrl-C came:
+    the first starts the deadline, the second ends the program now. For SIGINT handlers
+    that defer the KeyboardInterrupt (prep.workers.interrupt_at_checks). Safe in a signal
+    handler: one write(2), no lock."""
+    global _ctrl_c_seen
+    _ctrl_c_seen = True
+    if _watchdog_fd >= 0:
+        try:
+            os.write(_watchdog_fd, b"!")
+        except OSError:  # full (thousands of Ctrl-C) or closed: the deadline is running
+            pass
+
+
+def _on_sigint(signum: int, frame: object) -> None:
+    note_interrupt()
+    raise KeyboardInterrupt
+
+
+def _start_watchdog() -> None:
+    global _watchdog_fd
+    if _watchdog_fd >= 0:
+        return
+    read_fd, _watchdog_fd = os.pipe()
+    os.set_blocking(_watchdog_fd, False)
+    threading.Thread(target=_watch, args=(read_fd,), daemon=True,
+                     name="interrupt-deadline").start()
+
+
+def _watch(read_fd: int) -> None:
+    """Wait for a first Ctrl-C, then for a second one or the deadline; then end the process
+    with the one line (unless the program printed it already) and status 130. os.write and
+    os._exit: no lock the stuck main thread could hold (not sys.stderr's)."""
+    os.read(read_fd, 1)
+    select.select([read_fd], [], [], EXIT_GRACE_S)  # a second Ctrl-C, or the deadline
+    if not _reported:
+        os.write(2, f"{INTERRUPTED_LINE}\n".encode())
+    os._exit(INTERRUPTED)
 
 
 def worker_message(exc: BaseException) -> str:

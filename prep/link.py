@@ -11,12 +11,12 @@ the source.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.atomic import write_atomic
 from prep.errors import PrepError
+from prep.workers import thread_map
 
 LINK_THREADS = 4
 MARKER = "meta/prep.json"  # written first: marks DIR/imagenet as made by prep
@@ -203,10 +203,9 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
         by_dir.setdefault(parent, []).append((path, target))
     # symlink() releases the GIL and most of its cost is in the kernel: 4 threads make
     # 50,000 links ~2x faster than one here (measured 0.97 s vs 1.83 s).
-    with ThreadPoolExecutor(LINK_THREADS) as pool:
-        for created, replaced in pool.map(_link_dir, by_dir.items()):
-            ch.created += created
-            ch.replaced += replaced
+    for created, replaced in thread_map(_link_dir, list(by_dir.items()), LINK_THREADS):
+        ch.created += created
+        ch.replaced += replaced
     for path in stale:
         os.unlink(path)
         ch.removed += 1

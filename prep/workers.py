@@ -25,12 +25,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
+from typing import TypeVar
 
-from prep.errors import ignore_sigint
+from prep.errors import ignore_sigint, note_interrupt
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def worker_context(preload: Iterable[str] = ()) -> BaseContext:
@@ -64,19 +68,35 @@ def worker_context(preload: Iterable[str] = ()) -> BaseContext:
     return ctx
 
 
+STOP_S = 2.0  # WorkerPool.stop: a worker not gone this long after SIGTERM is killed
+
+
 class WorkerPool(ProcessPoolExecutor):
     """A ProcessPoolExecutor that an error or Ctrl-C stops at once (`stop`), also when it
     lands while the pool is still starting (a plain shutdown then raises 'cannot join
     thread before it is started')."""
 
     def stop(self) -> None:
-        """Terminate the workers and drop pending work, without waiting for them."""
+        """End the workers (gone before the caller cleans up what they were writing) and
+        drop pending work, within STOP_S. SIGTERM first; SIGKILL for a worker still there
+        after STOP_S: one forked a moment ago has SIGTERM ignored (from the forkserver)
+        until pool_worker_init takes it back, and loses the SIGTERM."""
         procs = list((getattr(self, "_processes", None) or {}).values())
         for proc in procs:
             proc.terminate()
-        for proc in procs:  # gone before the caller cleans up what they were writing
-            proc.join(timeout=10)
+        deadline = time.monotonic() + STOP_S
+        for proc in procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=STOP_S)
+        manager = getattr(self, "_executor_manager_thread", None)
         self.shutdown(wait=False, cancel_futures=True)
+        # its workers gone, the manager thread ends at once; joined here, not at the
+        # interpreter's exit, which then races it for the pool's wake-up pipe (Python
+        # 3.11: 'Exception ignored ... Bad file descriptor', 1 Ctrl-C in ~150)
+        if manager is not None and manager.is_alive():
+            manager.join(timeout=STOP_S)
 
     def __exit__(self, exc_type: type | None, *rest: object) -> bool:
         if exc_type is None:
@@ -98,9 +118,19 @@ def interrupt_at_checks() -> Iterator[Callable[[], None]]:
     yields, at a point the caller chose. Raised anywhere else, it can land inside
     concurrent.futures.wait() while that takes each future's lock in turn: a lock stays held
     and the pool's manager thread, and the exit that joins it, wait forever (seen: 1 in ~20
-    Ctrl-C of `prep shard`). Main thread only (signal handlers live there)."""
+    Ctrl-C of `prep shard`). Signal handlers live in the main thread: elsewhere `check`
+    does nothing (the main thread takes the Ctrl-C). A Ctrl-C still starts the program's
+    exit deadline (prep.errors.note_interrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
     hit: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: hit.append(signum))
+
+    def record(signum: int, frame: object) -> None:
+        hit.append(signum)
+        note_interrupt()
+
+    previous = signal.signal(signal.SIGINT, record)
 
     def check() -> None:
         if hit:
@@ -111,6 +141,29 @@ def interrupt_at_checks() -> Iterator[Callable[[], None]]:
     finally:
         signal.signal(signal.SIGINT, previous)
     check()
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:
+    """[fn(item) for item in items] on `threads` threads, in order; the first error is
+    raised. A Ctrl-C stops it between results, dropping what has not started, never inside
+    the pool's own locks: a KeyboardInterrupt in ThreadPoolExecutor.map or its `with` exit
+    can leave one of them held, and the exit then waits forever (seen: 1 Ctrl-C in 3)."""
+    with interrupt_at_checks() as check:
+        pool = ThreadPoolExecutor(threads)
+        try:
+            futures = [pool.submit(fn, item) for item in items]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2, return_when=FIRST_EXCEPTION)
+                check()
+                for f in done:
+                    if f.exception():
+                        raise f.exception()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    return [f.result() for f in futures]
 
 
 def die_with_parent(main_pid: int) -> None:

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     Future,
-    ThreadPoolExecutor,
     wait,
 )
 from contextlib import ExitStack, contextmanager
@@ -43,7 +42,7 @@ from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.formats import SHARDS, stamp
 from prep.progress import progress_bar
-from prep.workers import interrupt_at_checks, process_pool
+from prep.workers import interrupt_at_checks, process_pool, thread_map
 from shards.dali_index import index_path
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
 from shards.plan import ShardPlan, assign, default_num_shards
@@ -388,8 +387,8 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: Shard
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
-    with ThreadPoolExecutor(8) as threads:  # stat calls release the GIL (cold caches, NFS)
-        kept = list(threads.map(lambda p: _finished(parts, out, p, data), plans))
+    # stat calls release the GIL (cold caches, NFS)
+    kept = thread_map(lambda p: _finished(parts, out, p, data), plans, 8)
     for i, (p, rec) in enumerate(zip(plans, kept)):
         if rec:
             records[p.name] = rec
@@ -458,11 +457,11 @@ def _run(todo: list[ShardPlan], data: Path, out: Path, settings: ShardSettings, 
                     bar.update(rec.num_samples + len(rec.skipped))
                     yield rec
                     check()
+            pool.shutdown(wait=True)  # a Ctrl-C in its thread join would be one more hang
     except BaseException:
         bar.close()
         pool.stop()  # workers ignore SIGINT themselves
         for p in todo:  # ours (planned names, under the lock): a rerun redoes them
             (out / f"{p.name}.partial").unlink(missing_ok=True)
         raise
-    pool.shutdown(wait=True)
     bar.close()

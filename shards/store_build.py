@@ -38,7 +38,7 @@ from prep.checked import CheckedRecord
 from prep.errors import PrepError
 from prep.formats import SHARDS, stamp
 from prep.progress import progress_bar
-from prep.workers import interrupt_at_checks, process_pool
+from prep.workers import interrupt_at_checks, process_pool, thread_map
 from shards.build import (
     STATE,
     ShardReport,
@@ -212,8 +212,7 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
            settings: ShardSettings, listing: dict[str, dict], workers: int, progress: bool,
            staging: str | None, t0: float, extra: dict) -> ShardReport:
     report = ShardReport(Path(str(store.where)))
-    with ThreadPoolExecutor(8) as threads:
-        kept = list(threads.map(lambda p: _kept(store, p, listing, data), plans))
+    kept = thread_map(lambda p: _kept(store, p, listing, data), plans, 8)
     records = {p.name: r for p, r in zip(plans, kept) if r is not None}
     report.kept = len(records)
     todo = [p for p in plans if p.name not in records]
@@ -282,13 +281,13 @@ def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
                         bar.update(rec.num_samples + len(rec.skipped))
                         yield rec
                         check()
+            pool.shutdown(wait=True)  # a Ctrl-C in their thread joins would be one more hang
+            uploads.shutdown(wait=True)
     except BaseException:
         bar.close()
         pool.stop()
         uploads.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
-    uploads.shutdown(wait=True)
     bar.close()
 
 
