@@ -88,6 +88,14 @@ class TarStream:
 
     def __init__(self, sink: Sink):
         self.sink, self.offset = sink, 0
+        self.members: list[tuple[str, int, int]] = []  # (name, data offset, size) written
+
+    def appended(self, members: list[tuple[str, int]]) -> None:
+        """Account for members (name, size) that another writer (shards/tarpack.c) just
+        appended at `offset` in this layout: one header block each, data padded to BLOCK."""
+        for name, size in members:
+            self.members.append((name, self.offset + BLOCK, size))
+            self.offset += BLOCK + size + (-size % BLOCK)
 
     def add(self, name: str, data: bytes) -> None:
         self.add_many([(name, data)])
@@ -97,8 +105,8 @@ class TarStream:
         parts = []
         for name, data in members:
             parts += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
-            self.offset += BLOCK + len(data) + (-len(data) % BLOCK)
         self.sink.writev(parts)
+        self.appended([(name, len(data)) for name, data in members])
 
     def close(self) -> None:
         end = self.offset + 2 * BLOCK  # two zero blocks mark the end of the archive

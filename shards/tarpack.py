@@ -63,10 +63,10 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
                   ) -> tuple[int, int, list[tuple]]:
     """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
     whose next member goes at `offset`. Returns (how many were written, the new offset,
-    [(sample start offset, jpg bytes, width, height, source identity, checked, jpg crc32)]
-    for them); the identity is prep.checked.Identity, `checked` whether the strict check
-    ran. `trusted`: per sample, the identity under which it passed the strict check before,
-    or None; a file with that identity now is not checked again. Raises
+    [(sample start offset, jpg bytes, width, height, source identity, checked, jpg crc32,
+    json bytes)] for them); the identity is prep.checked.Identity, `checked` whether the
+    strict check ran. `trusted`: per sample, the identity under which it passed the strict
+    check before, or None; a file with that identity now is not checked again. Raises
     OSError on a write error; stops early at a sample Python must handle: not a clean RGB
     JPEG, size 0 or above prep.jpeg.MAX_PIXELS, or (`strict`, with prep/jpegcheck.c built)
     one whose entropy data ends early."""
@@ -97,9 +97,17 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     idents = [tuple(ids[i * ID_FIELDS : (i + 1) * ID_FIELDS]) for i in range(done)]
+    json_sizes = [len(C_PREFIX) + len(str(heights[i])) + len(mids[i]) + len(str(widths[i]))
+                  + len(ends[i]) for i in range(done)]
     return done, off.value, list(zip(starts[:done], sizes[:done], widths[:done],
                                      heights[:done], idents, map(bool, checked[:done]),
-                                     crcs[:done]))
+                                     crcs[:done], json_sizes))
+
+
+def members_of(sample: Sample, jpg_bytes: int, json_bytes: int) -> list[tuple[str, int]]:
+    """The members (name, size) tarpack.c writes for a sample, in its order."""
+    return [(f"{sample.key}.cls", len(str(sample.label))), (f"{sample.key}.jpg", jpg_bytes),
+            (f"{sample.key}.json", json_bytes)]
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def write_shard(plan: ShardPlan, data: Path, out: Path, settings: ShardSettings,
         os.replace(partial, final)
         st = os.stat(final)
         rec.tar_inode, rec.tar_mtime_ns = st.st_ino, st.st_mtime_ns
-        write_dali_index(final)  # NAME.idx for DALI's webdataset reader
+        write_dali_index(final, tar.members)  # NAME.idx for DALI's webdataset reader
     except OSError as exc:
         _remove(partial)
         err = write_error(final, exc)
@@ -106,8 +106,12 @@ def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: st
         digest.fd, tar.offset, [base + s.path for s in samples], samples, plan.split,
         settings.strict, [passed.get(src) or trusted.get(src) for src in sources])
     digest.advance(end - tar.offset)
-    tar.offset = end
-    for s, src, (offset, size, w, h, ident, checked, crc) in zip(samples, sources, written):
+    for s, (_, size, *_, json_size) in zip(samples, written):
+        tar.appended(tarpack.members_of(s, size, json_size))
+    if tar.offset != end:
+        raise RuntimeError(f"shards/tarpack.c wrote up to {end}, its layout says {tar.offset}")
+    for s, src, (offset, size, w, h, ident, checked, crc, _) in zip(samples, sources,
+                                                                    written):
         _add_row(rec, plan, s, offset, size, crc, w, h, None)
         rec.source_stats.append([size, ident[1]])
         if settings.strict:

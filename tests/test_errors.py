@@ -110,6 +110,7 @@ def test_a_program_stuck_after_ctrl_c_still_ends(grace, presses, within):
     assert stderr.strip().splitlines() == [LINE], stderr
 
 
+@pytest.mark.slow  # many process starts; test-fast stays under 2 minutes
 def test_ctrl_c_in_thread_pools_ends_every_run_with_one_line():
     """Ctrl-C at random moments of plain ThreadPoolExecutor.map calls (library code the
     toolkit does not write, where an interrupt can leave a lock held and the pool's exit

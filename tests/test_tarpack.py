@@ -5,6 +5,7 @@ import pytest
 
 from shards import tarpack
 from shards.build import ShardSettings, make_plans
+from shards.dali_index import dali_index, index_path
 from shards.write import write_shard
 from tests.conftest import sha256_files
 
@@ -38,6 +39,10 @@ def test_c_writer_is_byte_identical_to_the_python_writer(prepared, tmp_path, mon
     c, py = (sorted((tmp_path / d).iterdir()) for d in ("c", "py"))
     assert len(c) == 2 * 2 * 3  # 2 shards + their DALI indexes, for each of 3 splits
     assert sha256_files(c) == sha256_files(py)
+    # DALI's index comes from each writer's account of what it wrote (C runs and the
+    # samples Python wrote between them); it must be what the tar's headers say
+    for tar in (f for f in c if f.suffix == ".tar"):
+        assert index_path(tar).read_bytes() == dali_index(tar), tar.name
     assert [r.rows for r in fast] == [r.rows for r in slow]
     total = sum(r.num_samples for r in slow)
     # pass-through: every sample but the 3 repairs goes through C; resizing: none does

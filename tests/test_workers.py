@@ -168,6 +168,7 @@ def test_thread_map_results_in_order_and_first_error_raised():
         thread_map(lambda i: 1 // (i - 7), range(20), 4)
 
 
+@pytest.mark.slow  # many process starts; test-fast stays under 2 minutes
 def test_thread_map_ctrl_c_at_any_moment_never_hangs():
     """Ctrl-C at random moments of thread pools started one after the other: each run ends
     with KeyboardInterrupt, none waits forever on a lock the interrupt left held (a plain
