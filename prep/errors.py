@@ -93,7 +93,9 @@ def run_program(main: Callable[[], object]) -> None:
     _start_watchdog()
     try:
         try:
-            signal.signal(signal.SIGINT, _on_sigint)
+            # a program started with Ctrl-C ignored (a shell's background job) keeps it so
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                signal.signal(signal.SIGINT, _on_sigint)
             main()
         finally:
             ignore_sigint()

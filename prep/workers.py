@@ -119,9 +119,11 @@ def interrupt_at_checks() -> Iterator[Callable[[], None]]:
     concurrent.futures.wait() while that takes each future's lock in turn: a lock stays held
     and the pool's manager thread, and the exit that joins it, wait forever (seen: 1 in ~20
     Ctrl-C of `prep shard`). Signal handlers live in the main thread: elsewhere `check`
-    does nothing (the main thread takes the Ctrl-C). A Ctrl-C still starts the program's
-    exit deadline (prep.errors.note_interrupt)."""
-    if threading.current_thread() is not threading.main_thread():
+    does nothing (the main thread takes the Ctrl-C), as where Ctrl-C is ignored (a
+    background job). A Ctrl-C still starts the program's exit deadline
+    (prep.errors.note_interrupt)."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # or a background job's
         yield lambda: None
         return
     hit: list[int] = []

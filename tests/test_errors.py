@@ -89,6 +89,29 @@ STUCK = ("import os, signal, sys, threading, time; import prep.errors as e; "
          "e.run_program(main)")
 
 
+def test_a_background_job_keeps_ignoring_ctrl_c():
+    """Started with SIGINT ignored (`cmd &` in a shell), a program stays deaf to the
+    terminal's Ctrl-C, also while it waits at the deferred points (interrupt_at_checks)."""
+    code = ("import signal, sys, time, prep.errors as e, prep.workers as w\n"
+            "def main():\n"
+            "    print('go', flush=True)\n"
+            "    with w.interrupt_at_checks() as check:\n"
+            "        time.sleep(1.0); check()\n"
+            "    time.sleep(0.5); print('done', flush=True)\n"
+            "e.run_program(e.exit_on_error(main))")
+    ignoring = [sys.executable, "-c", "import os, signal, sys; "
+                "signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                "os.execv(sys.argv[1], sys.argv[1:])"]
+    proc = subprocess.Popen([*ignoring, sys.executable, "-c", code], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "go"
+    for delay in (0.2, 0.9):  # inside the deferred region, then after it
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert (proc.returncode, stdout.strip(), stderr) == (0, "done", "")
+
+
 @pytest.mark.parametrize("grace, presses, within", [(1.0, 1, 8.0), (60.0, 2, 8.0)])
 def test_a_program_stuck_after_ctrl_c_still_ends(grace, presses, within):
     """Whatever the program's unwinding waits on, it ends EXIT_GRACE_S after a Ctrl-C, or at
