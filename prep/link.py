@@ -203,7 +203,7 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
         by_dir.setdefault(parent, []).append((path, target))
     # symlink() releases the GIL and most of its cost is in the kernel: 4 threads make
     # 50,000 links ~2x faster than one here (measured 0.97 s vs 1.83 s).
-    for created, replaced in thread_map(_link_dir, list(by_dir.items()), LINK_THREADS):
+    for created, replaced in thread_map(_link_dir, by_dir.items(), LINK_THREADS):
         ch.created += created
         ch.replaced += replaced
     for path in stale:

@@ -66,9 +66,7 @@ def dali_index_from(tar_members: Iterable[tuple[str, int, int]], where: str) -> 
     return ("\n".join(lines) + "\n").encode()
 
 
-def write_dali_index(tar: str | os.PathLike,
-                     tar_members: list[tuple[str, int, int]] | None = None) -> Path:
-    """Write `index_path(tar)` atomically, from `tar_members` (what the writer wrote: (name,
-    data offset, size) in order) or else from the tar's headers; returns its path."""
-    index = dali_index(tar) if tar_members is None else dali_index_from(tar_members, str(tar))
-    return write_atomic(index_path(tar), index)
+def write_dali_index(tar: str | os.PathLike, tar_members: list[tuple[str, int, int]]) -> Path:
+    """Write `index_path(tar)` atomically from `tar_members`, what the writer wrote ((name,
+    data offset, size) in order); returns its path."""
+    return write_atomic(index_path(tar), dali_index_from(tar_members, str(tar)))

@@ -106,16 +106,15 @@ def _write_run(tar: TarStream, digest: BackgroundDigest, samples: list, base: st
         digest.fd, tar.offset, [base + s.path for s in samples], samples, plan.split,
         settings.strict, [passed.get(src) or trusted.get(src) for src in sources])
     digest.advance(end - tar.offset)
-    for s, (_, size, *_, json_size) in zip(samples, written):
+    for s, src, (offset, size, w, h, ident, checked, crc, json_size) in zip(samples, sources,
+                                                                            written):
         tar.appended(tarpack.members_of(s, size, json_size))
-    if tar.offset != end:
-        raise RuntimeError(f"shards/tarpack.c wrote up to {end}, its layout says {tar.offset}")
-    for s, src, (offset, size, w, h, ident, checked, crc, _) in zip(samples, sources,
-                                                                    written):
         _add_row(rec, plan, s, offset, size, crc, w, h, None)
         rec.source_stats.append([size, ident[1]])
         if settings.strict:
             _count_check(rec, src, ident, checked or passed.get(src) == ident)
+    if tar.offset != end:
+        raise RuntimeError(f"shards/tarpack.c wrote up to {end}, its layout says {tar.offset}")
     return done
 
 
