@@ -93,11 +93,11 @@ def child_toolkit(shards: Path, workers: int, n_batches: int, checked: bool = Tr
 def child_resumable(shards: Path, workers: int, n_batches: int) -> float:
     """train/resumable.py: the whole-split permutation read by random access (offsets from
     index.parquet), per-sample augmentation seeds; epochs repeat to fill the timed run."""
-    from train.data import _with_ring
+    from train.data import collate_with_ring
     from train.decode import TrainDecoder
     from train.resumable import ResumableLoader, read_rows
 
-    collate, ring = _with_ring(workers, BATCH, 224, False, "cpu")
+    collate, ring = collate_with_ring(workers, BATCH, 224, False, "cpu")
     loader = ResumableLoader(read_rows(shards, "train"), TrainDecoder(224, 0.08, True, 0),
                              batch_size=BATCH, workers=workers, collate=collate, ring=ring)
 

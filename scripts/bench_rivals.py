@@ -6,9 +6,13 @@ same local S3 server (SeaweedFS).
 The same images (those of scripts/bench_store.py's sample, in the same number of objects of
 the same size), the same per-sample work in the loader workers (train.decode.TrainDecoder:
 decode + RandomResizedCrop + flip, then train.data.collate), the same batch size and worker
-count, shuffled; each library otherwise with its defaults. One epoch through an empty cache
-(cold) and through a cache that holds the dataset (warm), each in a fresh process (the clock
-starts after the imports and includes making the dataset: reading its index from the store).
+count, shuffled; each library otherwise with its defaults. The toolkit's loader runs as its
+trainer builds it on a machine without a GPU, batches handed over in reused shared buffers
+(train.batch_ring); `toolkit-no-ring` is the same loader with a fresh shared tensor per
+batch, as torch's default collate and the other contenders hand batches over. One epoch
+through an empty cache (cold) and through a cache that holds the dataset (warm), each in a
+fresh process (the clock starts after the imports and includes making the dataset: reading
+its index from the store).
 The contenders alternate within each trial; medians are reported.
 
 Neither library is a dependency of the toolkit (mosaicml-streaming pins numpy<2.2 and pulls
@@ -39,25 +43,36 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 BATCH, WORKERS = 32, 2
-CONTENDERS = ("toolkit", "mosaicml-streaming", "litdata")
+CONTENDERS = ("toolkit", "toolkit-no-ring", "mosaicml-streaming", "litdata")
+CROP = 160  # rival_datasets.decoder()'s
 
 
-def epoch_toolkit(url: str, cache: str, context: object) -> int:
+def epoch_toolkit(url: str, cache: str, context: object, ring: bool = True) -> int:
+    """The loader as the trainer builds it on a machine without a GPU: batches handed over
+    in reused shared buffers (train.batch_ring; on a GPU, pinned memory is used instead and
+    the pin thread copies each batch). `ring` False: a fresh shared tensor per batch, as
+    torch's default collate and the other contenders do."""
     from rival_datasets import decoder
 
     from shards.cache import open_cache
     from shards.store import Store
     from train.config import TrainConfig
-    from train.data import collate
+    from train.data import collate, collate_with_ring
     from train.resumable import ResumableLoader, read_rows
 
+    collate_fn, batch_ring = collate_with_ring(WORKERS, BATCH, CROP, False, "cpu") if ring \
+        else (collate, None)
     loader = ResumableLoader(read_rows(url, "train"), decoder(), batch_size=BATCH,
-                             workers=WORKERS, collate=collate,
+                             workers=WORKERS, collate=collate_fn, ring=batch_ring,
                              cache=open_cache(Store(url), cache, None),
                              window=TrainConfig().shard_window)
     n = count(loader)
     loader.close()
     return n
+
+
+def epoch_toolkit_no_ring(url: str, cache: str, context: object) -> int:
+    return epoch_toolkit(url, cache, context, ring=False)
 
 
 def epoch_mosaicml(url: str, cache: str, context: object) -> int:
@@ -100,7 +115,8 @@ def count(loader: object) -> int:
     return n
 
 
-EPOCHS = {"toolkit": epoch_toolkit, "mosaicml-streaming": epoch_mosaicml,
+EPOCHS = {"toolkit": epoch_toolkit, "toolkit-no-ring": epoch_toolkit_no_ring,
+          "mosaicml-streaming": epoch_mosaicml,
           "litdata": epoch_litdata}
 
 
@@ -220,7 +236,7 @@ def main() -> None:
                 shutil.rmtree(cold, ignore_errors=True)
                 for case in ("cold", "warm"):
                     runs.setdefault((name, case), []).append(
-                        run_one(name, urls[name], cold, env))
+                        run_one(name, urls[name.removesuffix("-no-ring")], cold, env))
                 print(f"trial {trial}: {name} cold {rate(runs[name, 'cold'][-1]):.0f} img/s, "
                       f"warm {rate(runs[name, 'warm'][-1]):.0f} img/s", flush=True)
     finally:

@@ -37,6 +37,10 @@ def test_ring_batches_equal_fresh_tensor_batches(shards):
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(ya, yb) and torch.equal(xa, xb)
         assert xa.shape == (4, 3, 32, 32) and xa.dtype == torch.uint8
+    # the labels come through the ring's shared buffer too, as a copy: kept uncopied, they
+    # stay right after their slot is reused
+    kept = [labels for _, labels, *_ in make_train_loader(split, CFG, 0, 1, 0, SkipCounter(0.01))]
+    assert [y.tolist() for y in kept] == [y.tolist() for _, y in b]
     val = read_split(str(shards), "val")  # 12 samples: the short last batch too
     ev = _batches(make_eval_loader(val, replace(CFG, batch_size=5), 0, 1, 5))
     ev0 = _batches(make_eval_loader(val, replace(CFG, batch_size=5, workers=0), 0, 1, 5))

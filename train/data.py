@@ -400,7 +400,8 @@ def collate(batch: list[tuple], ring: BatchRing | None = None) -> tuple:
     """(N x 3 x H x W uint8 in channels-last memory, labels, extra columns...): each image is
     copied once, straight into the batch; a flipped view (`pixels[:, ::-1]`) is flipped by
     torch on the way (numpy copies a 3-byte-pixel flip 10x slower). In a worker with a
-    `ring`, the batch goes into a reused shared buffer and a RingSlot stands for it."""
+    `ring`, the batch goes into a reused shared buffer and a RingSlot stands for its images
+    and labels."""
     cols = list(zip(*batch))
     shape = cols[0][0].shape
     slot, worker = None, torch.utils.data.get_worker_info()
@@ -416,13 +417,18 @@ def collate(batch: list[tuple], ring: BatchRing | None = None) -> tuple:
                 images[i].copy_(torch.from_numpy(pixels[:, ::-1]).flip(1))
             else:
                 images[i].copy_(torch.from_numpy(pixels))
-    return (slot or images.permute(0, 3, 1, 2), torch.tensor(cols[1], dtype=torch.long),
-            *cols[2:])
+    labels = torch.tensor(cols[1], dtype=torch.long)
+    if slot is not None:
+        ring.labels[slot.index, : slot.n] = labels
+        return (slot, None, *cols[2:])  # RingLoader puts the ring's images and labels back
+    return (images.permute(0, 3, 1, 2), labels, *cols[2:])
 
 
-def _with_ring(workers: int, batch: int, size: int, pin: bool, decode: str):
-    """(collate function, ring or None). No ring for GPU decode (bytes, not pixels), without
-    workers, or with pinned memory (DataLoader's pin thread copies batches anyway)."""
+def collate_with_ring(workers: int, batch: int, size: int, pin: bool, decode: str
+                      ) -> tuple[Callable[[list], tuple], BatchRing | None]:
+    """(collate function, ring or None): how the trainer's loaders hand batches over. No ring
+    for GPU decode (bytes, not pixels), without workers, or with pinned memory (DataLoader's
+    pin thread copies batches anyway)."""
     if decode == "gpu":
         return collate_raw, None
     if workers == 0 or pin:
@@ -452,7 +458,7 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         raise SettingError(f"{split.num_samples} train samples are fewer than one global "
                            f"batch ({world} x {cfg.batch_size}): lower batch_size")
     seed = derive_seed(cfg.seed, epoch, rank)
-    collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
+    collate_fn, ring = collate_with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
                                   decode)
     pipeline = wds.DataPipeline(
         EpochShards(split.urls, rank, world, cfg.seed, epoch, repeat=True),
@@ -491,7 +497,7 @@ def make_eval_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         stages = [EpochShards(split.urls, rank, world, 0, 0, repeat=False), read]
     else:  # too few shards: split at the sample level instead
         stages = [AllShards(split.urls), read, keep_every(rank, world)]
-    collate_fn, ring = _with_ring(cfg.workers, batch_size, cfg.val_crop, pin, decode)
+    collate_fn, ring = collate_with_ring(cfg.workers, batch_size, cfg.val_crop, pin, decode)
     pipeline = wds.DataPipeline(
         *stages,
         wds.map(RawValDecoder(cfg.val_resize, cfg.val_crop, split.num_classes, labelled)

@@ -35,7 +35,7 @@ from train.data import (
     SkipCounter,
     SplitInfo,
     _train_map,
-    _with_ring,
+    collate_with_ring,
     local_dir,
     local_world,
     make_eval_loader,
@@ -223,7 +223,8 @@ class Trainer:
         size = train_size(self.cfg, epoch)
         if self.loader is None or self.loader_size != size:
             cfg, pin = self.cfg, self.device.type == "cuda"
-            collate_fn, ring = _with_ring(cfg.workers, cfg.batch_size, size, pin, self.decode)
+            collate_fn, ring = collate_with_ring(cfg.workers, cfg.batch_size, size, pin,
+                                                 self.decode)
             if self.loader is not None:
                 self.loader.close()
             self.loader = ResumableLoader(
