@@ -31,11 +31,11 @@ from s3_server import SeaweedFS  # noqa: E402
 from prep.workers import worker_context  # noqa: E402
 from shards.cache import open_cache  # noqa: E402
 from shards.store import Store  # noqa: E402
-from train.data import collate  # noqa: E402
+from train.data import collate_with_ring  # noqa: E402
 from train.decode import TrainDecoder  # noqa: E402
 from train.resumable import ResumableLoader, read_rows  # noqa: E402
 
-BATCH, WINDOW = 32, 4
+BATCH, WINDOW, CROP = 32, 4, 160
 BIN = Path(sys.executable).parent
 
 
@@ -59,9 +59,12 @@ def shard(data: Path, out: str, shards: int) -> float:
 
 
 def epoch(rows, workers: int, cache=None, window: int = 0) -> float:
-    """Images per second over one epoch of a fresh loader."""
-    loader = ResumableLoader(rows, TrainDecoder(160, 0.35, True, seed=0), batch_size=BATCH,
-                             workers=workers, collate=collate, cache=cache, window=window)
+    """Images per second over one epoch of a fresh loader, as the trainer builds it on a
+    machine without a GPU (batches handed over in reused shared buffers)."""
+    collate, ring = collate_with_ring(workers, BATCH, CROP, False, "cpu")
+    loader = ResumableLoader(rows, TrainDecoder(CROP, 0.35, True, seed=0), batch_size=BATCH,
+                             workers=workers, collate=collate, ring=ring, cache=cache,
+                             window=window)
     t = time.perf_counter()
     n = sum(len(b[-1]) for b in loader)
     rate = n / (time.perf_counter() - t)

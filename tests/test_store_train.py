@@ -99,6 +99,21 @@ def test_store_loader_gives_the_local_batches_within_the_cache_bound(stored, tmp
     assert sum(size for size, _ in cache.objects.values()) > limit  # eviction was needed
 
 
+@pytest.mark.slow
+def test_a_cold_start_fetches_the_first_batches_shards_while_the_workers_start(stored,
+                                                                                 tmp_path):
+    url, _ = stored
+    rows = read_rows(url, "train")
+    cache = open_cache(Store(url), tmp_path / "cache", None)
+    loader = _loader(rows, cache, 2, workers=2)
+    first = list(loader)[:4]  # two batches per worker: what they read first
+    loader.close()
+    need = {rows.shards[rows.keys.index(k)] for k in _keys(first)}
+    sizes = {cache.name(u): cache.objects[cache.name(u)][0] for u in need}
+    # this process fetched some of them (its workers took ~0.1 s to start), and nothing else
+    assert 0 < cache.fetched <= sum(sizes.values()), (cache.fetched, sizes)
+
+
 def test_windows_keep_a_bounded_set_of_shards_together(stored):
     url, _ = stored
     rows = read_rows(url, "train")

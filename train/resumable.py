@@ -30,7 +30,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import compress
+from itertools import compress, islice
 
 import numpy as np
 import torch
@@ -351,12 +351,15 @@ class ResumableLoader:
         # (epoch, consumed, this rank's coverage) of the last epoch iterated to its end
         self.finished: tuple[int, int, int] | None = None
         self._stream: Iterator | None = None  # batches from (epoch, consumed) on
+        self._fetcher: _Prefetcher | None = None  # this process's, for _head_start
 
     def steps_left(self) -> int:
         """Global steps to the end of the epoch (the same on every rank)."""
         return (len(self.rows.keys) - self.consumed) // (self.world * self.batch_size)
 
     def _open(self) -> Iterator:
+        if self.dataset.cache is not None:
+            self._head_start()
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Batches(len(self.rows.keys), self.seed, self.epoch,
                                                  self.consumed, self.world, self.rank,
@@ -369,6 +372,19 @@ class ResumableLoader:
 
             return iter(RingLoader(loader, self.ring))
         return iter(loader)
+
+    def _head_start(self) -> None:
+        """Start fetching the shards of the first batches the workers will read (two per
+        worker: DataLoader's prefetch), from this process, while the workers start: a cold
+        cache's first step then waits for those downloads alone. Each shard is fetched once
+        per node however many processes ask (the cache's locks)."""
+        first = islice(rank_batches(len(self.rows.keys), self.seed, self.epoch, self.consumed,
+                                    self.world, self.rank, self.batch_size, self.window,
+                                    self.shard_sizes), 2 * max(self.workers, 1))
+        urls = list(dict.fromkeys(self.rows.shards[i] for batch in first for i in batch))
+        if self._fetcher is None:
+            self._fetcher = _Prefetcher(self.dataset.cache)
+        self._fetcher.want(urls)
 
     def __iter__(self) -> Iterator:
         """The rest of the current epoch; then the position moves to the next epoch."""
