@@ -58,10 +58,14 @@ def shard(data: Path, out: str, shards: int) -> float:
     return time.perf_counter() - t
 
 
+RING = True  # --no-ring: False
+
+
 def epoch(rows, workers: int, cache=None, window: int = 0) -> float:
     """Images per second over one epoch of a fresh loader, as the trainer builds it on a
-    machine without a GPU (batches handed over in reused shared buffers)."""
-    collate, ring = collate_with_ring(workers, BATCH, CROP, False, "cpu")
+    machine without a GPU (batches handed over in reused shared buffers), or with --no-ring
+    as on a GPU machine (a fresh shared tensor per batch, which its pin thread copies)."""
+    collate, ring = collate_with_ring(workers, BATCH, CROP, not RING, "cpu")
     loader = ResumableLoader(rows, TrainDecoder(CROP, 0.35, True, seed=0), batch_size=BATCH,
                              workers=workers, collate=collate, ring=ring, cache=cache,
                              window=window)
@@ -80,7 +84,12 @@ def main() -> None:
     ap.add_argument("--per-class", type=int, default=400)
     ap.add_argument("--size", type=int, default=320)
     ap.add_argument("--shards", type=int, default=32)
+    ap.add_argument("--no-ring", action="store_true",
+                    help="hand batches over as the trainer does on a GPU machine (no reused "
+                         "shared buffers; pinning itself is left out: no GPU here)")
     args = ap.parse_args()
+    global RING
+    RING = not args.no_ring
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     data = build(root, args.per_class, args.size)
