@@ -458,8 +458,8 @@ def make_train_loader(split: SplitInfo, cfg: TrainConfig, rank: int, world: int,
         raise SettingError(f"{split.num_samples} train samples are fewer than one global "
                            f"batch ({world} x {cfg.batch_size}): lower batch_size")
     seed = derive_seed(cfg.seed, epoch, rank)
-    collate_fn, ring = collate_with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch), pin,
-                                  decode)
+    collate_fn, ring = collate_with_ring(cfg.workers, cfg.batch_size, train_size(cfg, epoch),
+                                         pin, decode)
     pipeline = wds.DataPipeline(
         EpochShards(split.urls, rank, world, cfg.seed, epoch, repeat=True),
         read_shards(skips, checksums=split.checksums, cache=split.cache),
