@@ -184,21 +184,26 @@ def test_trainer_trains_and_evaluates_from_the_store_like_from_disk(stored, tmp_
     assert record["samples"] == n // B * B and record["coverage_check"] == "exact"
     assert sum(p.stat().st_size for p in cache.rglob("*") if p.is_file()) <= 2_000_000
     preds = {}
-    for name, data in (("store", url), ("disk", str(local))):
+    # the run's own settings (1 worker) need 2 shards of cache to evaluate; the defaults (8
+    # workers) would need 9: the bound is checked against the settings in force
+    largest = max(p.stat().st_size for p in Path(local).glob("*.tar"))
+    small = ["--cache-dir", str(tmp_path / "small"), "--cache-size", str(3 * largest)]
+    for name, data, extra in (("store", url, ["--cache-dir", str(cache), "--set", "workers=2"]),
+                              ("store-small", url, small), ("disk", str(local), [])):
         out = tmp_path / f"{name}.pkl"
         r = subprocess.run([sys.executable, str(ROOT / "train/main.py"), "--data", data,
                             "--evaluate", "--checkpoint", str(tmp_path / "run/checkpoint.pt"),
-                            "--out", str(out), "--device", "cpu", "--cache-dir", str(cache),
-                            "--set", "workers=2"],
+                            "--out", str(out), "--device", "cpu", *extra],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
         with open(out, "rb") as f:
             preds[name] = pickle.load(f)
-    assert len(preds["store"]) == len(preds["disk"]) == 12
-    for a, b in zip(preds["store"], preds["disk"]):  # the same samples, the same scores
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
+    assert len(preds["store"]) == len(preds["disk"]) == len(preds["store-small"]) == 12
+    for store in ("store", "store-small"):
+        for a, b in zip(preds[store], preds["disk"]):  # the same samples, the same scores
+            assert a.keys() == b.keys()
+            for k in a:
+                assert torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k], k
 
 
 @pytest.mark.slow

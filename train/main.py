@@ -228,8 +228,6 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
     if not args.checkpoint:
         raise SettingError("--evaluate needs --checkpoint PATH")
     split = read_split(args.data, args.split)
-    split.cache = open_store_cache(args.data, args.cache_dir, args.cache_size,
-                                   local_world() * max(cfg.workers, 1) + 1)
     if args.out:
         out = Path(args.out)
         refuse_overwrite(out, {"checkpoint": args.checkpoint}, "--out")
@@ -242,6 +240,9 @@ def run_eval(args: argparse.Namespace, cfg: TrainConfig, rank: int, world: int,
         for item in args.set:  # only the settings named change
             cfg = apply(cfg, parse_set(item), f"--set {item}")
         check_config(cfg, f"{args.checkpoint} with --set")
+    # sized for the workers of the settings in force: the checkpoint's, not the defaults
+    split.cache = open_store_cache(args.data, args.cache_dir, args.cache_size,
+                                   local_world() * max(cfg.workers, 1) + 1)
     classes = check_classes(state.get("classes"), split.classes, args.checkpoint, args.data)
     if split.num_classes != cfg.num_classes:
         raise PrepError(f"{args.checkpoint}: a {cfg.num_classes}-class model, the shards in "
