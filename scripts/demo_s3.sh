@@ -39,4 +39,7 @@ echo "== evaluate from s3:// -> result.pkl"
 .venv/bin/torchrun --standalone --nproc_per_node=2 train/main.py --data s3://imagenet/shards \
   --cache-dir "$DEMO/cache" --cache-size 4MB --evaluate \
   --checkpoint "$DEMO/runs/s3_demo/best.pt" --device cpu \
-  --out "$DEMO/runs/s3_demo/result.pkl" 2>/dev/null | tail -1
+  --out "$DEMO/runs/s3_demo/result.pkl" > "$DEMO/runs/s3_demo/evaluate.out" \
+  2> "$DEMO/runs/s3_demo/evaluate.err" || { grep -v "^W[0-9]" "$DEMO/runs/s3_demo/evaluate.err" \
+  | grep -m 3 "error"; exit 1; }  # torchrun's banner and trace left out, the error shown
+tail -1 "$DEMO/runs/s3_demo/evaluate.out"
