@@ -28,7 +28,10 @@ column -s, -t < "$DEMO/runs/cpu_demo/metrics.csv" | cut -c1-100
 echo "== evaluate -> result.pkl -> prep export-preds (Kaggle submission format)"
 .venv/bin/torchrun --standalone --nproc_per_node=2 train/main.py --data "$DEMO/shards" \
   --evaluate --checkpoint "$DEMO/runs/cpu_demo/best.pt" --device cpu \
-  --out "$DEMO/runs/cpu_demo/result.pkl" 2>/dev/null | tail -1
+  --out "$DEMO/runs/cpu_demo/result.pkl" > "$DEMO/runs/cpu_demo/evaluate.out" \
+  2> "$DEMO/runs/cpu_demo/evaluate.err" || { grep -v "^W[0-9]" "$DEMO/runs/cpu_demo/evaluate.err" \
+  | grep -m 3 "error"; exit 1; }  # torchrun's banner and trace left out, the error shown
+tail -1 "$DEMO/runs/cpu_demo/evaluate.out"
 "$PREP" export-preds "$DEMO/runs/cpu_demo/result.pkl" "$DEMO/runs/cpu_demo/submission.csv" \
   --format kaggle --classes "$DEMO/data/imagenet/meta/classes.csv" --summary
 head -3 "$DEMO/runs/cpu_demo/submission.csv"
