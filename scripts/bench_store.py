@@ -58,16 +58,13 @@ def shard(data: Path, out: str, shards: int) -> float:
     return time.perf_counter() - t
 
 
-RING = True  # --no-ring: False
-
-
-def epoch(rows, workers: int, cache=None, window: int = 0) -> float:
+def epoch(rows, workers: int, cache=None, window: int = 0, ring: bool = True) -> float:
     """Images per second over one epoch of a fresh loader, as the trainer builds it on a
     machine without a GPU (batches handed over in reused shared buffers), or with --no-ring
     as on a GPU machine (a fresh shared tensor per batch, which its pin thread copies)."""
-    collate, ring = collate_with_ring(workers, BATCH, CROP, not RING, "cpu")
+    collate, batch_ring = collate_with_ring(workers, BATCH, CROP, not ring, "cpu")
     loader = ResumableLoader(rows, TrainDecoder(CROP, 0.35, True, seed=0), batch_size=BATCH,
-                             workers=workers, collate=collate, ring=ring, cache=cache,
+                             workers=workers, collate=collate, ring=batch_ring, cache=cache,
                              window=window)
     t = time.perf_counter()
     n = sum(len(b[-1]) for b in loader)
@@ -88,8 +85,6 @@ def main() -> None:
                     help="hand batches over as the trainer does on a GPU machine (no reused "
                          "shared buffers; pinning itself is left out: no GPU here)")
     args = ap.parse_args()
-    global RING
-    RING = not args.no_ring
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     data = build(root, args.per_class, args.size)
@@ -117,24 +112,26 @@ def main() -> None:
         total = sum(p.stat().st_size for p in local.glob("train-*.tar"))
         rates = {"local disk": [], "store, cold cache": [], "store, warm cache": [],
                  "store, bounded cache": []}
+        def run(rows, cache=None) -> float:
+            return epoch(rows, args.workers, cache, WINDOW, ring=not args.no_ring)
+
         # the loader workers' forkserver, started as the trainer starts it for s3:// data
         # (boto3 loaded once in the server), then a first epoch that is not counted
         worker_context(["train.data", "shards.s3_preload"])
-        epoch(rows_local, args.workers, window=WINDOW)
+        run(rows_local)
         for trial in range(args.trials):
-            rates["local disk"].append(epoch(rows_local, args.workers, window=WINDOW))
+            rates["local disk"].append(run(rows_local))
             cold = root / f"cache-cold-{trial}"
             shutil.rmtree(cold, ignore_errors=True)
             rates["store, cold cache"].append(
-                epoch(rows_store, args.workers, open_cache(Store(url), cold, None), WINDOW))
+                run(rows_store, open_cache(Store(url), cold, None)))
             warm = open_cache(Store(url), root / "cache-warm", None)
             if trial == 0:
-                epoch(rows_store, args.workers, warm, WINDOW)  # fills it
-            rates["store, warm cache"].append(epoch(rows_store, args.workers, warm, WINDOW))
+                run(rows_store, warm)  # fills it
+            rates["store, warm cache"].append(run(rows_store, warm))
             small = open_cache(Store(url), root / f"cache-small-{trial}", None)
             small.limit = (2 * WINDOW + 2) * small.largest()  # the least the trainer takes
-            rates["store, bounded cache"].append(epoch(rows_store, args.workers, small,
-                                                       WINDOW))
+            rates["store, bounded cache"].append(run(rows_store, small))
     finally:
         server.kill()
     n = len(rows_local.keys)
