@@ -138,11 +138,16 @@ def main() -> None:
     print(f"\n{n} train images ({args.size} px, {total / 1e6:.0f} MB in {args.shards} shards), "
           f"{args.workers} loader workers, batch {BATCH}, shard_window {WINDOW}, "
           f"{args.trials} trials (medians)")
-    print(f"{'loader epoch':<22} {'img/s':>8} {'vs local':>9}")
+    print(f"{'loader epoch':<22} {'img/s':>8} {'vs local':>9}   paired per trial: median "
+          "(min-max)   each trial's img/s")
     base = statistics.median(rates["local disk"])
     for name, values in rates.items():
         m = statistics.median(values)
-        print(f"{name:<22} {m:8.0f} {m / base:8.2f}x")
+        # each case against the local-disk epoch of its own trial (they alternate): drift
+        # of the machine between trials cancels out
+        paired = [v / d for v, d in zip(values, rates["local disk"])]
+        print(f"{name:<22} {m:8.0f} {m / base:8.2f}x   {statistics.median(paired):.2f}x "
+              f"({min(paired):.2f}-{max(paired):.2f})   {' '.join(f'{v:.0f}' for v in values)}")
     print(f"(bounded cache: {2 * WINDOW + 2} shards' worth, the least the trainer takes: "
           "every epoch downloads again)")
     print(f"\n{'write to the store':<22} {'s':>8} {'vs direct':>9}")
