@@ -10,6 +10,7 @@ the source.
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +85,52 @@ def _plan_link(path: Path, target: str, conflicts: list, todo: list, ch: Changes
         todo.append((path, target))
 
 
+def _plan_val_links(val: Path, wanted: dict[str, str], conflicts: list, todo: list,
+                    ch: Changes) -> None:
+    """`_plan_link` for every val link ("wnid/file"), class folder by class folder: one
+    readlink per link, relative to the open folder (a rerun of ImageNet's 50,000 links:
+    ~0.5 s of CPU less than a Path, an lstat and a readlink each)."""
+    by_dir: dict[str, list[tuple[str, str]]] = {}
+    for rel, target in wanted.items():
+        folder, _, name = rel.partition("/")
+        by_dir.setdefault(folder, []).append((name, target))
+    base = f"{val}/"  # str concatenation: os.path.join costs ~1 us a link
+    for folder, links in by_dir.items():
+        parent = base + folder
+        try:
+            fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):  # not a folder: _stale_val_links refuses
+            todo += [(f"{parent}/{name}", target) for name, target in links]
+            continue
+        except OSError as exc:
+            raise _unreadable(parent, exc) from None
+        try:
+            for name, target in links:
+                try:
+                    have = os.readlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    todo.append((f"{parent}/{name}", target))
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: there, but not a link
+                        raise _unreadable(f"{parent}/{name}", exc) from None
+                    raise PrepError(f"{parent}/{name}: exists and is not a link made by prep; "
+                                    "prep will not replace it even with --force: move it away "
+                                    "or choose another --link") from None
+                if have == target:
+                    ch.unchanged += 1
+                else:
+                    conflicts.append(f"{parent}/{name} -> {have} (prep wants -> {target})")
+                    todo.append((f"{parent}/{name}", target))
+        finally:
+            os.close(fd)
+
+
+def _unreadable(path: str, exc: OSError) -> PrepError:
+    return PrepError(f"{path}: cannot read it ({exc.strerror or exc}); check the permissions "
+                     "of the --link folder")
+
+
 def _stale_val_links(val: Path, wanted: dict[str, str]) -> list[Path]:
     stale = []
     if not val.is_dir():
@@ -112,13 +159,11 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
     for rel, target in out.links.items():
         _plan_link(link_dir / rel, target, conflicts, todo, ch)
     val = imagenet / "val"
-    fresh_val = not val.exists()  # common first run: skip 50,000 readlink calls
-    if fresh_val:
-        base = f"{val}/"  # str concatenation: os.path.join costs ~1 us a link
+    if not val.exists():  # common first run: skip 50,000 readlink calls
+        base = f"{val}/"
         todo += [(base + rel, t) for rel, t in out.val_links.items()]
     else:
-        for rel, target in out.val_links.items():
-            _plan_link(val / rel, target, conflicts, todo, ch)
+        _plan_val_links(val, out.val_links, conflicts, todo, ch)
     stale = _stale_val_links(val, out.val_links)
     conflicts += [f"{p} (no longer in the source's val)" for p in stale]
     meta_todo = []

@@ -115,6 +115,41 @@ def test_stale_val_link_is_a_conflict(make_sample, tmp_path):
     assert not os.path.lexists(stray)
 
 
+def test_rerun_checks_every_existing_val_link(make_sample, tmp_path):
+    """A rerun compares each val link with the plan: a missing link or class folder is made
+    again, a link pointing elsewhere is a conflict that only --force replaces, and a file
+    in a link's place is refused even with --force, and kept."""
+    src, plan = make_sample("ilsvrc2017", classes=3)
+    data = tmp_path / "data"
+    _prep(src, data)
+    val = data / "imagenet/val"
+    links = sorted(p for p in val.rglob("*") if p.is_symlink())
+    missing, moved, kept = links[0], links[1], links[2]
+    wanted = {p: os.readlink(p) for p in links}
+    os.unlink(missing)
+    os.unlink(moved)
+    os.symlink("../../.src-val/elsewhere.JPEG", moved)
+    with pytest.raises(PrepError, match="prep wants"):
+        _prep(src, data)
+    assert not os.path.lexists(missing)  # a refused run writes nothing
+    r = _prep(src, data, force=True)
+    assert (r.changes.created, r.changes.replaced) == (1, 1)
+    assert {p: os.readlink(p) for p in links} == wanted
+
+    gone = links[-1].parent
+    assert gone != missing.parent
+    shutil.rmtree(gone)
+    r = _prep(src, data)
+    assert r.changes.created == sum(p.parent == gone for p in links)
+    assert {p: os.readlink(p) for p in links} == wanted
+
+    os.unlink(kept)
+    kept.write_bytes(b"mine")
+    with pytest.raises(PrepError, match="not a link made by prep"):
+        _prep(src, data, force=True)
+    assert kept.read_bytes() == b"mine"
+
+
 def test_tar_layout_extracts_and_links(make_sample, tmp_path):
     src, plan = make_sample("ilsvrc2012-tar")
     before = tree_hash(src)
