@@ -47,6 +47,23 @@ def wait_for_quiet_disk(limit_s: float = 120.0) -> float:
     return io_pressure()
 
 
+def symlink_cost(folder: Path, n: int = 2000) -> float:
+    """Microseconds of system CPU per symlink made in a new scratch folder under `folder`
+    (kept: deleting it would slow the next links). On this VM the cost of new links rises
+    up to 50x for minutes after a mass deletion, as kernel CPU that the I/O-pressure wait
+    does not see; printed beside the results so a slow state shows."""
+    scratch = folder / f"{time.time_ns()}"
+    scratch.mkdir(parents=True)
+    fd = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    before = os.times().system
+    try:
+        for i in range(n):
+            os.symlink(f"../../.src-val/ILSVRC2012_val_{i:08d}.JPEG", f"l{i}", dir_fd=fd)
+    finally:
+        os.close(fd)
+    return (os.times().system - before) / n * 1e6
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, default=Path("/tmp/prep-bench"),
@@ -63,6 +80,8 @@ def main() -> None:
     outs = args.root / "outs"
     shutil.rmtree(outs, ignore_errors=True)
     print(f"waiting for a quiet disk ... I/O pressure {wait_for_quiet_disk():.2f}%", flush=True)
+    probes = args.root / "symlink-probes"
+    cost_before = symlink_cost(probes)
     find = f"find {src} -type f | wc -l"
     timed(find, shell=True)  # warm the dentry and inode caches
     rows: dict[str, list[float]] = {"find SRC -type f | wc -l": [],
@@ -86,6 +105,9 @@ def main() -> None:
         print(f"| {name:<48} | {med:8.2f} | {min(times):5.2f} | {max(times):5.2f} | "
               f"{med / base:12.2f}x |")
     print(f"I/O pressure after the trials: {io_pressure():.2f}% (avg10)")
+    print(f"system CPU per new symlink before / after the trials: {cost_before:.0f} / "
+          f"{symlink_cost(probes):.0f} us (6-14 us at quiet times on the vm; more: the "
+          "kernel may still be slow from an earlier deletion, distrust the prep rows)")
     rerun = timed([prep, "imagenet", "-q", "--src", str(src), "--link", str(outs / "a0")])
     print(f"\nsecond run on an existing output (nothing to do): {rerun:.2f} s "
           f"({rerun / base:.2f}x find)")
