@@ -71,17 +71,31 @@ def _check_owned(imagenet: Path) -> None:
             )
 
 
-def _plan_link(path: Path, target: str, conflicts: list, todo: list, ch: Changes) -> None:
-    if os.path.islink(path):
-        if os.readlink(path) == target:
-            ch.unchanged += 1
-            return
-        conflicts.append(f"{path} -> {os.readlink(path)} (prep wants -> {target})")
+def _plan_link(path: str | Path, have: str | None, target: str, conflicts: list, todo: list,
+               ch: Changes) -> None:
+    """One wanted link against what `_read_link` found at its path (`have`)."""
+    if have is None:
         todo.append((path, target))
-    elif os.path.lexists(path):
-        raise _not_a_link(path)
+    elif have == target:
+        ch.unchanged += 1
     else:
+        conflicts.append(f"{path} -> {have} (prep wants -> {target})")
         todo.append((path, target))
+
+
+def _read_link(path: str | Path, dir_fd: int | None = None) -> str | None:
+    """The target of the link at `path` (its last part read relative to `dir_fd` when
+    given: the kernel resolves one name); None when nothing is there; a PrepError for
+    anything else in its place."""
+    try:
+        return os.readlink(os.path.basename(path) if dir_fd is not None else path,
+                           dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: there, but not a link
+            raise _unreadable(path, exc) from None
+        raise _not_a_link(path) from None
 
 
 def _plan_val_links(val: Path, wanted: dict[str, str], conflicts: list, todo: list,
@@ -105,20 +119,8 @@ def _plan_val_links(val: Path, wanted: dict[str, str], conflicts: list, todo: li
             raise _unreadable(parent, exc) from None
         try:
             for name, target in links:
-                try:
-                    have = os.readlink(name, dir_fd=fd)
-                except FileNotFoundError:
-                    todo.append((f"{parent}/{name}", target))
-                    continue
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:  # EINVAL: there, but not a link
-                        raise _unreadable(f"{parent}/{name}", exc) from None
-                    raise _not_a_link(f"{parent}/{name}") from None
-                if have == target:
-                    ch.unchanged += 1
-                else:
-                    conflicts.append(f"{parent}/{name} -> {have} (prep wants -> {target})")
-                    todo.append((f"{parent}/{name}", target))
+                path = f"{parent}/{name}"
+                _plan_link(path, _read_link(path, fd), target, conflicts, todo, ch)
         finally:
             os.close(fd)
 
@@ -159,7 +161,8 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
     _check_owned(imagenet)
     ch, conflicts, todo = Changes(), [], []
     for rel, target in out.links.items():
-        _plan_link(link_dir / rel, target, conflicts, todo, ch)
+        path = link_dir / rel
+        _plan_link(path, _read_link(path), target, conflicts, todo, ch)
     val = imagenet / "val"
     if not val.exists():  # common first run: skip 50,000 readlink calls
         base = f"{val}/"
