@@ -245,8 +245,11 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 
 
 @main.command()
-@click.option("--data", required=True, type=LocalPath(path_type=Path, file_okay=False),
+@click.option("--data", type=LocalPath(path_type=Path, file_okay=False),
               help="The imagenet/ dir `prep imagenet` made (holds train/, val/, meta/).")
+@click.option("--src", type=LocalPath(path_type=Path, file_okay=False),
+              help="Instead of --data: the folder of the original ILSVRC2012 tars, read in "
+                   "place (checked as `prep imagenet` checks them; nothing is extracted).")
 @click.option("--out", required=True, type=OutPath(path_type=Path, file_okay=False),
               help="Directory for the shards and manifest (made if missing), or an object "
                    "store prefix s3://BUCKET/PREFIX (AWS_* settings, ~/.aws).")
@@ -278,14 +281,18 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 @click.option("--force", is_flag=True,
               help="Replace shards in --out made from other input or options.")
 @quiet_option
-def shard(data: Path, out: Path | str, samples_per_shard: int | None, num_shards: int | None,
+def shard(data: Path | None, src: Path | None, out: Path | str, samples_per_shard: int | None,
+          num_shards: int | None,
           workers: int | None, seed: int, max_size: int | None, quality: int, splits: str,
           on_error: str, check: str, shard_range: str | None, finalize: bool, force: bool,
           quiet: bool) -> None:
     """Write reproducible WebDataset tar shards and their manifest (resumable)."""
     from prep.report import format_shard
-    from shards.build import shard_dataset
+    from shards.build import shard_dataset, shard_release
 
+    if (data is None) == (src is None):
+        raise click.UsageError("give --data (a view `prep imagenet` made) or --src (the "
+                               "folder of the ILSVRC2012 tars), not both")
     settings = ShardSettings(
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), num_shards=num_shards,
         samples_per_shard=samples_per_shard, seed=seed, max_size=max_size, quality=quality,
@@ -297,12 +304,16 @@ def shard(data: Path, out: Path | str, samples_per_shard: int | None, num_shards
         if shard_range or finalize:
             raise PrepError("--shard-range / --finalize: not supported with an s3:// --out "
                             "yet; write the parts to local directories, or shard in one run")
+        if data is None:
+            raise PrepError("--src with an s3:// --out: not supported yet; shard to a local "
+                            "directory, or prepare a view (`prep imagenet`) and use --data")
         r = shard_to_store(data, out, settings, workers=workers, force=force,
                            progress=not quiet)
     else:
-        r = shard_dataset(data, out, settings, workers=workers,
-                          shard_range=_shard_range(shard_range), force=force,
-                          finalize_only=finalize, progress=not quiet)
+        run = shard_dataset if data is not None else shard_release
+        r = run(data if data is not None else src, out, settings, workers=workers,
+                shard_range=_shard_range(shard_range), force=force,
+                finalize_only=finalize, progress=not quiet)
     click.echo(format_shard(r, out))
 
 

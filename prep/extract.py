@@ -35,14 +35,25 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 def _check_member(archive: str, m: tarfile.TarInfo) -> str:
     """The member's file name if it is a plain, flat, regular file; else a clear error."""
     if not m.isfile():
-        kind = ("symlink" if m.issym() else "hardlink" if m.islnk() else "directory"
-                if m.isdir() else "device or special file")
-        raise PrepError(f"{archive}: member {m.name!r} is a {kind}; ImageNet archives hold "
-                        "only plain files, refusing to extract (nothing was written for it)")
-    if not _SAFE_NAME.fullmatch(m.name) or m.name in (".", ".."):
-        raise PrepError(f"{archive}: member name {m.name!r} is not a plain file name "
+        raise not_a_file(archive, m.name, "symlink" if m.issym() else "hardlink"
+                         if m.islnk() else "directory" if m.isdir() else "")
+    return plain_name(archive, m.name)
+
+
+def not_a_file(archive: str, name: str, kind: str) -> PrepError:
+    """The refusal of a member that is not a regular file (`kind`: symlink, hardlink,
+    directory; "" for a device or other special file)."""
+    return PrepError(f"{archive}: member {name!r} is a {kind or 'device or special file'}; "
+                     "ImageNet archives hold only plain files, refusing to extract (nothing "
+                     "was written for it)")
+
+
+def plain_name(archive: str, name: str) -> str:
+    """`name` when it is a plain file name (no folder, no '..', not absolute); else an error."""
+    if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise PrepError(f"{archive}: member name {name!r} is not a plain file name "
                         "(absolute path, '..' or a folder); refusing to extract")
-    return m.name
+    return name
 
 
 def corrupt(archive: Path | str, exc: BaseException) -> PrepError:

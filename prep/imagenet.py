@@ -14,6 +14,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prep.archive_listing import Where, list_archives
 from prep.checked import CheckedRecord, Identity
 from prep.classes import (
     NUM_CLASSES,
@@ -117,6 +118,8 @@ class SourceScan:
     problems: Problems
     # --check full: {split: {path relative to the split dir: identity}} of images it passed
     checked: dict[str, dict[str, Identity]]
+    # read from archives (scan_archives): {split: {path as extracted: (offset, size)}}
+    where: dict[str, dict[str, Where]] = field(default_factory=dict)
 
 
 def read_source(lay: Layout, check: str, workers: int, progress: bool) -> SourceScan:
@@ -158,6 +161,20 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
     if pool:
         pool.shutdown()
     return SourceScan(train, val_files, test, sources, ids, probs, checked)
+
+
+def scan_archives(lay: Layout, progress: bool) -> SourceScan:
+    """What read_source finds in the extracted original ILSVRC2012 tars, read from the tars
+    themselves (prep.archive_listing): the same listings, problems and label sources. Sets
+    the layout's split folders to the archives, which name them in errors. `.where` of the
+    listing: each image's place in its archive."""
+    listing = list_archives(lay.archives, progress)
+    lay.train_dir, lay.val_dir = lay.archives["train"], lay.archives["val"]
+    lay.test_dir = lay.archives.get("test")
+    check_unique_keys({"": listing.val}, str(lay.val_dir))
+    sources, ids = _other_label_sources(lay, None)
+    return SourceScan(listing.train, {n.rsplit(".", 1)[0]: n for n in listing.val},
+                      listing.test, sources, ids, listing.problems, {}, listing.where)
 
 
 def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
@@ -229,27 +246,21 @@ def source_link_name(src: Path) -> str:
     return f"{name}-source" if name in ("imagenet", "") or name.startswith(".") else name
 
 
-def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
-                 train: dict[str, list[str]], val_files: dict[str, str],
-                 val_labels: dict[str, str], test: list[str], provenance: dict) -> Outputs:
+def val_view_path(rel: str, wnid: str) -> str:
+    """Where the view puts a val image (`rel`: its path in the source's val folder)."""
+    return f"{wnid}/{rel.rpartition('/')[2]}"
+
+
+def meta_files(classes: list[ClassInfo], train: dict[str, list[str]],
+               val_files: dict[str, str], val_labels: dict[str, str], test: list[str],
+               provenance: dict) -> dict[str, str]:
+    """The view's meta/ files: the sample lists (train.txt, val.txt, test.txt) in the
+    order `prep shard` reads them, the class tables and prep.json."""
     index = {c.wnid: c.index for c in classes}
-    out = Outputs()
-    own = link_dir / source_link_name(lay.src)
-    if os.path.realpath(own) != os.path.realpath(lay.src):  # src may itself live in DIR
-        out.links[own.name] = str(lay.src)
-    out.links["imagenet/train"] = str(lay.train_dir)
-    if test:
-        out.links["imagenet/test"] = str(lay.test_dir)
-    # Val links are relative and short (`../../.src-val/FILE`, < 60 bytes) through one link
-    # to the source's val dir: ext4 keeps such targets inside the inode; a longer absolute
-    # target costs a 4 KB block and ~0.4 ms per link here (50,000 links: 200 MB, 20 s).
-    out.links[f"imagenet/{SRC_VAL}"] = str(lay.val_dir)
-    val_lines, source = [], f"../../{SRC_VAL}/"
+    val_lines = []
     for stem in sorted(val_files):
-        rel, wnid = val_files[stem], val_labels[stem]
-        link = f"{wnid}/{rel.rpartition('/')[2]}"
-        out.val_links[link] = source + rel
-        val_lines.append(f"{link} {index[wnid]}\n")
+        wnid = val_labels[stem]
+        val_lines.append(f"{val_view_path(val_files[stem], wnid)} {index[wnid]}\n")
     # One str.join per class: 1.28 M lines in ~0.1 s instead of ~0.6 s with f-strings.
     train_lines = [f"{w}/" + f" {index[w]}\n{w}/".join(train[w]) + f" {index[w]}\n"
                    for w in sorted(train) if train[w]]
@@ -263,6 +274,28 @@ def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
     }
     if test:
         meta["test.txt"] = "".join(f"{n}\n" for n in test)
+    return meta
+
+
+def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
+                 train: dict[str, list[str]], val_files: dict[str, str],
+                 val_labels: dict[str, str], test: list[str], provenance: dict) -> Outputs:
+    out = Outputs()
+    own = link_dir / source_link_name(lay.src)
+    if os.path.realpath(own) != os.path.realpath(lay.src):  # src may itself live in DIR
+        out.links[own.name] = str(lay.src)
+    out.links["imagenet/train"] = str(lay.train_dir)
+    if test:
+        out.links["imagenet/test"] = str(lay.test_dir)
+    # Val links are relative and short (`../../.src-val/FILE`, < 60 bytes) through one link
+    # to the source's val dir: ext4 keeps such targets inside the inode; a longer absolute
+    # target costs a 4 KB block and ~0.4 ms per link here (50,000 links: 200 MB, 20 s).
+    out.links[f"imagenet/{SRC_VAL}"] = str(lay.val_dir)
+    source = f"../../{SRC_VAL}/"
+    for stem in sorted(val_files):
+        rel = val_files[stem]
+        out.val_links[val_view_path(rel, val_labels[stem])] = source + rel
+    meta = meta_files(classes, train, val_files, val_labels, test, provenance)
     out.meta = {k: v.encode() for k, v in meta.items()}
     return out
 
@@ -279,6 +312,39 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
         lay = _extract(lay, Path(extract_to) if extract_to else None, progress,
                        workers or default_workers())
     scan = read_source(lay, check, workers or default_workers(), progress)
+    v = validate_scan(lay, scan)
+    provenance = {
+        **stamp(VIEW), "layout": lay.name, "src": str(lay.src),
+        "train_dir": str(lay.train_dir), "val_dir": str(lay.val_dir),
+        "label_sources": [f"{s.name}: {s.path}" for s in scan.sources],
+        "classes": len(v.classes), "counts": v.counts, "label_space": "sorted-WNID index",
+    }
+    outputs = plan_outputs(lay, link, v.classes, scan.train, scan.val_files, v.val_labels,
+                           scan.test, provenance)
+    changes = apply_outputs(link, outputs, force,
+                            report={"problems.txt": _problems_text(scan.problems)})
+    _keep_checked(link / "imagenet", scan, v.val_labels)
+    return PrepReport(layout=lay.describe(), src=lay.src, link_dir=link, classes=v.classes,
+                      counts=v.counts, label_sources=[s.name for s in scan.sources],
+                      problems=scan.problems, changes=changes, notes=v.notes,
+                      seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class ValidSource:
+    """What the checks of a source's listing and labels settled."""
+
+    classes: list[ClassInfo]
+    val_labels: dict[str, str]  # val stem -> wnid, agreed by every label source
+    counts: dict[str, int]
+    notes: list[str]
+
+
+def validate_scan(lay: Layout, scan: SourceScan) -> ValidSource:
+    """Every check of a listed source, before anything is written: names, sample keys,
+    the val label sources against each other and the real labels, classes and counts
+    (missing val images are added to scan.problems). `prep imagenet` and `prep shard --src`
+    (which lists the archives instead of a folder) run the same checks."""
     if scan.problems.broken_links:
         links = scan.problems.broken_links
         raise PrepError(f"{len(links)} broken symlink(s) in {lay.src}: "
@@ -303,21 +369,7 @@ def prepare_imagenet(src: str | os.PathLike, link_dir: str | os.PathLike, *,
               "test": len(scan.test)}
     notes: list[str] = []
     _check_counts(counts, len(classes), notes)
-    provenance = {
-        **stamp(VIEW), "layout": lay.name, "src": str(lay.src),
-        "train_dir": str(lay.train_dir), "val_dir": str(lay.val_dir),
-        "label_sources": [f"{s.name}: {s.path}" for s in scan.sources],
-        "classes": len(classes), "counts": counts, "label_space": "sorted-WNID index",
-    }
-    outputs = plan_outputs(lay, link, classes, scan.train, scan.val_files, val_labels,
-                           scan.test, provenance)
-    changes = apply_outputs(link, outputs, force,
-                            report={"problems.txt": _problems_text(scan.problems)})
-    _keep_checked(link / "imagenet", scan, val_labels)
-    return PrepReport(layout=lay.describe(), src=lay.src, link_dir=link, classes=classes,
-                      counts=counts, label_sources=[s.name for s in scan.sources],
-                      problems=scan.problems, changes=changes, notes=notes,
-                      seconds=time.perf_counter() - t0)
+    return ValidSource(classes, val_labels, counts, notes)
 
 
 def _keep_checked(view: Path, scan: SourceScan, val_labels: dict[str, str]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prep.imagenet import EXPECTED, PrepReport
+from prep.scan import Problems
 
 SHOW = 5  # problem files listed per kind; the full list is in meta/problems.txt
 
@@ -31,7 +32,17 @@ def format_report(r: PrepReport) -> str:
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v}" for k, v in rows]
     lines += [f"  note: {n}" for n in r.notes]
+    lines += problem_lines(r.problems)
     p = r.problems
+    if p.empty or p.extra or p.broken_links or p.undecodable or p.missing or p.unlisted or \
+            p.ignored:
+        lines.append(f"  full list: {r.link_dir}/imagenet/meta/problems.txt")
+    return "\n".join(lines)
+
+
+def problem_lines(p: Problems) -> list[str]:
+    """A warning line per kind of problem found in a source, naming the first files."""
+    lines = []
     for kind, items in (("empty files", p.empty), ("not images (by name)", p.extra),
                         ("missing files (annotated or listed, not on disk)", p.missing),
                         ("train files not in ImageSets/CLS-LOC/train_cls.txt", p.unlisted),
@@ -41,10 +52,7 @@ def format_report(r: PrepReport) -> str:
         if items:
             shown = ", ".join(items[:SHOW]) + (" ..." if len(items) > SHOW else "")
             lines.append(f"  warning: {len(items):,} {kind}: {shown}")
-    if p.empty or p.extra or p.broken_links or p.undecodable or p.missing or p.unlisted or \
-            p.ignored:
-        lines.append(f"  full list: {r.link_dir}/imagenet/meta/problems.txt")
-    return "\n".join(lines)
+    return lines
 
 
 def format_shard(r: Any, out: Path) -> str:
@@ -54,6 +62,9 @@ def format_shard(r: Any, out: Path) -> str:
     rate = f", {n / r.seconds:,.0f} img/s, {mb / r.seconds:,.1f} MB/s" if r.written else ""
     lines = [f"{out}: wrote {len(r.written)} shards ({n:,} samples, {mb:,.1f} MB) in "
              f"{r.seconds:.1f} s{rate}; kept {r.kept} finished earlier"]
+    lines += [f"  note: {note}" for note in r.notes]
+    if r.problems:  # --src: what the listing of the release found
+        lines += problem_lines(r.problems)
     if r.trusted:
         lines.append(f"  strict check: {r.trusted:,} sources passed it in an earlier run and "
                      "are unchanged since (.checked.sqlite in --data); the rest were checked")

@@ -42,10 +42,11 @@ from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.formats import SHARDS, stamp
 from prep.progress import progress_bar
-from prep.workers import interrupt_at_checks, process_pool, thread_map
+from prep.scan import Problems
+from prep.workers import interrupt_at_checks, process_pool, thread_map, worker_context
 from shards.dali_index import index_path
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
-from shards.plan import ShardPlan, assign, default_num_shards
+from shards.plan import ShardPlan, assign, shard_count
 from shards.record import INDEX_COLUMNS, ShardRecord
 from shards.settings import ShardSettings
 from shards.source import read_classes, read_samples
@@ -63,6 +64,8 @@ class ShardReport:
     kept: int = 0  # shards finished by an earlier run
     pending: int = 0  # shards left to other --shard-range parts
     trusted: int = 0  # sources the strict check passed before, unchanged since (not checked)
+    problems: Problems | None = None  # --src: what the listing of the release found
+    notes: list[str] = field(default_factory=list)
     info: dict | None = None  # the manifest, once complete
     seconds: float = 0.0
 
@@ -77,13 +80,8 @@ def make_plans(data: Path, s: ShardSettings
         if split == "test" and not (data / "meta" / "test.txt").is_file():
             continue  # test is optional: present only when the copy has test images
         samples = read_samples(data, split, wnids, class_keys=evalset is not None)
-        if s.num_shards:
-            n = s.num_shards
-        elif s.samples_per_shard:
-            n = -(-len(samples) // s.samples_per_shard)
-        else:
-            n = default_num_shards(len(samples))
-        plans += assign(split, samples, min(n, len(samples)), s.seed)  # no empty shards
+        plans += assign(split, samples, shard_count(len(samples), s.num_shards,
+                                                    s.samples_per_shard), s.seed)
     return wnids, plans, evalset
 
 
@@ -93,6 +91,8 @@ def fingerprint(plans: list[ShardPlan], s: ShardSettings) -> str:
         h.update(p.name.encode())
         for smp in p.samples:
             h.update(f"{smp.key}\t{smp.path}\t{smp.label}\n".encode())
+        if p.members is not None:  # read in place: which member of which archive
+            h.update("\n".join([p.archive, *(m[2] for m in p.members)]).encode())
     return h.hexdigest()
 
 
@@ -307,6 +307,13 @@ def sources_unchanged(data: Path, plan: ShardPlan, rec: ShardRecord) -> bool:
     holds (a changed one: the shard is written again)."""
     if len(rec.source_stats) != len(plan.samples):
         return False
+    if plan.members is not None:  # read from an archive: the archive is the source file
+        try:
+            st = os.stat(plan.archive)
+        except OSError:
+            return False
+        now = [st.st_size, st.st_mtime_ns]
+        return all(recorded == now for recorded in rec.source_stats)
     base = f"{data}/{plan.split}/"
     for s, recorded in zip(plan.samples, rec.source_stats):
         try:
@@ -364,6 +371,37 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     data, out = Path(os.path.abspath(data)), Path(os.path.abspath(out))
     refuse_inside(out, _source_roots(data), "--out")
     wnids, plans, evalset = make_plans(data, settings)
+    _make_out(out)
+    return _shard_plans(data, out, plans, wnids, settings, workers=workers,
+                        shard_range=shard_range, force=force, finalize_only=finalize_only,
+                        progress=progress, t0=t0, keep_checked=True,
+                        extra={"evalset": evalset} if evalset else {})
+
+
+def shard_release(src: Path, out: Path, settings: ShardSettings, *, workers: int = 1,
+                  shard_range: tuple[int, int] = (0, 1), force: bool = False,
+                  finalize_only: bool = False, progress: bool = True) -> ShardReport:
+    """`prep shard --src`: the shards of a release, read in place from its archives
+    (shards/release.py); the same shards, manifest, resumption and locks as from a view.
+    A changed archive (size or mtime) has its shards written again."""
+    from shards.release import plan_release
+
+    t0 = time.perf_counter()
+    src, out = Path(os.path.abspath(src)), Path(os.path.abspath(out))
+    refuse_inside(out, {"source": src}, "--out")
+    worker_context(["shards.write"])  # the workers' server starts while the release is listed
+    release = plan_release(src, settings, progress)
+    _make_out(out)
+    report = _shard_plans(src, out, release.plans, release.wnids, settings, workers=workers,
+                          shard_range=shard_range, force=force, finalize_only=finalize_only,
+                          progress=progress, t0=t0, keep_checked=False,
+                          extra={"release": {"layout": release.layout.name,
+                                             "counts": release.counts}})
+    report.problems, report.notes = release.problems, release.notes
+    return report
+
+
+def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         if not os.access(out, os.W_OK):  # read-only file system or permissions: say it now
@@ -371,19 +409,25 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
             raise OSError(code, os.strerror(code))
     except OSError as exc:
         raise write_error(out, exc) from exc
+
+
+def _shard_plans(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str],
+                 settings: ShardSettings, *, workers: int, shard_range: tuple[int, int],
+                 force: bool, finalize_only: bool, progress: bool, t0: float,
+                 keep_checked: bool, extra: dict) -> ShardReport:
     fp = fingerprint(plans, settings)
     with output_lock(out, shard_range, exclusive=force or finalize_only):
         parts = _claim(out, fp, settings, data, force, [p.name for p in plans])
         return _shard_locked(data, out, plans, settings, wnids=wnids, fp=fp, parts=parts,
                              workers=workers, shard_range=shard_range,
                              finalize_only=finalize_only, progress=progress, t0=t0,
-                             extra={"evalset": evalset} if evalset else {})
+                             keep_checked=keep_checked, extra=extra)
 
 
 def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: ShardSettings, *,
                   wnids: list[str], fp: str, parts: Path, workers: int,
                   shard_range: tuple[int, int], finalize_only: bool, progress: bool,
-                  t0: float, extra: dict) -> ShardReport:
+                  t0: float, keep_checked: bool, extra: dict) -> ShardReport:
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
@@ -400,7 +444,8 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: Shard
     if finalize_only and (todo or report.pending):
         raise PrepError(f"{out}: {len(todo) + report.pending} of {len(plans)} shards are not "
                         "finished yet; run the missing --shard-range parts first")
-    checked = CheckedRecord(data, settings.strict)
+    # the record of checked sources lives in the view; a release (--src) has none
+    checked = CheckedRecord(data, settings.strict and keep_checked)
     try:
         for rec in _run(todo, data, out, settings, workers, progress, checked):
             _save(parts, rec)

@@ -18,6 +18,10 @@ class ShardPlan:
     split: str
     index: int
     samples: list[Sample]
+    # `prep shard --src`: the samples are read in place from this archive; per sample
+    # (offset of its bytes, size, source name `ARCHIVE:MEMBER`)
+    archive: str = ""
+    members: list[tuple[int, int, str]] | None = None
 
     @property
     def name(self) -> str:
@@ -25,11 +29,13 @@ class ShardPlan:
 
     def __reduce__(self):
         # sent to a worker as plain lists (pickled in C): ~5x cheaper than per-sample objects
-        return _plan_from_columns, (self.split, self.index, *map(list, zip(*self.samples)))
+        return _plan_from_columns, (self.split, self.index, self.archive, self.members,
+                                    *map(list, zip(*self.samples)))
 
 
-def _plan_from_columns(split: str, index: int, *columns: list) -> ShardPlan:
-    return ShardPlan(split, index, list(map(Sample._make, zip(*columns))))
+def _plan_from_columns(split: str, index: int, archive: str,
+                       members: list[tuple[int, int, str]] | None, *columns: list) -> ShardPlan:
+    return ShardPlan(split, index, list(map(Sample._make, zip(*columns))), archive, members)
 
 
 def default_num_shards(n: int) -> int:
@@ -43,13 +49,31 @@ def default_num_shards(n: int) -> int:
     return max(1, min(shards, n))
 
 
-def assign(split: str, samples: list[Sample], num_shards: int, seed: int) -> list[ShardPlan]:
+def shard_count(num_samples: int, num_shards: int | None, samples_per_shard: int | None
+                ) -> int:
+    """A split's shard count from the options (--num-shards, else --samples-per-shard, else
+    default_num_shards); never more than the samples (no empty shards)."""
+    if num_shards:
+        n = num_shards
+    elif samples_per_shard:
+        n = -(-num_samples // samples_per_shard)
+    else:
+        n = default_num_shards(num_samples)
+    return min(n, num_samples)
+
+
+def assign(split: str, samples: list[Sample], num_shards: int, seed: int,
+           archive: str = "", members: list[tuple[int, int, str]] | None = None
+           ) -> list[ShardPlan]:
     """Train: a seeded global permutation dealt round-robin (shard sizes differ by at most
-    one). Other splits keep file order in contiguous, equally sized shards."""
+    one). Other splits keep file order in contiguous, equally sized shards. `archive`,
+    `members`: where each sample lies in an archive (ShardPlan), dealt with it."""
     n = len(samples)
     if split == "train":
         order = np.random.default_rng(seed).permutation(n)
         groups = [order[i::num_shards] for i in range(num_shards)]
     else:
         groups = np.array_split(np.arange(n), num_shards)
-    return [ShardPlan(split, i, [samples[j] for j in g]) for i, g in enumerate(groups)]
+    return [ShardPlan(split, i, [samples[j] for j in g], archive,
+                      [members[j] for j in g] if members is not None else None)
+            for i, g in enumerate(groups)]

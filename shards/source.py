@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,33 +55,39 @@ def read_samples(data: Path, split: str, wnids: list[str], class_keys: bool = Fa
     if not ann.is_file():
         raise PrepError(f"{ann}: missing; `prep imagenet` writes it (or drop {split} "
                         "from --splits)")
+    with open(ann, encoding="utf-8") as f:
+        return parse_samples(f, str(ann), split, wnids, class_keys)
+
+
+def parse_samples(lines: Iterable[str], where: str, split: str, wnids: list[str],
+                  class_keys: bool = False) -> list[Sample]:
+    """Samples of the lines of a meta/<split>.txt (`where` names it in errors)."""
     index = {w: i for i, w in enumerate(wnids)}
     samples, keys = [], {}
-    with open(ann, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
-            if not text:
-                continue
-            if split == "test":
-                path, label, wnid = text, -1, ""
-            else:
-                path, _, lab = text.rpartition(" ")
-                digits = lab.lstrip("-")
-                if not path or not (digits.isascii() and digits.isdigit()):
-                    raise PrepError(f"{ann}:{n}: expected 'path label', got {text[:80]!r}")
-                label, wnid = int(lab), path.split("/", 1)[0]
-                if not 0 <= label < len(wnids):
-                    raise PrepError(f"{ann}:{n}: label {label} out of range 0..{len(wnids) - 1}")
-                if index.get(wnid) != label:
-                    raise PrepError(f"{ann}:{n}: label {label} but folder {wnid} is class "
-                                    f"{index.get(wnid, 'unknown')} in meta/classes.csv")
-            key = evalset_key(wnid, path.rsplit("/", 1)[-1]) if class_keys else sample_key(path)
-            if key in keys:
-                raise PrepError(f"{ann}:{n}: sample key {key!r} repeats line {keys[key]}")
-            keys[key] = n
-            samples.append(Sample(key, path, label, wnid, n))
+    for n, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text:
+            continue
+        if split == "test":
+            path, label, wnid = text, -1, ""
+        else:
+            path, _, lab = text.rpartition(" ")
+            digits = lab.lstrip("-")
+            if not path or not (digits.isascii() and digits.isdigit()):
+                raise PrepError(f"{where}:{n}: expected 'path label', got {text[:80]!r}")
+            label, wnid = int(lab), path.split("/", 1)[0]
+            if not 0 <= label < len(wnids):
+                raise PrepError(f"{where}:{n}: label {label} out of range 0..{len(wnids) - 1}")
+            if index.get(wnid) != label:
+                raise PrepError(f"{where}:{n}: label {label} but folder {wnid} is class "
+                                f"{index.get(wnid, 'unknown')} in meta/classes.csv")
+        key = evalset_key(wnid, path.rsplit("/", 1)[-1]) if class_keys else sample_key(path)
+        if key in keys:
+            raise PrepError(f"{where}:{n}: sample key {key!r} repeats line {keys[key]}")
+        keys[key] = n
+        samples.append(Sample(key, path, label, wnid, n))
     if not samples:
-        raise PrepError(f"{ann}: no samples")
+        raise PrepError(f"{where}: no samples")
     return samples
 
 

@@ -81,6 +81,14 @@ static int write_all(int fd, struct iovec *v, int cnt) {
     return 0;
 }
 
+static void identity(const struct stat *st, long long *id) {
+    id[0] = (long long)st->st_size;
+    id[1] = (long long)st->st_mtim.tv_sec * 1000000000LL + st->st_mtim.tv_nsec;
+    id[2] = (long long)st->st_ctim.tv_sec * 1000000000LL + st->st_ctim.tv_nsec;
+    id[3] = (long long)st->st_ino;
+    id[4] = (long long)st->st_dev;
+}
+
 /* Read all of `path` into *buf (grown as needed); its size, or -1. id: the file's identity
  * (prep/checked.py) read from the descriptor the bytes come from: size, mtime and ctime in
  * ns, inode, device. */
@@ -90,11 +98,7 @@ static long long read_file(const char *path, unsigned char **buf, size_t *cap,
     if (fd < 0) return -1;
     struct stat st;
     if (fstat(fd, &st) < 0) { close(fd); return -1; }
-    id[0] = (long long)st.st_size;
-    id[1] = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
-    id[2] = (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec;
-    id[3] = (long long)st.st_ino;
-    id[4] = (long long)st.st_dev;
+    identity(&st, id);
     size_t want = (size_t)st.st_size + 1, got = 0;
     for (;;) {
         if (got + 1 > *cap || want > *cap) {
@@ -113,6 +117,26 @@ static long long read_file(const char *path, unsigned char **buf, size_t *cap,
     return (long long)got;
 }
 
+/* `size` bytes at `offset` of the open archive `fd` into *buf (an archive member read in
+ * place, `prep shard --src`): `size`, or -1 (a read error, or the archive ends before the
+ * member does: Python then names it). */
+static long long read_member(int fd, long long offset, long long size, unsigned char **buf,
+                             size_t *cap) {
+    if ((size_t)size + 1 > *cap) {
+        unsigned char *b = realloc(*buf, (size_t)size + 1);
+        if (!b) return -1;
+        *buf = b; *cap = (size_t)size + 1;
+    }
+    long long got = 0;
+    while (got < size) {
+        ssize_t k = pread(fd, *buf + got, (size_t)(size - got), (off_t)(offset + got));
+        if (k < 0) { if (errno == EINTR) continue; return -1; }
+        if (k == 0) return -1;
+        got += k;
+    }
+    return got;
+}
+
 /* prep/jpegcheck.c's jc_check: 0 when the JPEG decodes whole within max_pixels. */
 typedef int (*check_fn)(const unsigned char *, unsigned long, unsigned long long, int *,
                         char *);
@@ -124,21 +148,36 @@ typedef int (*check_fn)(const unsigned char *, unsigned long, unsigned long long
  * identity equals its ID_FIELDS values in `trusted` (checked before, unchanged since).
  * Outputs per written sample: start offset, jpg size, width, height, the source's identity
  * (ID_FIELDS in ids), whether `check` ran on it, jpg CRC-32. The read buffer lives for one
- * call: no state is shared between calls or threads. */
+ * call: no state is shared between calls or threads. With src_fd >= 0 the samples are
+ * members of that open archive (src_offsets, src_sizes; `paths` unused) and their
+ * identity is the archive's. */
 #define ID_FIELDS 5
 static int write_samples(int out_fd, int n, const char **paths, const char **keys,
                          const int *labels, const char **json_mid, const char **json_end,
                          long long *offset, long long *starts, long long *sizes, int *widths,
                          int *heights, const long long *trusted, long long *ids, int *checked,
                          unsigned int *crcs, check_fn check, unsigned long long max_pixels,
+                         int src_fd, const long long *src_offsets, const long long *src_sizes,
                          unsigned char **buf, size_t *cap) {
     unsigned char hc[BLOCK], hj[BLOCK], hm[BLOCK];
     char cls[16], json[4096], msg[200];
     int dims[3];
+    long long src_id[ID_FIELDS];
+    if (src_fd >= 0) {
+        struct stat st;
+        if (fstat(src_fd, &st) < 0) return 0;
+        identity(&st, src_id);
+    }
     for (int i = 0; i < n; i++) {
         if (strlen(keys[i]) + 5 > 100) return i;
         long long *id = ids + (size_t)i * ID_FIELDS;
-        long long size = read_file(paths[i], buf, cap, id);
+        long long size;
+        if (src_fd >= 0) {
+            memcpy(id, src_id, sizeof src_id);
+            size = read_member(src_fd, src_offsets[i], src_sizes[i], buf, cap);
+        } else {
+            size = read_file(paths[i], buf, cap, id);
+        }
         int w = 0, h = 0;
         if (size < 0 || !jpeg_size(*buf, size, &w, &h) || !complete(*buf, size)) return i;
         if (w == 0 || h == 0 || (unsigned long long)w * h > max_pixels) return i;
@@ -186,12 +225,14 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
              const char **json_mid, const char **json_end, long long *offset,
              long long *starts, long long *sizes, int *widths, int *heights,
              const long long *trusted, long long *ids, int *checked, unsigned int *crcs,
-             void *check, unsigned long long max_pixels) {
+             void *check, unsigned long long max_pixels, int src_fd,
+             const long long *src_offsets, const long long *src_sizes) {
     unsigned char *buf = NULL;
     size_t cap = 0;
     int done = write_samples(out_fd, n, paths, keys, labels, json_mid, json_end, offset,
                              starts, sizes, widths, heights, trusted, ids, checked, crcs,
-                             (check_fn)check, max_pixels, &buf, &cap);
+                             (check_fn)check, max_pixels, src_fd, src_offsets, src_sizes,
+                             &buf, &cap);
     int saved = errno;
     free(buf);
     errno = saved;
@@ -199,4 +240,4 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
 }
 
 /* The call signature's version: shards/tarpack.py loads only a library that matches. */
-int tp_abi(void) { return 3; }
+int tp_abi(void) { return 4; }

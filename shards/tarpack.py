@@ -24,7 +24,7 @@ from shards.source import Sample
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
-ABI = 3  # tarpack.c's tp_abi(): the signature of tp_write
+ABI = 4  # tarpack.c's tp_abi(): the signature of tp_write
 ID_FIELDS = 5  # prep.checked.Identity: size, mtime, ctime, inode, device
 
 
@@ -34,7 +34,7 @@ _lib = cbuild.load(LIBRARY, "tp_write", ctypes.c_int,
                     _p(ctypes.c_int), _p(ctypes.c_char_p), _p(ctypes.c_char_p), _p(_I64),
                     _p(_I64), _p(_I64), _p(ctypes.c_int), _p(ctypes.c_int), _p(_I64),
                     _p(_I64), _p(ctypes.c_int), _p(ctypes.c_uint), ctypes.c_void_p,
-                    ctypes.c_ulonglong],
+                    ctypes.c_ulonglong, ctypes.c_int, _p(_I64), _p(_I64)],
                    abi=("tp_abi", ABI), use_errno=True)
 
 
@@ -46,11 +46,10 @@ C_PREFIX = '{"format": "JPEG", "height": '  # what tarpack.c writes before the h
 _HEIGHT, _WIDTH = -1234567, -7654321  # placeholders the real sizes replace
 
 
-def _json_parts(s: Sample, split: str) -> tuple[bytes, bytes]:
+def _json_parts(s: Sample, source: str) -> tuple[bytes, bytes]:
     """(between height and width, after width) of a pass-through sample's json."""
     text = sample_json(fmt="JPEG", height=_HEIGHT, key=s.key, label=s.label, mode="RGB",
-                       repaired="", resized=False, source=f"{split}/{s.path}", width=_WIDTH,
-                       wnid=s.wnid)
+                       repaired="", resized=False, source=source, width=_WIDTH, wnid=s.wnid)
     head, rest = text.split(str(_HEIGHT), 1)
     mid, end = rest.split(str(_WIDTH), 1)
     if head != C_PREFIX:
@@ -58,24 +57,27 @@ def _json_parts(s: Sample, split: str) -> tuple[bytes, bytes]:
     return mid.encode(), end.encode()
 
 
-def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: str,
+def write_samples(fd: int, offset: int, paths: list[str], samples: list, sources: list[str],
                   strict: bool = True, trusted: list[tuple | None] | None = None,
+                  archive_fd: int = -1, members: list[tuple[int, int, str]] | None = None,
                   ) -> tuple[int, int, list[tuple]]:
-    """Append `samples` (shards.source.Sample, files at `paths`) to the tar open as `fd`,
-    whose next member goes at `offset`. Returns (how many were written, the new offset,
-    [(sample start offset, jpg bytes, width, height, source identity, checked, jpg crc32,
-    json bytes)] for them); the identity is prep.checked.Identity, `checked` whether the
-    strict check ran. `trusted`: per sample, the identity under which it passed the strict
-    check before, or None; a file with that identity now is not checked again. Raises
-    OSError on a write error; stops early at a sample Python must handle: not a clean RGB
-    JPEG, size 0 or above prep.jpeg.MAX_PIXELS, or (`strict`, with prep/jpegcheck.c built)
-    one whose entropy data ends early."""
+    """Append `samples` (shards.source.Sample, files at `paths`; or, with `archive_fd`,
+    `members` (offset, size, _) of that open archive) to the tar open as `fd`, whose next
+    member goes at `offset`; `sources`: their json's `source`. Returns (how many were
+    written, the new offset, [(sample start offset, jpg bytes, width, height, source
+    identity, checked, jpg crc32, json bytes)] for them); the identity is
+    prep.checked.Identity (the archive's for members), `checked` whether the strict check
+    ran. `trusted`: per sample, the identity under which it passed the strict check
+    before, or None; a file with that identity now is not checked again. Raises OSError
+    on a write error; stops early at a sample Python must handle: not a clean RGB JPEG,
+    size 0 or above prep.jpeg.MAX_PIXELS, unreadable, or (`strict`, with prep/jpegcheck.c
+    built) one whose entropy data ends early."""
     n = len(samples)
     enc = [p.encode() for p in paths]
     keys = [s.key.encode() for s in samples]
     mids, ends = [], []
-    for s in samples:  # the one json definition, cut around the size the C loop fills in
-        mid, end = _json_parts(s, split)
+    for s, source in zip(samples, sources):  # the one json definition, cut around the sizes
+        mid, end = _json_parts(s, source)
         mids.append(mid)
         ends.append(end)
     strs = ctypes.c_char_p * n
@@ -88,11 +90,13 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, split: 
         if t is not None:
             trust[i * ID_FIELDS : (i + 1) * ID_FIELDS] = t
     check = jpeg.check_function_address() if strict else None
+    at = (_I64 * n)(*(m[0] for m in members)) if members is not None else None
+    lengths = (_I64 * n)(*(m[1] for m in members)) if members is not None else None
     done = _lib.tp_write(fd, n, strs(*enc), strs(*keys),
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
                          strs(*ends), ctypes.byref(off), starts, sizes, widths, heights,
                          (_I64 * (n * ID_FIELDS))(*trust), ids, checked, crcs, check,
-                         jpeg.MAX_PIXELS)
+                         jpeg.MAX_PIXELS, archive_fd, at, lengths)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

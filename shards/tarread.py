@@ -61,12 +61,16 @@ def _pax_path(records: bytes) -> str | None:
     return None
 
 
-def members(buf: bytes | mmap.mmap, url: str, start: int = 0
-            ) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in the tar held by `buf`, from the
-    header at `start` (a sample's offset in index.parquet) on; the data may run past the end
-    of a truncated file (see `samples`)."""
-    end, pos, next_name = len(buf), start, None
+REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
+
+
+def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = None
+            ) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, type flag, data offset, size) of each entry of the tar held by `buf[:end]`
+    from the header at `start` on, up to the end-of-archive marker: GNU long names and pax
+    `path` records name the entry that follows them. A damaged header raises ShardError;
+    the data of an entry may run past `end` (a truncated file: the caller decides)."""
+    end, pos, next_name = len(buf) if end is None else end, start, None
     while pos + BLOCK <= end:
         header = buf[pos : pos + BLOCK]
         if not any(header):
@@ -78,16 +82,28 @@ def members(buf: bytes | mmap.mmap, url: str, start: int = 0
         if header[257:262] == b"ustar" and header[345]:
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         size, kind, start = _number(header[124:136]), header[156:157], pos + BLOCK
-        if start + size > end and kind not in (b"0", b"\0", b"7"):
+        if start + size > end and kind not in REGULAR:
             raise ShardError(f"{url}: truncated at offset {pos}")
-        if kind in (b"0", b"\0", b"7"):  # (the caller checks that the data is all there)
-            yield (next_name or name.decode("utf-8")), start, size
-            next_name = None
-        elif kind == b"L":
+        if kind == b"L":
             next_name = bytes(buf[start : start + size]).rstrip(b"\0").decode("utf-8")
         elif kind == b"x":
             next_name = _pax_path(bytes(buf[start : start + size])) or next_name
+        else:
+            yield (next_name or name.decode("utf-8")), kind, start, size
+            next_name = None
         pos = start + size + (-size % BLOCK)
+    if pos < end:
+        raise ShardError(f"{url}: truncated at offset {pos} (a partial tar header)")
+
+
+def members(buf: bytes | mmap.mmap, url: str, start: int = 0
+            ) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in the tar held by `buf`, from the
+    header at `start` (a sample's offset in index.parquet) on; the data may run past the end
+    of a truncated file (see `samples`)."""
+    for name, kind, data, size in entries(buf, url, start):
+        if kind in REGULAR:  # (the caller checks that the data is all there)
+            yield name, data, size
 
 
 def group_samples(files: Iterable[tuple[str, Callable[[], bytes]]], url: str,

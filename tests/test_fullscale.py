@@ -47,3 +47,29 @@ def test_full_scale_val_txt_equals_caffe(tmp_path, caffe_val_txt, layout):
     assert lines == caffe_val_txt
     table = (tmp_path / "data/imagenet/meta/classes.csv").read_text().splitlines()
     assert len(table) == 1001 and table[66].startswith("65,n01751748,490,")
+
+
+def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_txt):
+    """`prep shard --src` on the original tars plans the very samples, labels, shards and
+    order that `prep imagenet --extract-to` then `prep shard --data` plan (1000 classes, the
+    50,000 real val labels), each sample read from the member of its own name."""
+    from shards.build import ShardSettings, make_plans
+    from shards.release import plan_release
+
+    src = tmp_path / "src"
+    write_sample(src, "ilsvrc2012-tar", FULL, progress=False)
+    prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
+                     workers=2)
+    settings = ShardSettings()
+    wnids, two_step, _ = make_plans(tmp_path / "data/imagenet", settings)
+    direct = plan_release(src, settings, progress=False)
+    assert direct.wnids == wnids and len(wnids) == 1000
+    assert [(p.name, [s[:4] for s in p.samples]) for p in direct.plans] == \
+        [(p.name, [s[:4] for s in p.samples]) for p in two_step]
+    val = [p for p in direct.plans if p.split == "val"]
+    assert sum(len(p.samples) for p in val) == 50_000 and len(val) == 64
+    lines = [f"{s.path} {s.label}" for p in val for s in p.samples]
+    assert lines == caffe_val_txt  # val shards keep file order
+    for p in direct.plans[:: len(direct.plans) // 7]:
+        for s, (_offset, size, source) in zip(p.samples, p.members):
+            assert size == 0 and source.endswith(s.path.rsplit("/", 1)[1])

@@ -1,0 +1,150 @@
+"""List the original ILSVRC2012 tars without extracting them: every image's name, and where
+its bytes lie in the archive (offset, size), for `prep shard --src` to read them in place.
+
+The archives are plain (uncompressed) tars, so a member is read with one `pread` at its
+data offset. The train tar holds 1,000 class tars (`n01440764.tar`); their members' offsets
+are those inside the outer file. Only the 512-byte headers are read (a memory map walked by
+shards.tarread.entries, every header's checksum checked: ~5 us a member where tarfile takes
+~19), not the images between them. Members are judged exactly as `prep imagenet --extract-to`
+judges them (prep.extract): anything but a flat regular file with a plain name is refused,
+two members with one name are refused naming both, and names are sorted into images,
+litter, bad names and other files as the listing of an extracted folder sorts them
+(prep.scan), so both paths find the same samples and the same problems.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prep.classes import is_wnid
+from prep.errors import PrepError
+from prep.extract import OutputNames, corrupt, not_a_file, plain_name
+from prep.progress import progress_bar
+from prep.scan import IMAGE_EXTS, Problems, bad_name, is_litter
+from shards.tarread import REGULAR, ShardError, entries
+
+Where = tuple[int, int]  # (offset of the member's bytes in the archive, size)
+
+
+@dataclass
+class ArchiveListing:
+    """The images of the ILSVRC2012 tars, as the listing of their extraction would give."""
+
+    archives: dict[str, Path]  # split -> archive
+    train: dict[str, list[str]] = field(default_factory=dict)  # wnid -> sorted image names
+    val: list[str] = field(default_factory=list)  # sorted image names
+    test: list[str] = field(default_factory=list)
+    # split -> {path relative to the split's folder once extracted: where in the archive}
+    where: dict[str, dict[str, Where]] = field(default_factory=dict)
+    problems: Problems = field(default_factory=Problems)
+
+
+def list_archives(archives: dict[str, Path], progress: bool = True) -> ArchiveListing:
+    """`archives`: {"train": ILSVRC2012_img_train.tar, "val": ..., optional "test": ...}."""
+    out = ArchiveListing(dict(archives))
+    total = sum(p.stat().st_size for p in archives.values())
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="list archives",
+                       disable=not progress)
+    try:
+        for split, archive in archives.items():
+            where: dict[str, Where] = {}
+            if split == "train":
+                out.train = _list_train(archive, where, out.problems, bar)
+            else:
+                setattr(out, split, _list_flat(archive, where, out.problems, bar))
+            out.where[split] = where
+    finally:
+        bar.close()
+    return out
+
+
+_KINDS = {b"1": "hardlink", b"2": "symlink", b"5": "directory"}  # tar type flags
+
+
+def _map(archive: Path) -> mmap.mmap:
+    try:
+        with open(archive, "rb") as f:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:  # ValueError: an empty file
+        raise PrepError(f"{archive}: cannot read it as a tar archive ({exc})") from exc
+    buf.madvise(mmap.MADV_RANDOM)  # headers only: no read-ahead of the images between them
+    return buf
+
+
+def _members(buf: mmap.mmap, archive: str, start: int, end: int
+             ) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each member of the tar in buf[start:end], refused as
+    the extraction refuses it when it is not a regular file with a plain name, or when
+    the archive (or a class tar in it) is cut short."""
+    try:
+        for name, kind, data, size in entries(buf, archive, start, end):
+            if kind not in REGULAR:
+                raise not_a_file(archive, name, _KINDS.get(kind, ""))
+            if data + size > end:
+                raise ShardError(f"member {name!r} runs past the end")
+            yield plain_name(archive, name), data, size
+    except (ShardError, UnicodeDecodeError) as exc:
+        raise corrupt(archive, exc) from exc
+
+
+def _images(archive: str, members: Iterator[tuple[str, int, int]], rel: str,
+            where: dict[str, Where], folder: str, probs: Problems) -> list[str]:
+    """Sorted image names of one flat member list (a class tar, the val tar); the rest
+    sorted into `probs` as prep.scan.list_images sorts the files of a folder."""
+    names = OutputNames()
+    images = []
+    for name, offset, size in members:
+        names.add(name, f"{archive}: member {name!r} (#{len(names.origin) + 1})")
+        path = f"{rel}/{name}"
+        if is_litter(name):
+            probs.ignored.append(path)
+        elif bad_name(name):
+            probs.bad_names.append(path)
+        elif not name.endswith(IMAGE_EXTS):
+            probs.extra.append(path)
+        else:
+            images.append(name)
+            where[f"{folder}{name}"] = (offset, size)
+            if size == 0:
+                probs.empty.append(path)
+    images.sort()
+    return images
+
+
+def _list_flat(archive: Path, where: dict[str, Where], probs: Problems, bar: Any) -> list[str]:
+    buf = _map(archive)
+    try:
+        names = _images(str(archive), _members(buf, str(archive), 0, len(buf)), archive.name,
+                        where, "", probs)
+    finally:
+        buf.close()
+    bar.update(os.path.getsize(archive))
+    return names
+
+
+def _list_train(archive: Path, where: dict[str, Where], probs: Problems, bar: Any
+                ) -> dict[str, list[str]]:
+    """{wnid: sorted names} of the class tars inside the train tar, each walked where it
+    lies, so its members' offsets are offsets in the outer archive."""
+    classes = OutputNames()
+    train: dict[str, list[str]] = {}
+    buf = _map(archive)
+    try:
+        for name, offset, size in list(_members(buf, str(archive), 0, len(buf))):
+            wnid = name[:-4] if name.endswith(".tar") else ""
+            if not is_wnid(wnid):
+                raise PrepError(f"{archive}: member {name!r} is not a class tar "
+                                "(expected nXXXXXXXX.tar)")
+            classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
+            inner = f"{archive}:{name}"
+            train[wnid] = _images(inner, _members(buf, inner, offset, offset + size),
+                                  f"{archive.name}/{wnid}", where, f"{wnid}/", probs)
+            bar.update(size + 512)
+    finally:
+        buf.close()
+    return dict(sorted(train.items()))

@@ -1,0 +1,73 @@
+"""`prep shard --src RELEASE`: the shard plans of a release read in place, without
+extracting it.
+
+The release is listed (prep.imagenet.scan_archives) and checked by the very checks
+`prep imagenet` runs (validate_scan: names, keys, every val label source against the
+others and the real labels, classes, counts); the sample lists are the meta/ files that
+`prep imagenet` would write for it, parsed as `prep shard --data` parses them. So the
+shards hold the same samples in the same shards and order as extracting, linking and
+sharding; only each sample's `source` names its archive and member.
+
+Read in place: the original ILSVRC2012 tars (plain tars: one `pread` per image). The
+compressed releases (face-blurred and Hugging Face tar.gz, Parquet) are refused with the
+two-step path to take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prep.errors import PrepError
+from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
+from prep.layout import Layout, detect_layout
+from prep.scan import Problems
+from shards.plan import ShardPlan, assign, shard_count
+from shards.settings import ShardSettings
+from shards.source import parse_samples
+
+
+@dataclass
+class ReleasePlan:
+    layout: Layout
+    wnids: list[str]
+    plans: list[ShardPlan]
+    problems: Problems
+    notes: list[str]
+    counts: dict[str, int]
+
+
+def plan_release(src: Path, s: ShardSettings, progress: bool = True) -> ReleasePlan:
+    lay = detect_layout(src)
+    if lay.name != "ilsvrc2012-tar":
+        extra = "" if lay.archives or lay.hf_files else \
+            "; it is already unpacked: run `prep imagenet` on it, then `prep shard --data`"
+        raise PrepError(
+            f"--src {lay.src}: a {lay.name} copy; prep shard --src reads the original "
+            f"ILSVRC2012 tars in place{extra or ''}. For this release, extract and link it "
+            "first (`prep imagenet --src SRC --link DIR --extract-to DIR2`), then run "
+            "`prep shard --data DIR/imagenet`")
+    scan = scan_archives(lay, progress)
+    v = validate_scan(lay, scan)
+    wnids = [c.wnid for c in v.classes]
+    texts = meta_files(v.classes, scan.train, scan.val_files, v.val_labels, scan.test, {})
+    # each view path back to its place in the archives
+    where_val = {val_view_path(rel, v.val_labels[stem]): rel
+                 for stem, rel in scan.val_files.items()}
+    plans = []
+    for split in s.splits:
+        if f"{split}.txt" not in texts or split not in lay.archives:
+            continue  # test is optional: only when the release has a test tar
+        archive = lay.archives[split]
+        samples = parse_samples(texts[f"{split}.txt"].splitlines(True),
+                                f"{archive} (its {split} list)", split, wnids)
+        where = scan.where[split]
+        members = []
+        for smp in samples:
+            rel = where_val[smp.path] if split == "val" else smp.path
+            offset, size = where[rel]
+            inner = f"{smp.wnid}.tar/{rel.split('/', 1)[1]}" if split == "train" else rel
+            members.append((offset, size, f"{archive.name}:{inner}"))
+        n = shard_count(len(samples), s.num_shards, s.samples_per_shard)
+        plans += assign(split, samples, n, s.seed, str(archive), members)
+    return ReleasePlan(lay, wnids, plans, scan.problems, v.notes, v.counts)
