@@ -4,7 +4,7 @@ its bytes lie in the archive (offset, size), for `prep shard --src` to read them
 The archives are plain (uncompressed) tars, so a member is read with one `pread` at its
 data offset. The train tar holds 1,000 class tars (`n01440764.tar`); their members' offsets
 are those inside the outer file. Only the 512-byte headers are read (a memory map walked by
-shards.tarread.entries, every header's checksum checked: ~5 us a member where tarfile takes
+prep.tarheaders.entries, every header's checksum checked: ~5 us a member where tarfile takes
 ~19), not the images between them. Members are judged exactly as `prep imagenet --extract-to`
 judges them (prep.extract): anything but a flat regular file with a plain name is refused,
 two members with one name are refused naming both, and names are sorted into images,
@@ -26,7 +26,7 @@ from prep.errors import PrepError
 from prep.extract import OutputNames, corrupt, not_a_file, plain_name
 from prep.progress import progress_bar
 from prep.scan import IMAGE_EXTS, Problems, bad_name, is_litter
-from shards.tarread import REGULAR, ShardError, entries
+from prep.tarheaders import REGULAR, TarError, entries
 
 Where = tuple[int, int]  # (offset of the member's bytes in the archive, size)
 
@@ -86,9 +86,9 @@ def _members(buf: mmap.mmap, archive: str, start: int, end: int
             if kind not in REGULAR:
                 raise not_a_file(archive, name, _KINDS.get(kind, ""))
             if data + size > end:
-                raise ShardError(f"member {name!r} runs past the end")
+                raise TarError(f"member {name!r} runs past the end")
             yield plain_name(archive, name), data, size
-    except (ShardError, UnicodeDecodeError) as exc:
+    except (TarError, UnicodeDecodeError) as exc:
         raise corrupt(archive, exc) from exc
 
 

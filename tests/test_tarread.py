@@ -8,7 +8,8 @@ import webdataset as wds
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shards.tarread import ShardError, header_checksum, samples
+from prep.tarheaders import header_checksum
+from shards.tarread import ShardError, samples
 from tests.conftest import sharded_sample
 
 
