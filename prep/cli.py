@@ -304,11 +304,8 @@ def shard(data: Path | None, src: Path | None, out: Path | str, samples_per_shar
         if shard_range or finalize:
             raise PrepError("--shard-range / --finalize: not supported with an s3:// --out "
                             "yet; write the parts to local directories, or shard in one run")
-        if data is None:
-            raise PrepError("--src with an s3:// --out: not supported yet; shard to a local "
-                            "directory, or prepare a view (`prep imagenet`) and use --data")
-        r = shard_to_store(data, out, settings, workers=workers, force=force,
-                           progress=not quiet)
+        r = shard_to_store(data or src, out, settings, workers=workers, force=force,
+                           progress=not quiet, src=data is None)
     else:
         run = shard_dataset if data is not None else shard_release
         r = run(data if data is not None else src, out, settings, workers=workers,

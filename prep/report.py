@@ -67,7 +67,7 @@ def format_shard(r: Any, out: Path) -> str:
         lines += problem_lines(r.problems)
     if r.trusted:
         lines.append(f"  strict check: {r.trusted:,} sources passed it in an earlier run and "
-                     "are unchanged since (.checked.sqlite in --data); the rest were checked")
+                     f"are unchanged since ({r.record}); the rest were checked")
     if r.pending:
         lines.append(f"  {r.pending} shards belong to other --shard-range parts; the last "
                      "part to finish (or `prep shard --finalize`) writes the manifest")

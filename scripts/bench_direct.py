@@ -9,9 +9,12 @@ clean output (the release stays in the page cache, as for every row):
    plain extraction (baseline 1);
 2. `prep imagenet --extract-to X --link V`: prep's extraction, listing, checks and links;
 3. `prep shard --data V/imagenet`, after 2 (the second step; the two-step path is 2 + 3);
-4. `prep shard --src RELEASE`: one pass, nothing extracted;
-5. the same with `--check header` (what the pass costs without the strict JPEG check);
-6. the strict check alone: every member read in place and entropy-decoded
+4. `prep shard --src RELEASE`: one pass, nothing extracted (its record of checked members
+   removed before: a first pass);
+5. the same again into a new OUT: the members checked in 4 are not checked again (a
+   reshard: another shard count or --max-size);
+6. `--src` with `--check header` (what the pass costs without the strict JPEG check);
+7. the strict check alone: every member read in place and entropy-decoded
    (prep.jpeg.strict_problem), in as many processes as cores: the floor of rows 3 and 4.
 All with the defaults (--check full, every core) unless said. Disk: the peak growth of the file
 system's used space while each run ran (statvfs every 20 ms), against the shards' size.
@@ -89,7 +92,7 @@ def _check_members(archive: str, members: list[tuple[int, int]]) -> int:
 
 
 def check_alone(release: Path) -> None:
-    """Row 6 (run as `bench_direct.py --check-alone RELEASE`, timed from outside): list the
+    """Row 7 (run as `bench_direct.py --check-alone RELEASE`, timed from outside): list the
     archives, then check every member in one process per core."""
     from concurrent.futures import ProcessPoolExecutor
 
@@ -133,10 +136,13 @@ def main() -> None:
                         str(release)], check=True)
     nbytes = sum(p.stat().st_size for p in release.glob("*.tar"))
     n = a.classes * (a.train_per_class + a.val_per_class)
-    x, view, two, direct, plain = (root / d for d in ("x", "view", "two", "direct", "plain"))
+    x, view, two, direct, plain, cache = (root / d for d in ("x", "view", "two", "direct",
+                                                            "plain", "cache"))
+    os.environ["XDG_CACHE_HOME"] = str(cache)  # prep shard --src's record: this bench's own
     rows: dict[str, list[tuple[float, int]]] = {k: [] for k in (
         "tar -xf of every archive (baseline 1)", "prep imagenet --extract-to (step 1)",
         "prep shard --data, after step 1 (step 2)", "prep shard --src (one pass)",
+        "prep shard --src again, new OUT (members checked before)",
         "prep shard --src --check header", "strict check alone (every core)")}
     names = list(rows)
     for _ in range(a.trials):
@@ -147,16 +153,19 @@ def main() -> None:
                                    str(view), "--extract-to", str(x), "-q"], root))
         rows[names[2]].append(run([PREP, "shard", "--data", str(view / "imagenet"), "--out",
                                    str(two), "-q"], root))
-        clean(x, view, two, direct)
+        clean(x, view, two, direct, cache)
         rows[names[3]].append(run([PREP, "shard", "--src", str(release), "--out",
                                    str(direct), "-q"], root))
         clean(direct)
         rows[names[4]].append(run([PREP, "shard", "--src", str(release), "--out",
+                                   str(direct), "-q"], root))
+        clean(direct)
+        rows[names[5]].append(run([PREP, "shard", "--src", str(release), "--out",
                                    str(direct), "-q", "--check", "header"], root))
-        rows[names[5]].append(run([sys.executable, __file__, "--check-alone", str(release)],
+        rows[names[6]].append(run([sys.executable, __file__, "--check-alone", str(release)],
                                   root))
     shards = sum(p.stat().st_size for p in direct.glob("*.tar"))
-    clean(plain, x, view, two, direct)
+    clean(plain, x, view, two, direct, cache)
     med = {k: statistics.median(s for s, _ in v) for k, v in rows.items()}
     peak = {k: max(d for _, d in v) for k, v in rows.items()}
     two_step = [s1 + s2 for (s1, _), (s2, _) in zip(rows[names[1]], rows[names[2]])]
@@ -178,6 +187,9 @@ def main() -> None:
           f"{d / med[names[0]]:.2f}x tar -xf, {d / t2:.2f}x the two-step path "
           f"(goal <= 0.6x); its peak disk {peak[names[3]] / 1e6:,.0f} MB for "
           f"{shards / 1e6:,.0f} MB of shards")
+    again = med[names[4]]
+    print(f"again into a new OUT (checked before): {again / med[names[1]]:.2f}x prep's "
+          f"extraction, {again / med[names[0]]:.2f}x tar -xf")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from prep.scan import Problems
 from prep.workers import interrupt_at_checks, process_pool, thread_map, worker_context
 from shards.dali_index import index_path
 from shards.manifest import INDEX, INFO, SUMS, preload_manifest_libs, write_manifest
-from shards.plan import ShardPlan, assign, shard_count
+from shards.plan import ShardInput, ShardPlan, assign, shard_count
 from shards.record import INDEX_COLUMNS, ShardRecord
 from shards.settings import ShardSettings
 from shards.source import read_classes, read_samples
@@ -64,10 +64,17 @@ class ShardReport:
     kept: int = 0  # shards finished by an earlier run
     pending: int = 0  # shards left to other --shard-range parts
     trusted: int = 0  # sources the strict check passed before, unchanged since (not checked)
+    record: str = ""  # the record of checked sources (prep.checked)
     problems: Problems | None = None  # --src: what the listing of the release found
     notes: list[str] = field(default_factory=list)
     info: dict | None = None  # the manifest, once complete
     seconds: float = 0.0
+
+
+def view_input(data: Path, s: ShardSettings) -> ShardInput:
+    """The plans of a view (--data); its record of checked sources lives in it."""
+    wnids, plans, evalset = make_plans(data, s)
+    return ShardInput(data, wnids, plans, {"evalset": evalset} if evalset else {}, data)
 
 
 def make_plans(data: Path, s: ShardSettings
@@ -325,6 +332,12 @@ def sources_unchanged(data: Path, plan: ShardPlan, rec: ShardRecord) -> bool:
     return True
 
 
+def open_record(inp: ShardInput, settings: ShardSettings) -> CheckedRecord:
+    """The record of sources the strict check passed, for this input (one that keeps
+    nothing when the input has no place for it)."""
+    return CheckedRecord(inp.record or inp.root, settings.strict and inp.record is not None)
+
+
 def _save(parts: Path, rec: ShardRecord) -> None:
     write_atomic(parts / f"{rec.name}.json", rec.to_json())
 
@@ -370,12 +383,10 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
     t0 = time.perf_counter()
     data, out = Path(os.path.abspath(data)), Path(os.path.abspath(out))
     refuse_inside(out, _source_roots(data), "--out")
-    wnids, plans, evalset = make_plans(data, settings)
+    inp = view_input(data, settings)
     _make_out(out)
-    return _shard_plans(data, out, plans, wnids, settings, workers=workers,
-                        shard_range=shard_range, force=force, finalize_only=finalize_only,
-                        progress=progress, t0=t0, keep_checked=True,
-                        extra={"evalset": evalset} if evalset else {})
+    return _shard_input(inp, out, settings, workers=workers, shard_range=shard_range,
+                        force=force, finalize_only=finalize_only, progress=progress, t0=t0)
 
 
 def shard_release(src: Path, out: Path, settings: ShardSettings, *, workers: int = 1,
@@ -384,21 +395,16 @@ def shard_release(src: Path, out: Path, settings: ShardSettings, *, workers: int
     """`prep shard --src`: the shards of a release, read in place from its archives
     (shards/release.py); the same shards, manifest, resumption and locks as from a view.
     A changed archive (size or mtime) has its shards written again."""
-    from shards.release import plan_release
+    from shards.release import release_input
 
     t0 = time.perf_counter()
     src, out = Path(os.path.abspath(src)), Path(os.path.abspath(out))
     refuse_inside(out, {"source": src}, "--out")
     worker_context(["shards.write"])  # the workers' server starts while the release is listed
-    release = plan_release(src, settings, progress)
+    inp = release_input(src, settings, progress)
     _make_out(out)
-    report = _shard_plans(src, out, release.plans, release.wnids, settings, workers=workers,
-                          shard_range=shard_range, force=force, finalize_only=finalize_only,
-                          progress=progress, t0=t0, keep_checked=False,
-                          extra={"release": {"layout": release.layout.name,
-                                             "counts": release.counts}})
-    report.problems, report.notes = release.problems, release.notes
-    return report
+    return _shard_input(inp, out, settings, workers=workers, shard_range=shard_range,
+                        force=force, finalize_only=finalize_only, progress=progress, t0=t0)
 
 
 def _make_out(out: Path) -> None:
@@ -411,23 +417,23 @@ def _make_out(out: Path) -> None:
         raise write_error(out, exc) from exc
 
 
-def _shard_plans(data: Path, out: Path, plans: list[ShardPlan], wnids: list[str],
-                 settings: ShardSettings, *, workers: int, shard_range: tuple[int, int],
-                 force: bool, finalize_only: bool, progress: bool, t0: float,
-                 keep_checked: bool, extra: dict) -> ShardReport:
-    fp = fingerprint(plans, settings)
+def _shard_input(inp: ShardInput, out: Path, settings: ShardSettings, *, workers: int,
+                 shard_range: tuple[int, int], force: bool, finalize_only: bool,
+                 progress: bool, t0: float) -> ShardReport:
+    fp = fingerprint(inp.plans, settings)
     with output_lock(out, shard_range, exclusive=force or finalize_only):
-        parts = _claim(out, fp, settings, data, force, [p.name for p in plans])
-        return _shard_locked(data, out, plans, settings, wnids=wnids, fp=fp, parts=parts,
-                             workers=workers, shard_range=shard_range,
-                             finalize_only=finalize_only, progress=progress, t0=t0,
-                             keep_checked=keep_checked, extra=extra)
+        parts = _claim(out, fp, settings, inp.root, force, [p.name for p in inp.plans])
+        report = _shard_locked(inp, out, settings, fp=fp, parts=parts, workers=workers,
+                               shard_range=shard_range, finalize_only=finalize_only,
+                               progress=progress, t0=t0)
+    report.problems, report.notes = inp.problems, inp.notes
+    return report
 
 
-def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: ShardSettings, *,
-                  wnids: list[str], fp: str, parts: Path, workers: int,
-                  shard_range: tuple[int, int], finalize_only: bool, progress: bool,
-                  t0: float, keep_checked: bool, extra: dict) -> ShardReport:
+def _shard_locked(inp: ShardInput, out: Path, settings: ShardSettings, *, fp: str,
+                  parts: Path, workers: int, shard_range: tuple[int, int],
+                  finalize_only: bool, progress: bool, t0: float) -> ShardReport:
+    data, plans = inp.root, inp.plans
     report = ShardReport(out)
     records, todo = {}, []
     part, nparts = shard_range
@@ -444,8 +450,8 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: Shard
     if finalize_only and (todo or report.pending):
         raise PrepError(f"{out}: {len(todo) + report.pending} of {len(plans)} shards are not "
                         "finished yet; run the missing --shard-range parts first")
-    # the record of checked sources lives in the view; a release (--src) has none
-    checked = CheckedRecord(data, settings.strict and keep_checked)
+    checked = open_record(inp, settings)
+    report.record = str(checked.path)
     try:
         for rec in _run(todo, data, out, settings, workers, progress, checked):
             _save(parts, rec)
@@ -469,7 +475,8 @@ def _shard_locked(data: Path, out: Path, plans: list[ShardPlan], settings: Shard
         splits = sorted({p.split for p in plans})
         names = [*OWN_MANIFEST, *(f"{s}.shardindex.json" for s in splits)]
         _record_manifest(manifest_file, dict.fromkeys(names))  # being written: ours
-        report.info = write_manifest(out, [records[p.name] for p in plans], wnids, prep, extra)
+        report.info = write_manifest(out, [records[p.name] for p in plans], inp.wnids, prep,
+                                     inp.extra)
         _record_manifest(manifest_file, {n: _stat_key(out / n) for n in names})
     report.seconds = time.perf_counter() - t0
     return report

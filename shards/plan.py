@@ -4,10 +4,12 @@ not depend on worker count or completion order."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from prep.scan import Problems
 from shards.source import Sample
 
 TARGET_SAMPLES = 1250  # ~140 MB of ImageNet JPEGs (avg ~110 KB): within 100 MB .. 1 GB
@@ -31,6 +33,20 @@ class ShardPlan:
         # sent to a worker as plain lists (pickled in C): ~5x cheaper than per-sample objects
         return _plan_from_columns, (self.split, self.index, self.archive, self.members,
                                     *map(list, zip(*self.samples)))
+
+
+@dataclass
+class ShardInput:
+    """What one `prep shard` reads, planned: a view `prep imagenet` made (--data), or a
+    release read in place (--src, shards/release.py)."""
+
+    root: Path  # the view, or the release's folder
+    wnids: list[str]  # classes in label order
+    plans: list[ShardPlan]
+    extra: dict  # the manifest's blocks about the input (evalset, release)
+    record: Path | None  # the folder of the record of checked sources (None: none kept)
+    problems: Problems | None = None  # --src: what the listing of the release found
+    notes: list[str] = field(default_factory=list)
 
 
 def _plan_from_columns(split: str, index: int, archive: str,

@@ -15,29 +15,20 @@ two-step path to take.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import os
 from pathlib import Path
 
 from prep.errors import PrepError
 from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
-from prep.layout import Layout, detect_layout
-from prep.scan import Problems
-from shards.plan import ShardPlan, assign, shard_count
+from prep.layout import detect_layout
+from shards.plan import ShardInput, assign, shard_count
 from shards.settings import ShardSettings
 from shards.source import parse_samples
 
 
-@dataclass
-class ReleasePlan:
-    layout: Layout
-    wnids: list[str]
-    plans: list[ShardPlan]
-    problems: Problems
-    notes: list[str]
-    counts: dict[str, int]
-
-
-def plan_release(src: Path, s: ShardSettings, progress: bool = True) -> ReleasePlan:
+def release_input(src: Path, s: ShardSettings, progress: bool = True) -> ShardInput:
+    """The listed, checked and planned release at `src` (see the module's docstring)."""
     lay = detect_layout(src)
     if lay.name != "ilsvrc2012-tar":
         extra = "" if lay.archives or lay.hf_files else \
@@ -70,4 +61,24 @@ def plan_release(src: Path, s: ShardSettings, progress: bool = True) -> ReleaseP
             members.append((offset, size, f"{archive.name}:{inner}"))
         n = shard_count(len(samples), s.num_shards, s.samples_per_shard)
         plans += assign(split, samples, n, s.seed, str(archive), members)
-    return ReleasePlan(lay, wnids, plans, scan.problems, v.notes, v.counts)
+    extra = {"release": {"layout": lay.name, "counts": v.counts}}
+    return ShardInput(lay.src, wnids, plans, extra, checked_record_dir(lay.src),
+                      scan.problems, v.notes)
+
+
+def checked_record_dir(src: Path) -> Path | None:
+    """Where the record of a release's members that passed the strict check lives: a
+    cache folder of its own ($XDG_CACHE_HOME, else ~/.cache: imagenet-prep/checked/ and a
+    hash of the release's real path), never the release (only read) nor OUT. A member
+    counts as checked while its archive keeps the identity it had (prep.checked: size,
+    mtime, ctime, inode, device). None when no such folder can be made (then every member
+    is checked, as without a record)."""
+    real = os.path.realpath(src)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    folder = base / "imagenet-prep" / "checked" / hashlib.sha256(real.encode()).hexdigest()[:16]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "release.txt").write_text(real + "\n")  # whose record this is
+    except OSError:
+        return None
+    return folder

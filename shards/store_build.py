@@ -44,12 +44,13 @@ from shards.build import (
     ShardReport,
     ShardSettings,
     fingerprint,
-    make_plans,
+    open_record,
     sources_unchanged,
+    view_input,
 )
 from shards.dali_index import index_path
 from shards.manifest import INFO, write_manifest
-from shards.plan import ShardPlan
+from shards.plan import ShardInput, ShardPlan
 from shards.record import ShardRecord
 from shards.store import Store
 from shards.write import source_paths, write_shard
@@ -145,12 +146,19 @@ def _owned(store: Store, listing: dict[str, dict]) -> list[str]:
 
 def shard_to_store(data: Path, url: str, settings: ShardSettings, *, workers: int = 1,
                    force: bool = False, progress: bool = True,
-                   staging: str | None = None) -> ShardReport:
-    """Write (or finish) the shards of `data` to the store prefix `url`."""
+                   staging: str | None = None, src: bool = False) -> ShardReport:
+    """Write (or finish) the shards of `data` (a view; with `src`, a release read in place,
+    shards/release.py) to the store prefix `url`."""
     t0 = time.perf_counter()
     data = Path(os.path.abspath(data))
     store = Store(url)
-    wnids, plans, evalset = make_plans(data, settings)
+    if src:
+        from shards.release import release_input
+
+        inp = release_input(data, settings, progress)
+    else:
+        inp = view_input(data, settings)
+    plans = inp.plans
     fp = fingerprint(plans, settings)
     with store_lock(store):
         listing = store.list()
@@ -186,8 +194,9 @@ def shard_to_store(data: Path, url: str, settings: ShardSettings, *, workers: in
                                          "data": str(data), "settings": asdict(settings),
                                          "shards": [p.name for p in plans]}, indent=1)
                              + "\n").encode())
-        return _write(store, data, plans, wnids, fp, settings, listing, workers, progress,
-                      staging, t0, {"evalset": evalset} if evalset else {})
+        report = _write(store, inp, fp, settings, listing, workers, progress, staging, t0)
+    report.problems, report.notes = inp.problems, inp.notes
+    return report
 
 
 def _kept(store: Store, plan: ShardPlan, listing: dict[str, dict], data: Path
@@ -208,9 +217,10 @@ def _kept(store: Store, plan: ShardPlan, listing: dict[str, dict], data: Path
     return rec if sources_unchanged(data, plan, rec) else None
 
 
-def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], fp: str,
-           settings: ShardSettings, listing: dict[str, dict], workers: int, progress: bool,
-           staging: str | None, t0: float, extra: dict) -> ShardReport:
+def _write(store: Store, inp: ShardInput, fp: str, settings: ShardSettings,
+           listing: dict[str, dict], workers: int, progress: bool, staging: str | None,
+           t0: float) -> ShardReport:
+    data, plans = inp.root, inp.plans
     report = ShardReport(Path(str(store.where)))
     kept = thread_map(lambda p: _kept(store, p, listing, data), plans, 8)
     records = {p.name: r for p, r in zip(plans, kept) if r is not None}
@@ -224,7 +234,8 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
         report.seconds = time.perf_counter() - t0
         return report
     tmp = Path(tempfile.mkdtemp(prefix="prep-shard-", dir=staging))
-    checked = CheckedRecord(data, settings.strict)
+    checked = open_record(inp, settings)
+    report.record = str(checked.path)
     try:
         for rec in _upload_all(store, todo, data, tmp, settings, workers, progress, checked):
             records[rec.name] = rec
@@ -232,7 +243,8 @@ def _write(store: Store, data: Path, plans: list[ShardPlan], wnids: list[str], f
         report.trusted = checked.trusted_count
         prep = {**stamp(SHARDS), "data": str(data), "fingerprint": fp,
                 "settings": asdict(settings)}
-        report.info = write_manifest(tmp, [records[p.name] for p in plans], wnids, prep, extra)
+        report.info = write_manifest(tmp, [records[p.name] for p in plans], inp.wnids, prep,
+                                     inp.extra)
         names = sorted(n.name for n in tmp.iterdir() if n.name != INFO) + [INFO]
         store.put(MANIFEST, json.dumps(dict.fromkeys(names, "")).encode())  # being written
         etags = {}

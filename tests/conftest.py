@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import mmap
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -282,3 +284,9 @@ def truncated_with_eoi(progressive=False):
     img.save(buf, format="JPEG", quality=90, progressive=progressive)
     data = buf.getvalue()
     return data[: len(data) // 3] + b"\xff\xd9"
+
+
+# prep shard --src keeps its record of checked members under $XDG_CACHE_HOME: the tests'
+# own, never the user's ~/.cache (set before any test, inherited by the programs they run)
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="prep-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)

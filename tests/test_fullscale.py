@@ -54,7 +54,7 @@ def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_tx
     order that `prep imagenet --extract-to` then `prep shard --data` plan (1000 classes, the
     50,000 real val labels), each sample read from the member of its own name."""
     from shards.build import ShardSettings, make_plans
-    from shards.release import plan_release
+    from shards.release import release_input
 
     src = tmp_path / "src"
     write_sample(src, "ilsvrc2012-tar", FULL, progress=False)
@@ -62,7 +62,7 @@ def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_tx
                      workers=2)
     settings = ShardSettings()
     wnids, two_step, _ = make_plans(tmp_path / "data/imagenet", settings)
-    direct = plan_release(src, settings, progress=False)
+    direct = release_input(src, settings, progress=False)
     assert direct.wnids == wnids and len(wnids) == 1000
     assert [(p.name, [s[:4] for s in p.samples]) for p in direct.plans] == \
         [(p.name, [s[:4] for s in p.samples]) for p in two_step]

@@ -17,7 +17,7 @@ from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
 from shards import tarpack, write
 from shards.build import ShardSettings, shard_dataset, shard_release
-from shards.release import plan_release
+from shards.release import release_input
 from shards.write import write_shard
 from tests.conftest import tree_hash
 
@@ -85,7 +85,7 @@ def test_c_and_python_writers_write_the_same_shard(make_sample, tmp_path, monkey
         pytest.skip("shards/tarpack.c not built")
     src, _ = make_sample("ilsvrc2012-tar", **SPEC)
     settings = ShardSettings(num_shards=2)
-    plans = plan_release(src, settings, progress=False).plans
+    plans = release_input(src, settings, progress=False).plans
     python_writes = []
     for p in plans[:1] + [p for p in plans if p.split == "val"][:1]:
         (tmp_path / "c").mkdir(exist_ok=True)
@@ -175,7 +175,7 @@ def test_archive_cut_short_after_listing_is_named(make_sample, tmp_path, monkeyp
     """An archive that shrinks between the listing and the write: the member is named."""
     src, _ = make_sample("ilsvrc2012-tar", **SPEC)
     settings = ShardSettings(num_shards=1, splits=("val",))
-    plan = plan_release(src, settings, progress=False).plans[0]
+    plan = release_input(src, settings, progress=False).plans[0]
     with open(plan.archive, "r+b") as f:
         f.truncate(plan.members[-1][0] + 10)
     for c_writer in (True, False):
@@ -207,5 +207,31 @@ def test_cli_takes_data_or_src(make_sample, tmp_path):
                                   "-q", "--num-shards", "2"])
     assert r.exit_code == 0, r.output
     assert "wrote 6 shards" in r.output and "subset: 4 of 1000 classes" in r.output
-    r = CliRunner().invoke(main, ["shard", "--src", str(src), "--out", "s3://bucket/x"])
-    assert r.exit_code == 1 and "--src with an s3:// --out: not supported yet" in r.output
+
+
+def test_a_second_pass_checks_no_member_again(make_sample, tmp_path, monkeypatch):
+    """The members the strict check passed are recorded in a cache folder (never the
+    release, never OUT): another pass into another OUT checks none of them again, until
+    their archive changes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, plan = make_sample("ilsvrc2012-tar", **SPEC)
+    before = tree_hash(src)
+    n_val = len(plan.val)
+    n = sum(map(len, plan.train.values())) + n_val + SPEC["test_images"]
+    first = _direct(src, tmp_path / "a", num_shards=2)
+    assert (first.trusted, sum(r.num_samples for r in first.written)) == (0, n)
+    records = list((tmp_path / "cache").rglob(".checked.sqlite"))
+    assert len(records) == 1 and str(src) in (records[0].parent / "release.txt").read_text()
+    second = _direct(src, tmp_path / "b", num_shards=3)
+    assert second.trusted == n and second.record == str(records[0])
+    # the same samples as the pass that checked everything
+    keys = pq.read_table(tmp_path / "a" / "index.parquet", columns=["key", "jpg_crc32"])
+    keys2 = pq.read_table(tmp_path / "b" / "index.parquet", columns=["key", "jpg_crc32"])
+    assert sorted(keys.to_pylist(), key=str) == sorted(keys2.to_pylist(), key=str)
+    val_tar = src / "ILSVRC2012_img_val.tar"
+    st = val_tar.stat()
+    os.utime(val_tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # re-downloaded
+    third = _direct(src, tmp_path / "c", num_shards=2)
+    assert third.trusted == n - n_val  # the val members are checked again
+    os.utime(val_tar, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert tree_hash(src) == before
