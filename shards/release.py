@@ -31,13 +31,16 @@ def release_input(src: Path, s: ShardSettings, progress: bool = True) -> ShardIn
     """The listed, checked and planned release at `src` (see the module's docstring)."""
     lay = detect_layout(src)
     if lay.name != "ilsvrc2012-tar":
-        extra = "" if lay.archives or lay.hf_files else \
-            "; it is already unpacked: run `prep imagenet` on it, then `prep shard --data`"
-        raise PrepError(
-            f"--src {lay.src}: a {lay.name} copy; prep shard --src reads the original "
-            f"ILSVRC2012 tars in place{extra or ''}. For this release, extract and link it "
-            "first (`prep imagenet --src SRC --link DIR --extract-to DIR2`), then run "
-            "`prep shard --data DIR/imagenet`")
+        two_step = (f"`prep imagenet --src {lay.src} --link DIR{{}}`, then `prep shard --data "
+                    "DIR/imagenet`")
+        if lay.archives or lay.hf_files:
+            raise PrepError(f"--src {lay.src}: holds the {lay.name} release, whose gzip "
+                            "archives or Parquet files prep shard --src cannot read in place "
+                            "(it reads the original ILSVRC2012 tars); extract and link it: "
+                            + two_step.format(" --extract-to DIR2"))
+        raise PrepError(f"--src {lay.src}: holds an unpacked {lay.name} copy, not the "
+                        "ILSVRC2012 tars that prep shard --src reads in place; link it and "
+                        "shard the view: " + two_step.format(""))
     scan = scan_archives(lay, progress)
     v = validate_scan(lay, scan)
     wnids = [c.wnid for c in v.classes]

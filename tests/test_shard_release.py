@@ -80,6 +80,16 @@ def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_pat
         pq.read_table(tmp_path / "two" / "index.parquet", columns=columns))
 
 
+def test_shard_range_parts_then_one_run_give_the_same_output(make_sample, tmp_path):
+    src, _ = make_sample("ilsvrc2012-tar", **SPEC)
+    for part in (0, 1):
+        shard_release(src, tmp_path / "parts", ShardSettings(num_shards=3), workers=1,
+                      shard_range=(part, 2), progress=False)
+    _direct(src, tmp_path / "one", num_shards=3)
+    assert (tmp_path / "parts" / "SHA256SUMS").read_text() == \
+        (tmp_path / "one" / "SHA256SUMS").read_text()
+
+
 def test_c_and_python_writers_write_the_same_shard(make_sample, tmp_path, monkeypatch):
     if not tarpack.available():
         pytest.skip("shards/tarpack.c not built")
@@ -191,7 +201,10 @@ def test_archive_cut_short_after_listing_is_named(make_sample, tmp_path, monkeyp
 @pytest.mark.parametrize("layout", ["blurred-tar", "hf-tar", "hf-parquet", "ilsvrc2017"])
 def test_other_copies_are_refused_with_the_two_step_path(make_sample, tmp_path, layout):
     src, _ = make_sample(layout, **SPEC)
-    with pytest.raises(PrepError, match=r"prep imagenet .*then run `prep shard --data"):
+    what = {"ilsvrc2017": "an unpacked ilsvrc2017 copy", "blurred-tar": "the blurred release",
+            "hf-tar": "the hf-tar release", "hf-parquet": "the hf-parquet release"}[layout]
+    with pytest.raises(PrepError, match=rf"holds {what}, .*`prep imagenet --src {src} --link "
+                                        r"DIR.*`, then `prep shard --data DIR/imagenet`"):
         _direct(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
