@@ -25,7 +25,7 @@ from prep.classes import is_wnid
 from prep.errors import PrepError
 from prep.extract import OutputNames, corrupt, not_a_file, plain_name
 from prep.progress import progress_bar
-from prep.scan import IMAGE_EXTS, Problems, bad_name, is_litter
+from prep.scan import IMAGE_EXTS, Problems, all_plain_images, bad_name, is_litter
 from prep.tarheaders import REGULAR, TarError, entries
 
 Where = tuple[int, int]  # (offset of the member's bytes in the archive, size)
@@ -96,24 +96,28 @@ def _images(archive: str, members: Iterator[tuple[str, int, int]], rel: str,
             where: dict[str, Where], folder: str, probs: Problems) -> list[str]:
     """Sorted image names of one flat member list (a class tar, the val tar); the rest
     sorted into `probs` as prep.scan.list_images sorts the files of a folder."""
-    names = OutputNames()
-    images = []
-    for name, offset, size in members:
-        names.add(name, f"{archive}: member {name!r} (#{len(names.origin) + 1})")
-        path = f"{rel}/{name}"
-        if is_litter(name):
-            probs.ignored.append(path)
-        elif bad_name(name):
-            probs.bad_names.append(path)
-        elif not name.endswith(IMAGE_EXTS):
-            probs.extra.append(path)
-        else:
-            images.append(name)
-            where[f"{folder}{name}"] = (offset, size)
-            if size == 0:
-                probs.empty.append(path)
-    images.sort()
-    return images
+    listed = list(members)
+    names = [m[0] for m in listed]
+    if len(set(names)) != len(names):  # name both members, as the extraction does
+        seen = OutputNames()
+        for i, name in enumerate(names, 1):
+            seen.add(name, f"{archive}: member {name!r} (#{i})")
+    images = listed
+    if not all_plain_images(names):  # names test by name only where one can fail (rare)
+        images = []
+        for name, offset, size in listed:
+            path = f"{rel}/{name}"
+            if is_litter(name):
+                probs.ignored.append(path)
+            elif bad_name(name):
+                probs.bad_names.append(path)
+            elif not name.endswith(IMAGE_EXTS):
+                probs.extra.append(path)
+            else:
+                images.append((name, offset, size))
+    where.update((folder + name, (offset, size)) for name, offset, size in images)
+    probs.empty += sorted(f"{rel}/{name}" for name, _, size in images if size == 0)
+    return sorted(name for name, _, _ in images)
 
 
 def _list_flat(archive: Path, where: dict[str, Where], probs: Problems, bar: Any) -> list[str]:

@@ -41,6 +41,7 @@ from prep.checked import CheckedRecord
 from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.formats import SHARDS, stamp
+from prep.gcpause import gc_paused
 from prep.progress import progress_bar
 from prep.scan import Problems
 from prep.workers import interrupt_at_checks, process_pool, thread_map, worker_context
@@ -73,7 +74,8 @@ class ShardReport:
 
 def view_input(data: Path, s: ShardSettings) -> ShardInput:
     """The plans of a view (--data); its record of checked sources lives in it."""
-    wnids, plans, evalset = make_plans(data, s)
+    with gc_paused():
+        wnids, plans, evalset = make_plans(data, s)
     return ShardInput(data, wnids, plans, {"evalset": evalset} if evalset else {}, data)
 
 

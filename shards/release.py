@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from prep.errors import PrepError
+from prep.gcpause import gc_paused
 from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
 from prep.layout import detect_layout
 from shards.plan import ShardInput, assign, shard_count
@@ -29,6 +30,11 @@ from shards.source import parse_samples
 
 def release_input(src: Path, s: ShardSettings, progress: bool = True) -> ShardInput:
     """The listed, checked and planned release at `src` (see the module's docstring)."""
+    with gc_paused():
+        return _release_input(src, s, progress)
+
+
+def _release_input(src: Path, s: ShardSettings, progress: bool) -> ShardInput:
     lay = detect_layout(src)
     if lay.name != "ilsvrc2012-tar":
         two_step = (f"`prep imagenet --src {lay.src} --link DIR{{}}`, then `prep shard --data "
@@ -55,13 +61,14 @@ def release_input(src: Path, s: ShardSettings, progress: bool = True) -> ShardIn
         archive = lay.archives[split]
         samples = parse_samples(texts[f"{split}.txt"].splitlines(True),
                                 f"{archive} (its {split} list)", split, wnids)
-        where = scan.where[split]
+        where, prefix = scan.where[split], f"{archive.name}:"
         members = []
         for smp in samples:
             rel = where_val[smp.path] if split == "val" else smp.path
             offset, size = where[rel]
-            inner = f"{smp.wnid}.tar/{rel.split('/', 1)[1]}" if split == "train" else rel
-            members.append((offset, size, f"{archive.name}:{inner}"))
+            # train: `n01440764/x.JPEG` is member x.JPEG of the class tar n01440764.tar
+            inner = rel.replace("/", ".tar/", 1) if split == "train" else rel
+            members.append((offset, size, prefix + inner))
         n = shard_count(len(samples), s.num_shards, s.samples_per_shard)
         plans += assign(split, samples, n, s.seed, str(archive), members)
     extra = {"release": {"layout": lay.name, "counts": v.counts}}

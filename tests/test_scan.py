@@ -120,5 +120,5 @@ def test_the_listing_shortcut_takes_only_what_the_per_name_tests_take(names):
     names = sorted(names)
     per_name = all(n.endswith(scan.IMAGE_EXTS) and not scan.is_litter(n)
                    and not scan.bad_name(n) for n in names)
-    if scan._all_plain_images(names):
+    if scan.all_plain_images(names):
         assert per_name, names
