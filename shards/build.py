@@ -98,8 +98,9 @@ def fingerprint(plans: list[ShardPlan], s: ShardSettings) -> str:
     h = hashlib.sha256(json.dumps({"format": FORMAT, **asdict(s)}, sort_keys=True).encode())
     for p in plans:
         h.update(p.name.encode())
-        for smp in p.samples:
-            h.update(f"{smp.key}\t{smp.path}\t{smp.label}\n".encode())
+        # one update per shard: the same bytes, so the same digest, as one per sample
+        h.update("".join([f"{key}\t{path}\t{label}\n" for key, path, label, _, _
+                          in p.samples]).encode())
         if p.members is not None:  # read in place: which member of which archive
             h.update("\n".join([p.archive, *(m[2] for m in p.members)]).encode())
     return h.hexdigest()
