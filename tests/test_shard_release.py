@@ -5,7 +5,11 @@ import io
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -248,3 +252,32 @@ def test_a_second_pass_checks_no_member_again(make_sample, tmp_path, monkeypatch
     assert third.trusted == n - n_val  # the val members are checked again
     os.utime(val_tar, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert tree_hash(src) == before
+
+
+def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
+    """A `prep shard --src` killed mid-run (kill -9) resumes: the rerun keeps what was
+    finished and ends with the bytes of an uninterrupted run."""
+    src, _ = make_sample("ilsvrc2012-tar", classes=8, train_per_class=60, val_per_class=4,
+                         size=96)
+    ref = tmp_path / "ref"
+    opts = ["--num-shards", "16", "--max-size", "64", "--workers", "1"]  # resized: slow
+    cmd = [sys.executable, "-m", "prep.cli", "shard", "-q", "--src", str(src), *opts]
+    assert subprocess.run([*cmd, "--out", str(ref)], capture_output=True).returncode == 0
+    total = len(list(ref.glob("*.tar")))
+    for attempt in range(3):  # a stalled test process can miss the window: try again
+        out = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([*cmd, "--out", str(out)], start_new_session=True)
+        parts, deadline = out / ".prep-shard" / "parts", time.time() + 60
+        while time.time() < deadline and len(list(parts.glob("train-*.json"))) < 3:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        recorded, written = len(list(parts.glob("*.json"))), len(list(out.glob("*.tar")))
+        if written < total:
+            break
+    assert recorded >= 3 and written < total and not (out / "_info.json").exists()
+    time.sleep(0.5)  # its workers follow it (prep.workers.die_with_parent) and free the lock
+    rerun = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert int(re.search(r"kept (\d+) finished earlier", rerun.stdout).group(1)) >= recorded
+    assert (out / "SHA256SUMS").read_bytes() == (ref / "SHA256SUMS").read_bytes()
