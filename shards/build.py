@@ -41,7 +41,7 @@ from prep.checked import CheckedRecord
 from prep.errors import PrepError, refuse_inside, write_error
 from prep.evalset import read_evalset
 from prep.formats import SHARDS, stamp
-from prep.gcpause import gc_paused
+from prep.gcpause import gc_paused, unfrozen_after
 from prep.progress import progress_bar
 from prep.scan import Problems
 from prep.workers import interrupt_at_checks, process_pool, thread_map, worker_context
@@ -377,6 +377,7 @@ def _source_roots(data: Path) -> dict[str, Path]:
     return roots
 
 
+@unfrozen_after()
 def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: int = 1,
                   shard_range: tuple[int, int] = (0, 1), force: bool = False,
                   finalize_only: bool = False, progress: bool = True) -> ShardReport:
@@ -392,6 +393,7 @@ def shard_dataset(data: Path, out: Path, settings: ShardSettings, *, workers: in
                         force=force, finalize_only=finalize_only, progress=progress, t0=t0)
 
 
+@unfrozen_after()
 def shard_release(src: Path, out: Path, settings: ShardSettings, *, workers: int = 1,
                   shard_range: tuple[int, int] = (0, 1), force: bool = False,
                   finalize_only: bool = False, progress: bool = True) -> ShardReport:

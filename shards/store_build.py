@@ -37,6 +37,7 @@ from pathlib import Path
 from prep.checked import CheckedRecord
 from prep.errors import PrepError
 from prep.formats import SHARDS, stamp
+from prep.gcpause import unfrozen_after
 from prep.progress import progress_bar
 from prep.workers import interrupt_at_checks, process_pool, thread_map
 from shards.build import (
@@ -144,6 +145,7 @@ def _owned(store: Store, listing: dict[str, dict]) -> list[str]:
     return sorted(set(names))
 
 
+@unfrozen_after()
 def shard_to_store(data: Path, url: str, settings: ShardSettings, *, workers: int = 1,
                    force: bool = False, progress: bool = True,
                    staging: str | None = None, src: bool = False) -> ShardReport:
