@@ -15,7 +15,6 @@ litter, bad names and other files as the listing of an extracted folder sorts th
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ def list_archives(archives: dict[str, Path], progress: bool = True) -> ArchiveLi
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc="list archives",
                        disable=not progress)
     try:
+        done = 0
         for split, archive in archives.items():
             where: dict[str, Where] = {}
             if split == "train":
@@ -58,6 +58,8 @@ def list_archives(archives: dict[str, Path], progress: bool = True) -> ArchiveLi
             else:
                 setattr(out, split, _list_flat(archive, where, out.problems, bar))
             out.where[split] = where
+            done += archive.stat().st_size
+            bar.update(done - bar.n)  # the headers and padding between the members too
     finally:
         bar.close()
     return out
@@ -127,7 +129,6 @@ def _list_flat(archive: Path, where: dict[str, Where], probs: Problems, bar: Any
                         where, "", probs)
     finally:
         buf.close()
-    bar.update(os.path.getsize(archive))
     return names
 
 
