@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from prep.classes import is_wnid
 from prep.errors import PrepError
 from prep.extract import OutputNames, corrupt, not_a_file, plain_name
 from prep.progress import progress_bar
-from prep.scan import IMAGE_EXTS, Problems, all_plain_images, bad_name, is_litter
+from prep.scan import IMAGE_EXTS, Problems, all_plain_images, bad_name, is_litter, run_chunks
 from prep.tarheaders import REGULAR, TarError, entries
 
 Where = tuple[int, int]  # (offset of the member's bytes in the archive, size)
@@ -43,8 +44,10 @@ class ArchiveListing:
     problems: Problems = field(default_factory=Problems)
 
 
-def list_archives(archives: dict[str, Path], progress: bool = True) -> ArchiveListing:
-    """`archives`: {"train": ILSVRC2012_img_train.tar, "val": ..., optional "test": ...}."""
+def list_archives(archives: dict[str, Path], progress: bool = True,
+                  pool: Executor | None = None) -> ArchiveListing:
+    """`archives`: {"train": ILSVRC2012_img_train.tar, "val": ..., optional "test": ...};
+    the class tars of the train tar are listed in `pool`'s processes when given."""
     out = ArchiveListing(dict(archives))
     total = sum(p.stat().st_size for p in archives.values())
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc="list archives",
@@ -54,7 +57,7 @@ def list_archives(archives: dict[str, Path], progress: bool = True) -> ArchiveLi
         for split, archive in archives.items():
             where: dict[str, Where] = {}
             if split == "train":
-                out.train = _list_train(archive, where, out.problems, bar)
+                out.train = _list_train(archive, where, out.problems, bar, pool)
             else:
                 setattr(out, split, _list_flat(archive, where, out.problems, bar))
             out.where[split] = where
@@ -132,24 +135,49 @@ def _list_flat(archive: Path, where: dict[str, Where], probs: Problems, bar: Any
     return names
 
 
-def _list_train(archive: Path, where: dict[str, Where], probs: Problems, bar: Any
-                ) -> dict[str, list[str]]:
+def _list_train(archive: Path, where: dict[str, Where], probs: Problems, bar: Any,
+                pool: Executor | None) -> dict[str, list[str]]:
     """{wnid: sorted names} of the class tars inside the train tar, each walked where it
-    lies, so its members' offsets are offsets in the outer archive."""
+    lies (so its members' offsets are offsets in the outer archive), 25 class tars per task
+    of `pool` (in this process without one, or when there is only one task)."""
     classes = OutputNames()
-    train: dict[str, list[str]] = {}
     buf = _map(archive)
     try:
-        for name, offset, size in list(_members(buf, str(archive), 0, len(buf))):
-            wnid = name[:-4] if name.endswith(".tar") else ""
-            if not is_wnid(wnid):
-                raise PrepError(f"{archive}: member {name!r} is not a class tar "
-                                "(expected nXXXXXXXX.tar)")
-            classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
-            inner = f"{archive}:{name}"
-            train[wnid] = _images(inner, _members(buf, inner, offset, offset + size),
-                                  f"{archive.name}/{wnid}", where, f"{wnid}/", probs)
-            bar.update(size + 512)
+        tars = list(_members(buf, str(archive), 0, len(buf)))
     finally:
         buf.close()
+    jobs = []
+    for name, offset, size in tars:
+        wnid = name[:-4] if name.endswith(".tar") else ""
+        if not is_wnid(wnid):
+            raise PrepError(f"{archive}: member {name!r} is not a class tar "
+                            "(expected nXXXXXXXX.tar)")
+        classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
+        jobs.append((wnid, offset, size))
+    train: dict[str, list[str]] = {}
+    chunks = [(str(archive), jobs[i : i + 25]) for i in range(0, len(jobs), 25)]
+    for part in run_chunks(pool if len(chunks) > 1 else None, _list_classes, chunks):
+        for wnid, size, names, offsets, sizes, p in part:
+            train[wnid] = names
+            where.update(zip([f"{wnid}/{n}" for n in names], zip(offsets, sizes)))
+            probs.merge(p)
+            bar.update(size + 512)
     return dict(sorted(train.items()))
+
+
+def _list_classes(chunk: tuple[str, list[tuple[str, int, int]]]) -> list[tuple]:
+    """Worker task: (wnid, class tar size, sorted image names, their offsets and sizes,
+    problems) of some class tars (wnid, offset, size) of the train tar."""
+    archive, jobs = chunk
+    out = []
+    buf = _map(Path(archive))
+    try:
+        for wnid, offset, size in jobs:
+            inner, where, probs = f"{archive}:{wnid}.tar", {}, Problems()
+            names = _images(inner, _members(buf, inner, offset, offset + size),
+                            f"{Path(archive).name}/{wnid}", where, "", probs)
+            out.append((wnid, size, names, [where[n][0] for n in names],
+                        [where[n][1] for n in names], probs))
+    finally:
+        buf.close()
+    return out

@@ -163,12 +163,20 @@ def read_source(lay: Layout, check: str, workers: int, progress: bool) -> Source
     return SourceScan(train, val_files, test, sources, ids, probs, checked)
 
 
-def scan_archives(lay: Layout, progress: bool) -> SourceScan:
+def scan_archives(lay: Layout, progress: bool, workers: int = 1) -> SourceScan:
     """What read_source finds in the extracted original ILSVRC2012 tars, read from the tars
     themselves (prep.archive_listing): the same listings, problems and label sources. Sets
     the layout's split folders to the archives, which name them in errors. `.where` of the
     listing: each image's place in its archive."""
-    listing = list_archives(lay.archives, progress)
+    pool = process_pool(workers) if workers > 1 else None
+    try:
+        listing = list_archives(lay.archives, progress, pool)
+    except BaseException:
+        if pool:
+            pool.stop()
+        raise
+    if pool:
+        pool.shutdown()
     lay.train_dir, lay.val_dir = lay.archives["train"], lay.archives["val"]
     lay.test_dir = lay.archives.get("test")
     check_unique_keys({"": listing.val}, str(lay.val_dir))

@@ -406,7 +406,7 @@ def shard_release(src: Path, out: Path, settings: ShardSettings, *, workers: int
     src, out = Path(os.path.abspath(src)), Path(os.path.abspath(out))
     refuse_inside(out, {"source": src}, "--out")
     worker_context(["shards.write"])  # the workers' server starts while the release is listed
-    inp = release_input(src, settings, progress)
+    inp = release_input(src, settings, progress, workers)
     _make_out(out)
     return _shard_input(inp, out, settings, workers=workers, shard_range=shard_range,
                         force=force, finalize_only=finalize_only, progress=progress, t0=t0)

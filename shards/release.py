@@ -28,13 +28,15 @@ from shards.settings import ShardSettings
 from shards.source import parse_samples
 
 
-def release_input(src: Path, s: ShardSettings, progress: bool = True) -> ShardInput:
-    """The listed, checked and planned release at `src` (see the module's docstring)."""
+def release_input(src: Path, s: ShardSettings, progress: bool = True, workers: int = 1
+                  ) -> ShardInput:
+    """The listed, checked and planned release at `src` (see the module's docstring);
+    `workers` processes list the train tar's class tars."""
     with gc_paused():
-        return _release_input(src, s, progress)
+        return _release_input(src, s, progress, workers)
 
 
-def _release_input(src: Path, s: ShardSettings, progress: bool) -> ShardInput:
+def _release_input(src: Path, s: ShardSettings, progress: bool, workers: int) -> ShardInput:
     lay = detect_layout(src)
     if lay.name != "ilsvrc2012-tar":
         two_step = (f"`prep imagenet --src {lay.src} --link DIR{{}}`, then `prep shard --data "
@@ -47,7 +49,7 @@ def _release_input(src: Path, s: ShardSettings, progress: bool) -> ShardInput:
         raise PrepError(f"--src {lay.src}: holds an unpacked {lay.name} copy, not the "
                         "ILSVRC2012 tars that prep shard --src reads in place; link it and "
                         "shard the view: " + two_step.format(""))
-    scan = scan_archives(lay, progress)
+    scan = scan_archives(lay, progress, workers)
     v = validate_scan(lay, scan)
     wnids = [c.wnid for c in v.classes]
     texts = meta_files(v.classes, scan.train, scan.val_files, v.val_labels, scan.test, {})

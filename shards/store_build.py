@@ -157,7 +157,7 @@ def shard_to_store(data: Path, url: str, settings: ShardSettings, *, workers: in
     if src:
         from shards.release import release_input
 
-        inp = release_input(data, settings, progress)
+        inp = release_input(data, settings, progress, workers)
     else:
         inp = view_input(data, settings)
     plans = inp.plans

@@ -281,3 +281,16 @@ def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert int(re.search(r"kept (\d+) finished earlier", rerun.stdout).group(1)) >= recorded
     assert (out / "SHA256SUMS").read_bytes() == (ref / "SHA256SUMS").read_bytes()
+
+
+def test_the_listing_in_worker_processes_equals_the_listing_here(make_sample):
+    from prep.archive_listing import list_archives
+    from prep.workers import process_pool
+
+    src, _ = make_sample("ilsvrc2012-tar", bad_files=True, **SPEC)
+    archives = {s: src / f"ILSVRC2012_img_{s}.tar" for s in ("train", "val")}
+    here = list_archives(archives, progress=False)
+    with process_pool(2) as pool:
+        there = list_archives(archives, progress=False, pool=pool)
+    assert here == there and sum(map(len, here.train.values())) == 24
+    assert len(here.where["train"]) == 24 and len(here.where["val"]) == 12
