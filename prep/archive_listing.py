@@ -87,13 +87,14 @@ def _members(buf: mmap.mmap, archive: str, start: int, end: int
     the extraction refuses it when it is not a regular file with a plain name, or when
     the archive (or a class tar in it) is cut short."""
     try:
-        for name, kind, data, size in entries(buf, archive, start, end):
+        # names that are not UTF-8 kept as tarfile keeps them: listed as bad names (prep.scan)
+        for name, kind, data, size in entries(buf, archive, start, end, "surrogateescape"):
             if kind not in REGULAR:
                 raise not_a_file(archive, name, _KINDS.get(kind, ""))
             if data + size > end:
                 raise TarError(f"member {name!r} runs past the end")
             yield plain_name(archive, name), data, size
-    except (TarError, UnicodeDecodeError) as exc:
+    except TarError as exc:
         raise corrupt(archive, exc) from exc
 
 

@@ -38,14 +38,14 @@ def header_checksum(header: bytes) -> int:
     return _byte_sum(header[:256]) + _byte_sum(header[256:]) - _byte_sum(header[148:156]) + 256
 
 
-def _pax_path(records: bytes) -> str | None:
+def _pax_path(records: bytes, errors: str = "strict") -> str | None:
     pos = 0
     while pos < len(records):
         length, _, rest = records[pos:].partition(b" ")
         n = int(length)
         key, _, value = rest[: n - len(length) - 2].partition(b"=")
         if key == b"path":
-            return value.decode("utf-8")
+            return value.decode("utf-8", errors)
         pos += n
     return None
 
@@ -53,12 +53,14 @@ def _pax_path(records: bytes) -> str | None:
 REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 
 
-def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = None
-            ) -> Iterator[tuple[str, bytes, int, int]]:
+def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = None,
+            errors: str = "strict") -> Iterator[tuple[str, bytes, int, int]]:
     """(name, type flag, data offset, size) of each entry of the tar held by `buf[:end]`
     from the header at `start` on, up to the end-of-archive marker: GNU long names and pax
     `path` records name the entry that follows them. A damaged header raises TarError;
-    the data of an entry may run past `end` (a truncated file: the caller decides)."""
+    the data of an entry may run past `end` (a truncated file: the caller decides). Names
+    are UTF-8: `errors` "strict" raises on others, "surrogateescape" keeps their bytes as
+    Python's tarfile does."""
     end, pos, next_name = len(buf) if end is None else end, start, None
     while pos + BLOCK <= end:
         header = buf[pos : pos + BLOCK]
@@ -74,11 +76,11 @@ def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = 
         if start + size > end and kind not in REGULAR:
             raise TarError(f"{url}: truncated at offset {pos}")
         if kind == b"L":
-            next_name = bytes(buf[start : start + size]).rstrip(b"\0").decode("utf-8")
+            next_name = bytes(buf[start : start + size]).rstrip(b"\0").decode("utf-8", errors)
         elif kind == b"x":
-            next_name = _pax_path(bytes(buf[start : start + size])) or next_name
+            next_name = _pax_path(bytes(buf[start : start + size]), errors) or next_name
         else:
-            yield (next_name or name.decode("utf-8")), kind, start, size
+            yield (next_name or name.decode("utf-8", errors)), kind, start, size
             next_name = None
         pos = start + size + (-size % BLOCK)
     if pos < end:

@@ -150,6 +150,7 @@ def _member(name: str, data: bytes = b"x", kind: bytes = tarfile.REGTYPE) -> tup
 @pytest.mark.parametrize("case, expected", [
     ("symlink", r"member 'ILSVRC2012_val_99999999.JPEG' is a symlink"),
     ("dotdot", r"member name '../evil.JPEG' is not a plain file name"),
+    ("not utf-8", r"member name 'caf\\udce9.JPEG' is not a plain file name"),
     ("twice", r"both be extracted as ILSVRC2012_val_\d+\.JPEG"),
     ("one key", r"would both be sample 'ILSVRC2012_val_\d+'"),
 ])
@@ -161,6 +162,8 @@ def test_hostile_or_duplicate_members_are_refused(make_sample, tmp_path, case, e
         name, first = members[0][0].name, members[0][1]
         extra = {"symlink": _member("ILSVRC2012_val_99999999.JPEG", kind=tarfile.SYMTYPE),
                  "dotdot": _member("../evil.JPEG", first),
+                 "not utf-8": _member(b"caf\xe9.JPEG".decode("utf-8", "surrogateescape"),
+                                      first),
                  "twice": _member(name, first),
                  "one key": _member(name.replace(".JPEG", ".jpg"), first)}[case]
         return [*members, extra]
