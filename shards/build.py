@@ -8,10 +8,12 @@ and because every shard's content is fixed by the plan, the result is byte-ident
 
 A rerun keeps a shard only when it can show it is complete and its own: the tar has the
 recorded size, inode and mtime, and every source image the recorded size and mtime (a
-replaced image redoes its shard). Only files those records name are ever removed or
-replaced (`--force` included); anything else in OUT stays, and a file prep shard would
-write but did not make stops the run. One writer per output: OUT/.prep-shard.lock (shared
-by `--shard-range` parts, each of which also locks its own part) names the running process.
+replaced image redoes its shard; for `--src`, where the images are read in place from a
+release's tars (shards/release.py), the source is the archive). Only files those records
+name are ever removed or replaced (`--force` included); anything else in OUT stays, and a
+file prep shard would write but did not make stops the run. One writer per output:
+OUT/.prep-shard.lock (shared by `--shard-range` parts, each of which also locks its own
+part) names the running process.
 """
 
 from __future__ import annotations
