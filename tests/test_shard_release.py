@@ -23,7 +23,7 @@ from shards import tarpack, write
 from shards.build import ShardSettings, shard_dataset, shard_release
 from shards.release import release_input
 from shards.write import write_shard
-from tests.conftest import tree_hash
+from tests.conftest import descendants, running, tree_hash
 
 SPEC = dict(classes=4, train_per_class=6, val_per_class=3, test_images=3, size=32)
 
@@ -273,13 +273,16 @@ def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
         parts, deadline = out / ".prep-shard" / "parts", time.time() + 60
         while time.time() < deadline and len(list(parts.glob("train-*.json"))) < 3:
             time.sleep(0.01)
+        family = descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        deadline = time.time() + 10  # its workers follow it (prep.workers.die_with_parent)
+        while time.time() < deadline and any(running(p) for p in family):
+            time.sleep(0.02)
         recorded, written = len(list(parts.glob("*.json"))), len(list(out.glob("*.tar")))
         if written < total:
             break
     assert recorded >= 3 and written < total and not (out / "_info.json").exists()
-    time.sleep(0.5)  # its workers follow it (prep.workers.die_with_parent) and free the lock
     rerun = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert int(re.search(r"kept (\d+) finished earlier", rerun.stdout).group(1)) >= recorded
