@@ -168,15 +168,11 @@ def scan_archives(lay: Layout, progress: bool, workers: int = 1) -> SourceScan:
     themselves (prep.archive_listing): the same listings, problems and label sources. Sets
     the layout's split folders to the archives, which name them in errors. `.where` of the
     listing: each image's place in its archive."""
-    pool = process_pool(workers) if workers > 1 else None
-    try:
-        listing = list_archives(lay.archives, progress, pool)
-    except BaseException:
-        if pool:
-            pool.stop()
-        raise
-    if pool:
-        pool.shutdown()
+    if workers > 1:
+        with process_pool(workers) as pool:  # stopped at once on an error (WorkerPool)
+            listing = list_archives(lay.archives, progress, pool)
+    else:
+        listing = list_archives(lay.archives, progress)
     lay.train_dir, lay.val_dir = lay.archives["train"], lay.archives["val"]
     lay.test_dir = lay.archives.get("test")
     check_unique_keys({"": listing.val}, str(lay.val_dir))
