@@ -98,8 +98,8 @@ def _members(buf: mmap.mmap, archive: str, start: int, end: int
         raise corrupt(archive, exc) from exc
 
 
-def _images(archive: str, members: Iterator[tuple[str, int, int]], rel: str,
-            where: dict[str, Where], folder: str, probs: Problems) -> list[str]:
+def sort_members(archive: str, members: Iterator[tuple[str, int, int]], rel: str,
+                 where: dict[str, Where], folder: str, probs: Problems) -> list[str]:
     """Sorted image names of one flat member list (a class tar, the val tar); the rest
     sorted into `probs` as prep.scan.list_images sorts the files of a folder."""
     listed = list(members)
@@ -129,8 +129,8 @@ def _images(archive: str, members: Iterator[tuple[str, int, int]], rel: str,
 def _list_flat(archive: Path, where: dict[str, Where], probs: Problems, bar: Any) -> list[str]:
     buf = _map(archive)
     try:
-        names = _images(str(archive), _members(buf, str(archive), 0, len(buf)), archive.name,
-                        where, "", probs)
+        names = sort_members(str(archive), _members(buf, str(archive), 0, len(buf)),
+                             archive.name, where, "", probs)
     finally:
         buf.close()
     return names
@@ -175,8 +175,8 @@ def _list_classes(chunk: tuple[str, list[tuple[str, int, int]]]) -> list[tuple]:
     try:
         for wnid, offset, size in jobs:
             inner, where, probs = f"{archive}:{wnid}.tar", {}, Problems()
-            names = _images(inner, _members(buf, inner, offset, offset + size),
-                            f"{Path(archive).name}/{wnid}", where, "", probs)
+            names = sort_members(inner, _members(buf, inner, offset, offset + size),
+                                 f"{Path(archive).name}/{wnid}", where, "", probs)
             out.append((wnid, size, names, [where[n][0] for n in names],
                         [where[n][1] for n in names], probs))
     finally:

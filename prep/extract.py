@@ -17,11 +17,14 @@ naming both (`OutputNames`).
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import re
 import shutil
 import tarfile
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -303,27 +306,48 @@ def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> P
     made: set[str] = set()
     names = OutputNames()
     try:
-        with open(archive, "rb") as raw, _open_stream(archive, raw) as tar:
-            for m in tar:
-                where = _class_member(str(archive), m)
-                if where is not None:
-                    wnid, name = where
-                    names.add(f"{wnid}/{name}", f"{archive}: member {m.name!r} "
-                              f"(#{len(names.origin) + 1})")
-                    if wnid not in made:
-                        (partial / wnid).mkdir(exist_ok=True)
-                        made.add(wnid)
-                    write_member(partial / wnid / name, tar.extractfile(m), m.size)
+        with open(archive, "rb") as raw:
+            for m, rel, data in class_archive_members(archive, raw, names):
+                wnid = rel.split("/", 1)[0]
+                if wnid not in made:
+                    (partial / wnid).mkdir(exist_ok=True)
+                    made.add(wnid)
+                write_member(partial / rel, data, m.size)
                 bar.update(raw.tell() - bar.n)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, EOFError) and \
-                "gzip" not in str(exc).lower() and "compressed" not in str(exc).lower():
-            raise
-        raise corrupt(archive, exc) from exc
     finally:
         bar.close()
     finish_split(dest, partial, [archive], len(names.origin))
     return dest
+
+
+def class_archive_members(archive: Path, raw: IO[bytes], names: OutputNames
+                          ) -> Iterator[tuple[tarfile.TarInfo, str, bytes]]:
+    """(member, its path once extracted `nXXXXXXXX/name`, its bytes) of each file
+    of a .tar(.gz) of class folders read front to back from `raw`, judged as the extraction
+    judges them: anything else refused, two members for one path refused naming both
+    (added to `names`). A truncated or damaged archive is named (prep.extract.corrupt)."""
+    try:
+        with _open_stream(archive, raw) as tar:
+            for m in tar:
+                where = _class_member(str(archive), m)
+                if where is not None:
+                    rel = f"{where[0]}/{where[1]}"
+                    names.add(rel, f"{archive}: member {m.name!r} (#{len(names.origin) + 1})")
+                    yield m, rel, read_member(tar, m)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and \
+                "gzip" not in str(exc).lower() and "compressed" not in str(exc).lower():
+            raise  # reading the archive failed (an I/O error): not a damaged archive
+        raise corrupt(archive, exc) from exc
+
+
+def read_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """The bytes of a regular member (a short read, when the archive ends inside it, raises
+    EOFError as tarfile does for a truncated stream)."""
+    data = tar.extractfile(m).read()
+    if len(data) != m.size:
+        raise EOFError(f"member {m.name!r} is cut short ({len(data)} of {m.size} bytes)")
+    return data
 
 
 def _open_stream(archive: Path, raw: IO[bytes]) -> tarfile.TarFile:

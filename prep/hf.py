@@ -25,12 +25,22 @@ from __future__ import annotations
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
-from prep.extract import OutputNames, claim_split, corrupt, finish_split, read_record, write_member
+from prep.extract import (
+    OutputNames,
+    claim_split,
+    corrupt,
+    finish_split,
+    read_member,
+    read_record,
+    write_member,
+)
 from prep.progress import progress_bar
 from prep.workers import process_pool
 
@@ -120,9 +130,49 @@ class Extracted:
 
 
 def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
+    return _extract(release_members("hf-tar", archive, split), split, partial)
+
+
+def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
+    return _extract(release_members("hf-parquet", path, split), split, partial)
+
+
+def _extract(members: Iterator[Member], split: str, partial: Path) -> Extracted:
     labels: dict[str, str] = {}
     made: set[str] = set()
     names = OutputNames()
+    for m in members:
+        names.add(m.rel, m.origin)
+        if split == "train" and m.wnid not in made:
+            (partial / m.wnid).mkdir(exist_ok=True)
+            made.add(m.wnid)
+        write_member(partial / m.rel, m.data, len(m.data))
+        if split == "val":
+            labels[m.rel.rsplit(".", 1)[0]] = m.wnid
+    return Extracted(len(names.origin), labels, names.origin)
+
+
+class Member(NamedTuple):
+    """One image of a release file: `name` as the release names it (the member, or the
+    row's `path`), `rel` its path once extracted, `wnid` its label from the name (None on
+    test), `origin` how errors name it, `data` its bytes."""
+
+    name: str
+    rel: str
+    wnid: str | None
+    origin: str
+    data: bytes
+
+
+def release_members(kind: str, path: Path, split: str) -> Iterator[Member]:
+    """The images of one file of a Hugging Face release ("hf-tar" or "hf-parquet"), front to
+    back, judged as the extraction judges them: a member that is not a flat regular file, a
+    name without its WNID suffix, a label column that disagrees with it, a row without
+    bytes: refused, naming the file and member or row. A damaged file is named."""
+    return _tar_members(path, split) if kind == "hf-tar" else _parquet_rows(path, split)
+
+
+def _tar_members(archive: Path, split: str) -> Iterator[Member]:
     n = 0
     try:
         with tarfile.open(archive, "r|gz") as tar:
@@ -136,37 +186,29 @@ def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
                     raise PrepError(f"{archive}: member {m.name!r} is not a flat file name; "
                                     "refusing to extract")
                 rel, wnid = original_name(split, m.name, str(archive))
-                names.add(rel, f"{archive}: member {m.name!r} (#{n + 1})")
-                if split == "train" and wnid not in made:
-                    (partial / wnid).mkdir(exist_ok=True)
-                    made.add(wnid)
-                write_member(partial / rel, tar.extractfile(m), m.size)
-                if split == "val":
-                    labels[rel.rsplit(".", 1)[0]] = wnid
                 n += 1
+                yield Member(m.name, rel, wnid, f"{archive}: member {m.name!r} (#{n})",
+                             read_member(tar, m))
     except (tarfile.TarError, EOFError, OSError) as exc:
         if isinstance(exc, PrepError):
             raise
         raise corrupt(archive, exc) from exc
-    return Extracted(n, labels, names.origin)
 
 
 PARQUET_COLUMNS = {"image", "label"}
 
 
-def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
+def _parquet_rows(path: Path, split: str) -> Iterator[Member]:
     import pyarrow.parquet as pq
 
     sorted_wnids = sorted(reference_words())
     index = {w: i for i, w in enumerate(sorted_wnids)}
-    labels: dict[str, str] = {}
-    made: set[str] = set()
-    outputs = OutputNames()
     n = 0
     try:
         f = pq.ParquetFile(path)
         _check_schema(path, f.schema_arrow)
-        for batch in f.iter_batches(batch_size=256, columns=["image", "label"]):
+        batches = f.iter_batches(batch_size=256, columns=["image", "label"])
+        for batch in batches:
             images = batch.column("image")
             paths = images.field("path").to_pylist()
             blobs = images.field("bytes")
@@ -175,7 +217,6 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                 if name is None:
                     raise PrepError(f"{where}: no image path")
                 rel, wnid = original_name(split, name, where)
-                outputs.add(rel, f"{where} ({name!r})")
                 if split != "test" and label != index[wnid]:
                     have = sorted_wnids[label] if isinstance(label, int) and \
                         0 <= label < len(sorted_wnids) else "no class"
@@ -184,23 +225,17 @@ def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
                                     f"{label} ({have}); refusing to guess")
                 if split == "test" and label not in (-1, None):
                     raise PrepError(f"{where}: a test image with label {label} (expected -1)")
-                if split == "train" and wnid not in made:
-                    (partial / wnid).mkdir(exist_ok=True)
-                    made.add(wnid)
                 data = blobs[i].as_py()
                 if data is None:  # (an empty file is extracted and listed as one)
                     raise PrepError(f"{where}: {name!r} has no image bytes (null); "
                                     "re-download this file")
-                write_member(partial / rel, data, len(data))
-                if split == "val":
-                    labels[rel.rsplit(".", 1)[0]] = wnid
                 n += 1
+                yield Member(name, rel, wnid, f"{where} ({name!r})", data)
     except PrepError:
         raise
     except (OSError, ValueError) as exc:
         raise PrepError(f"{path}: not a readable Parquet file ({exc}); re-download it, then "
                         "rerun: the files already extracted are kept") from exc
-    return Extracted(n, labels, outputs.origin)
 
 
 def _check_schema(path: Path, schema: object) -> None:

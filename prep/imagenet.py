@@ -175,10 +175,31 @@ def scan_archives(lay: Layout, progress: bool, workers: int = 1) -> SourceScan:
         listing = list_archives(lay.archives, progress)
     lay.train_dir, lay.val_dir = lay.archives["train"], lay.archives["val"]
     lay.test_dir = lay.archives.get("test")
-    check_unique_keys({"": listing.val}, str(lay.val_dir))
-    sources, ids = _other_label_sources(lay, None)
-    return SourceScan(listing.train, {n.rsplit(".", 1)[0]: n for n in listing.val},
-                      listing.test, sources, ids, listing.problems, {}, listing.where)
+    return listed_scan(lay, listing.train, listing.val, listing.test, listing.problems,
+                       listing.where)
+
+
+def listed_scan(lay: Layout, train: dict[str, list[str]],
+                val: list[str] | dict[str, list[str]], test: list[str], problems: Problems,
+                where: dict[str, dict[str, Where]]) -> SourceScan:
+    """The SourceScan of a source listed from its archives rather than a folder: `val` the
+    sorted image names of a flat val, or {wnid: names} of one in class folders (then a
+    label source, as read_source makes it). The layout's split folders name the archives."""
+    files, folders = _val_files(val, lay.val_dir)
+    sources, ids = _other_label_sources(lay, folders)
+    return SourceScan(train, files, test, sources, ids, problems, {}, where)
+
+
+def _val_files(val: list[str] | dict[str, list[str]], val_dir: Path
+               ) -> tuple[dict[str, str], dict[str, list[str]] | None]:
+    """({stem: path relative to val}, the class folders or None) of val's listing, each
+    image once, one key each."""
+    if isinstance(val, dict):
+        _check_val_once(val, val_dir)
+        check_unique_keys(val, str(val_dir))
+        return {n.rsplit(".", 1)[0]: f"{w}/{n}" for w, names in val.items() for n in names}, val
+    check_unique_keys({"": val}, str(val_dir))
+    return {n.rsplit(".", 1)[0]: n for n in val}, None
 
 
 def _other_label_sources(lay: Layout, val_folders: dict[str, list[str]] | None
@@ -210,14 +231,10 @@ def _scan_val(lay: Layout, pool: Executor | None) -> tuple[dict[str, str], dict 
     """{stem: path relative to val dir} plus the class folders when val has them."""
     rel = _rel(lay.val_dir, lay.src)
     if lay.val_in_folders:
-        folders, probs = scan_class_split(lay.val_dir, rel, pool)
-        _check_val_once(folders, lay.val_dir)
-        check_unique_keys(folders, str(lay.val_dir))
-        files = {n.rsplit(".", 1)[0]: f"{w}/{n}" for w, names in folders.items() for n in names}
-        return files, folders, probs
-    names, probs = list_images(str(lay.val_dir), rel)
-    check_unique_keys({"": names}, str(lay.val_dir))
-    return {n.rsplit(".", 1)[0]: n for n in names}, None, probs
+        listing, probs = scan_class_split(lay.val_dir, rel, pool)
+    else:
+        listing, probs = list_images(str(lay.val_dir), rel)
+    return *_val_files(listing, lay.val_dir), probs
 
 
 def _check_val_once(folders: dict[str, list[str]], val_dir: Path) -> None:

@@ -16,10 +16,14 @@ clean output (the release stays in the page cache, as for every row):
 6. `--src` with `--check header` (what the pass costs without the strict JPEG check);
 7. the strict check alone: every member read in place and entropy-decoded
    (prep.jpeg.strict_problem), in as many processes as cores: the floor of rows 3 and 4.
-All with the defaults (--check full, every core) unless said. Disk: the peak growth of the file
-system's used space while each run ran (statvfs every 20 ms), against the shards' size.
+`--layout blurred-tar | hf-tar | hf-parquet`: a compressed release instead (each file read
+twice by `--src`; row 1 is then `tar -xzf` of every archive at once, none for Parquet,
+and there is no row 7). All with the defaults (--check full, every core) unless said.
+Disk: the peak growth of the file system's used space while each run ran (statvfs every
+20 ms), against the shards' size.
 
     .venv/bin/python scripts/bench_direct.py [--root /tmp/direct-bench] [--trials 3]
+        [--layout ilsvrc2012-tar]
 """
 
 from __future__ import annotations
@@ -72,8 +76,13 @@ def run(args: list[str], where: Path) -> tuple[float, int]:
     return seconds, peak.stop()
 
 
-def plain_tar_x(release: Path, out: Path) -> list[str]:
-    """The shell command of baseline 1: every archive and class tar extracted with tar."""
+def plain_tar_x(release: Path, out: Path, layout: str) -> list[str]:
+    """The shell command of baseline 1: every archive and class tar extracted with tar (a
+    compressed release: each .tar.gz by its own `tar -xzf`, all at once)."""
+    if layout != "ilsvrc2012-tar":
+        return ["bash", "-c", f"set -e; mkdir -p {out}; cd {out}; for a in "
+                f"{release}/*.tar.gz; do mkdir $(basename $a); tar -xzf $a -C $(basename $a) "
+                "& done; wait"]
     script = (f"set -e; mkdir -p {out}/train {out}/val; cd {out}/train; "
               f"tar -xf {release}/ILSVRC2012_img_train.tar; "
               "for t in *.tar; do d=${t%.tar}; mkdir $d; tar -xf $t -C $d; rm $t; done; "
@@ -122,75 +131,87 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=600)
     ap.add_argument("--val-per-class", type=int, default=50)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--layout", default="ilsvrc2012-tar",
+                    choices=["ilsvrc2012-tar", "blurred-tar", "hf-tar", "hf-parquet"],
+                    help="the release to shard (compressed ones: no row 7; Parquet: no "
+                    "row 1, prep's extraction is the baseline)")
     ap.add_argument("--check-alone", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.check_alone:
         return check_alone(a.check_alone)
     root = a.root
-    release = root / "release"
+    release = root / f"release-{a.layout}" if a.layout != "ilsvrc2012-tar" else \
+        root / "release"
     if not (release / "SAMPLE.json").is_file():
         clean(release)
-        subprocess.run([PREP, "sample", "--layout", "ilsvrc2012-tar", "--size", "500",
+        subprocess.run([PREP, "sample", "--layout", a.layout, "--size", "500",
                         "--classes", str(a.classes), "--train-per-class",
                         str(a.train_per_class), "--val-per-class", str(a.val_per_class),
                         str(release)], check=True)
-    nbytes = sum(p.stat().st_size for p in release.glob("*.tar"))
+    nbytes = sum(p.stat().st_size for p in release.rglob("*") if p.suffix in (".tar", ".gz",
+                                                                             ".parquet"))
     n = a.classes * (a.train_per_class + a.val_per_class)
     x, view, two, direct, plain, cache = (root / d for d in ("x", "view", "two", "direct",
                                                             "plain", "cache"))
     os.environ["XDG_CACHE_HOME"] = str(cache)  # prep shard --src's record: this bench's own
-    rows: dict[str, list[tuple[float, int]]] = {k: [] for k in (
+    tar, ext, step2, one, again, header, alone = (
         "tar -xf of every archive (baseline 1)", "prep imagenet --extract-to (step 1)",
         "prep shard --data, after step 1 (step 2)", "prep shard --src (one pass)",
         "prep shard --src again, new OUT (members checked before)",
-        "prep shard --src --check header", "strict check alone (every core)")}
-    names = list(rows)
+        "prep shard --src --check header", "strict check alone (every core)")
+    packed = a.layout != "ilsvrc2012-tar"
+    if packed:
+        tar = "tar -xzf of every archive, all at once (baseline 1)"
+    rows: dict[str, list[tuple[float, int]]] = {
+        k: [] for k in (tar, ext, step2, one, again, header, alone)}
     for _ in range(a.trials):
         clean(plain)
-        rows[names[0]].append(run(plain_tar_x(release, plain), root))
+        if a.layout != "hf-parquet":  # Parquet: no tar; prep's extraction is the baseline
+            rows[tar].append(run(plain_tar_x(release, plain, a.layout), root))
         clean(plain, x, view, two)
-        rows[names[1]].append(run([PREP, "imagenet", "--src", str(release), "--link",
-                                   str(view), "--extract-to", str(x), "-q"], root))
-        rows[names[2]].append(run([PREP, "shard", "--data", str(view / "imagenet"), "--out",
-                                   str(two), "-q"], root))
+        rows[ext].append(run([PREP, "imagenet", "--src", str(release), "--link",
+                              str(view), "--extract-to", str(x), "-q"], root))
+        rows[step2].append(run([PREP, "shard", "--data", str(view / "imagenet"), "--out",
+                                str(two), "-q"], root))
         clean(x, view, two, direct, cache)
-        rows[names[3]].append(run([PREP, "shard", "--src", str(release), "--out",
-                                   str(direct), "-q"], root))
+        rows[one].append(run([PREP, "shard", "--src", str(release), "--out",
+                              str(direct), "-q"], root))
         clean(direct)
-        rows[names[4]].append(run([PREP, "shard", "--src", str(release), "--out",
-                                   str(direct), "-q"], root))
+        rows[again].append(run([PREP, "shard", "--src", str(release), "--out",
+                                str(direct), "-q"], root))
         clean(direct)
-        rows[names[5]].append(run([PREP, "shard", "--src", str(release), "--out",
-                                   str(direct), "-q", "--check", "header"], root))
-        rows[names[6]].append(run([sys.executable, __file__, "--check-alone", str(release)],
-                                  root))
+        rows[header].append(run([PREP, "shard", "--src", str(release), "--out",
+                                 str(direct), "-q", "--check", "header"], root))
+        if not packed:  # a compressed release has no member to check in place
+            rows[alone].append(run([sys.executable, __file__, "--check-alone",
+                                    str(release)], root))
     shards = sum(p.stat().st_size for p in direct.glob("*.tar"))
     clean(plain, x, view, two, direct, cache)
+    rows = {k: v for k, v in rows.items() if v}
+    base = tar if tar in rows else ext
     med = {k: statistics.median(s for s, _ in v) for k, v in rows.items()}
     peak = {k: max(d for _, d in v) for k, v in rows.items()}
-    two_step = [s1 + s2 for (s1, _), (s2, _) in zip(rows[names[1]], rows[names[2]])]
+    two_step = [s1 + s2 for (s1, _), (s2, _) in zip(rows[ext], rows[step2])]
     print(f"\n{platform.node()} ({len(os.sched_getaffinity(0))} cores), "
-          f"{time.strftime('%Y-%m-%d')}, {a.trials} trials; {n:,} images, archives "
-          f"{nbytes / 1e6:,.0f} MB, shards {shards / 1e6:,.0f} MB\n")
-    print("| run | median s | range s | peak disk MB | vs baseline 1 |")
+          f"{time.strftime('%Y-%m-%d')}, {a.trials} trials; {a.layout}, {n:,} images, "
+          f"release {nbytes / 1e6:,.0f} MB, shards {shards / 1e6:,.0f} MB\n")
+    print("| run | median s | range s | peak disk MB | vs baseline |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for k in names:
+    for k in rows:
         lo, hi = min(s for s, _ in rows[k]), max(s for s, _ in rows[k])
         print(f"| {k} | {med[k]:.2f} | {lo:.2f}-{hi:.2f} | {peak[k] / 1e6:,.0f} | "
-              f"{med[k] / med[names[0]]:.2f}x |")
+              f"{med[k] / med[base]:.2f}x |")
     t2 = statistics.median(two_step)
     print(f"| two-step path (steps 1 + 2) | {t2:.2f} | {min(two_step):.2f}-"
-          f"{max(two_step):.2f} | {(peak[names[1]] + peak[names[2]]) / 1e6:,.0f} | "
-          f"{t2 / med[names[0]]:.2f}x |")
-    d = med[names[3]]
-    print(f"\none pass: {d / med[names[1]]:.2f}x prep's extraction (goal <= 1.1x), "
-          f"{d / med[names[0]]:.2f}x tar -xf, {d / t2:.2f}x the two-step path "
-          f"(goal <= 0.6x); its peak disk {peak[names[3]] / 1e6:,.0f} MB for "
+          f"{max(two_step):.2f} | {(peak[ext] + peak[step2]) / 1e6:,.0f} | "
+          f"{t2 / med[base]:.2f}x |")
+    d = med[one]
+    print(f"\none pass: {d / med[ext]:.2f}x prep's extraction (goal <= 1.1x), "
+          f"{d / med[base]:.2f}x the baseline, {d / t2:.2f}x the two-step path "
+          f"(goal <= 0.6x); its peak disk {peak[one] / 1e6:,.0f} MB for "
           f"{shards / 1e6:,.0f} MB of shards")
-    again = med[names[4]]
-    print(f"again into a new OUT (checked before): {again / med[names[1]]:.2f}x prep's "
-          f"extraction, {again / med[names[0]]:.2f}x tar -xf")
-
+    print(f"again into a new OUT (checked before): {med[again] / med[ext]:.2f}x prep's "
+          f"extraction, {med[again] / t2:.2f}x the two-step path")
 
 if __name__ == "__main__":
     main()

@@ -319,13 +319,16 @@ def sources_unchanged(data: Path, plan: ShardPlan, rec: ShardRecord) -> bool:
     holds (a changed one: the shard is written again)."""
     if len(rec.source_stats) != len(plan.samples):
         return False
-    if plan.members is not None:  # read from an archive: the archive is the source file
+    if plan.members is not None:  # read from archives: a sample's archive is its source
         try:
-            st = os.stat(plan.archive)
+            now = [[st.st_size, st.st_mtime_ns] for st in map(os.stat, plan.files or
+                                                               [plan.archive])]
         except OSError:
             return False
-        now = [st.st_size, st.st_mtime_ns]
-        return all(recorded == now for recorded in rec.source_stats)
+        if plan.files is None:
+            return all(recorded == now[0] for recorded in rec.source_stats)
+        return all(recorded == now[m[0] >> 32]  # sample_id: file number, member number
+                   for recorded, m in zip(rec.source_stats, plan.members))
     base = f"{data}/{plan.split}/"
     for s, recorded in zip(plan.samples, rec.source_stats):
         try:
@@ -460,7 +463,13 @@ def _shard_locked(inp: ShardInput, out: Path, settings: ShardSettings, *, fp: st
     checked = open_record(inp, settings)
     report.record = str(checked.path)
     try:
-        for rec in _run(todo, data, out, settings, workers, progress, checked):
+        if inp.packed:  # a compressed release: every shard from every file, in two passes
+            from shards.packed_write import write_packed
+
+            written = write_packed(todo, inp.packed, out, settings, workers, progress)
+        else:
+            written = _run(todo, data, out, settings, workers, progress, checked)
+        for rec in written:
             _save(parts, rec)
             checked.keep(rec.checked, rec.trusted)
             records[rec.name] = rec

@@ -6,11 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from prep.scan import Problems
 from shards.source import Sample
+
+if TYPE_CHECKING:
+    from shards.packed_scan import PackedRelease
 
 TARGET_SAMPLES = 1250  # ~140 MB of ImageNet JPEGs (avg ~110 KB): within 100 MB .. 1 GB
 
@@ -24,6 +28,9 @@ class ShardPlan:
     # (offset of its bytes, size, source name `ARCHIVE:MEMBER`)
     archive: str = ""
     members: list[tuple[int, int, str]] | None = None
+    # a compressed release (shards/packed_scan.py): the split's files; a member's offset is
+    # then its sample_id (file number, member number), not a place in `archive`
+    files: list[str] | None = None
 
     @property
     def name(self) -> str:
@@ -32,7 +39,7 @@ class ShardPlan:
     def __reduce__(self):
         # sent to a worker as plain lists (pickled in C): ~5x cheaper than per-sample objects
         return _plan_from_columns, (self.split, self.index, self.archive, self.members,
-                                    *map(list, zip(*self.samples)))
+                                    self.files, *map(list, zip(*self.samples)))
 
 
 @dataclass
@@ -47,11 +54,15 @@ class ShardInput:
     record: Path | None  # the folder of the record of checked sources (None: none kept)
     problems: Problems | None = None  # --src: what the listing of the release found
     notes: list[str] = field(default_factory=list)
+    # --src of a compressed release: its first pass (shards/packed_scan.PackedRelease)
+    packed: PackedRelease | None = None
 
 
 def _plan_from_columns(split: str, index: int, archive: str,
-                       members: list[tuple[int, int, str]] | None, *columns: list) -> ShardPlan:
-    return ShardPlan(split, index, list(map(Sample._make, zip(*columns))), archive, members)
+                       members: list[tuple[int, int, str]] | None, files: list[str] | None,
+                       *columns: list) -> ShardPlan:
+    return ShardPlan(split, index, list(map(Sample._make, zip(*columns))), archive, members,
+                     files)
 
 
 def default_num_shards(n: int) -> int:

@@ -8,8 +8,9 @@ others and the real labels, classes, counts); the sample lists are the meta/ fil
 shards hold the same samples in the same shards and order as extracting, linking and
 sharding; only each sample's `source` names its archive and member.
 
-Read in place: the original ILSVRC2012 tars (plain tars: one `pread` per image). The
-compressed releases (face-blurred and Hugging Face tar.gz, Parquet) are refused with the
+Read in place: the original ILSVRC2012 tars (plain tars: one `pread` per image), and the
+compressed releases (face-blurred and Hugging Face tar.gz, Parquet), each file read twice
+(shards/packed_scan.py, shards/packed_write.py). Unpacked copies are refused with the
 two-step path to take.
 """
 
@@ -23,6 +24,7 @@ from prep.errors import PrepError
 from prep.gcpause import gc_paused
 from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
 from prep.layout import detect_layout
+from shards.packed_scan import PackedRelease, first_pass, packed_files, packed_scan
 from shards.plan import ShardInput, assign, shard_count
 from shards.settings import ShardSettings
 from shards.source import parse_samples
@@ -38,18 +40,20 @@ def release_input(src: Path, s: ShardSettings, progress: bool = True, workers: i
 
 def _release_input(src: Path, s: ShardSettings, progress: bool, workers: int) -> ShardInput:
     lay = detect_layout(src)
-    if lay.name != "ilsvrc2012-tar":
-        two_step = (f"`prep imagenet --src {lay.src} --link DIR{{}}`, then `prep shard --data "
-                    "DIR/imagenet`")
-        if lay.archives or lay.hf_files:
-            raise PrepError(f"--src {lay.src}: holds the {lay.name} release, whose gzip "
-                            "archives or Parquet files prep shard --src cannot read in place "
-                            "(it reads the original ILSVRC2012 tars); extract and link it: "
-                            + two_step.format(" --extract-to DIR2"))
-        raise PrepError(f"--src {lay.src}: holds an unpacked {lay.name} copy, not the "
-                        "ILSVRC2012 tars that prep shard --src reads in place; link it and "
-                        "shard the view: " + two_step.format(""))
-    scan = scan_archives(lay, progress, workers)
+    packed = None
+    if lay.hf_files or (lay.name == "blurred" and not (lay.train_dir or lay.val_dir)):
+        keep = checked_record_dir(lay.src)
+        packed = first_pass(lay.name, packed_files(lay), s, keep, progress, workers)
+        scan = packed_scan(lay, packed)
+    elif lay.name == "ilsvrc2012-tar":
+        scan = scan_archives(lay, progress, workers)
+    else:
+        unpacked = "a (partly) unpacked" if lay.archives else "an unpacked"
+        raise PrepError(f"--src {lay.src}: holds {unpacked} {lay.name} copy, not a release "
+                        "in archives that prep shard --src reads in place; link it and shard "
+                        f"the view: `prep imagenet --src {lay.src} --link DIR"
+                        f"{' --extract-to DIR2' if lay.archives else ''}`, then "
+                        "`prep shard --data DIR/imagenet`")
     v = validate_scan(lay, scan)
     wnids = [c.wnid for c in v.classes]
     texts = meta_files(v.classes, scan.train, scan.val_files, v.val_labels, scan.test, {})
@@ -58,24 +62,36 @@ def _release_input(src: Path, s: ShardSettings, progress: bool, workers: int) ->
                  for stem, rel in scan.val_files.items()}
     plans = []
     for split in s.splits:
-        if f"{split}.txt" not in texts or split not in lay.archives:
-            continue  # test is optional: only when the release has a test tar
-        archive = lay.archives[split]
+        files = packed.files.get(split) if packed else [lay.archives.get(split)]
+        if f"{split}.txt" not in texts or not files or not files[0]:
+            continue  # test is optional: only when the release has test images
         samples = parse_samples(texts[f"{split}.txt"].splitlines(True),
-                                f"{archive} (its {split} list)", split, wnids)
-        where, prefix = scan.where[split], f"{archive.name}:"
-        members = []
+                                f"{files[0]} (its {split} list)", split, wnids)
+        where, members = scan.where[split], []
         for smp in samples:
             rel = where_val[smp.path] if split == "val" else smp.path
             offset, size = where[rel]
-            # train: `n01440764/x.JPEG` is member x.JPEG of the class tar n01440764.tar
-            inner = rel.replace("/", ".tar/", 1) if split == "train" else rel
-            members.append((offset, size, prefix + inner))
+            members.append((offset, size, _source(packed, split, files, rel, offset)))
         n = shard_count(len(samples), s.num_shards, s.samples_per_shard)
-        plans += assign(split, samples, n, s.seed, str(archive), members)
+        split_plans = assign(split, samples, n, s.seed, "" if packed else str(files[0]),
+                             members)
+        for p in split_plans if packed else ():
+            p.files = [str(f) for f in files]
+        plans += split_plans
     extra = {"release": {"layout": lay.name, "counts": v.counts}}
-    return ShardInput(lay.src, wnids, plans, extra, checked_record_dir(lay.src),
-                      scan.problems, v.notes)
+    return ShardInput(lay.src, wnids, plans, extra, None if packed else
+                      checked_record_dir(lay.src), scan.problems, v.notes, packed)
+
+
+def _source(packed: PackedRelease | None, split: str, files: list[Path], rel: str,
+            offset: int) -> str:
+    """How the json and the index name a sample: `ARCHIVE:MEMBER` (a Parquet file's row
+    by its `path`)."""
+    if packed is None:  # train: `n01440764/x.JPEG` is member x.JPEG of class tar n01440764.tar
+        inner = rel.replace("/", ".tar/", 1) if split == "train" else rel
+        return f"{files[0].name}:{inner}"
+    f, o = offset >> 32, offset & 0xFFFFFFFF
+    return f"{files[f].name}:{packed.scans[split][f].names[o]}"
 
 
 def checked_record_dir(src: Path) -> Path | None:

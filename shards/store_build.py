@@ -239,7 +239,11 @@ def _write(store: Store, inp: ShardInput, fp: str, settings: ShardSettings,
     checked = open_record(inp, settings)
     report.record = str(checked.path)
     try:
-        for rec in _upload_all(store, todo, data, tmp, settings, workers, progress, checked):
+        if inp.packed:  # a compressed release: every shard staged, then uploaded
+            written = _upload_packed(store, todo, inp, tmp, settings, workers, progress)
+        else:
+            written = _upload_all(store, todo, data, tmp, settings, workers, progress, checked)
+        for rec in written:
             records[rec.name] = rec
             report.written.append(rec)
         report.trusted = checked.trusted_count
@@ -303,6 +307,17 @@ def _upload_all(store: Store, todo: list[ShardPlan], data: Path, tmp: Path,
         uploads.shutdown(wait=True, cancel_futures=True)
         raise
     bar.close()
+
+
+def _upload_packed(store: Store, todo: list[ShardPlan], inp: ShardInput, tmp: Path,
+                   settings: ShardSettings, workers: int, progress: bool
+                   ) -> Iterator[ShardRecord]:
+    """The shards of a compressed release (written together by its second pass,
+    shards/packed_write.py: the staging folder holds them all), uploaded 4 at a time."""
+    from shards.packed_write import write_packed
+
+    records = list(write_packed(todo, inp.packed, tmp, settings, workers, progress))
+    yield from thread_map(lambda rec: _send(store, rec, tmp), records, 4)
 
 
 def _send(store: Store, rec: ShardRecord, tmp: Path) -> ShardRecord:

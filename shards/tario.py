@@ -95,23 +95,41 @@ class TarStream:
         appended at `offset` in this layout: one header block each, data padded to BLOCK."""
         for name, size in members:
             self.members.append((name, self.offset + BLOCK, size))
-            self.offset += BLOCK + size + (-size % BLOCK)
+            self.offset += padded(size)
 
     def add(self, name: str, data: bytes) -> None:
         self.add_many([(name, data)])
 
     def add_many(self, members: list[tuple[str, bytes]]) -> None:
         """Several members (one sample) in one gathered write."""
-        parts = []
-        for name, data in members:
-            parts += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
-        self.sink.writev(parts)
+        self.sink.writev(member_parts(members))
         self.appended([(name, len(data)) for name, data in members])
 
     def close(self) -> None:
-        end = self.offset + 2 * BLOCK  # two zero blocks mark the end of the archive
-        self.sink.writev([bytes(2 * BLOCK + (-end % RECORD))])
-        self.offset = end + (-end % RECORD)
+        end = archive_size(self.offset)  # two zero blocks mark the end, then whole records
+        self.sink.writev([bytes(end - self.offset)])
+        self.offset = end
+
+
+def member_parts(members: list[tuple[str, bytes]]) -> list[bytes]:
+    """The buffers that write `members` (name, bytes) one after another: each one's header,
+    bytes and padding to the next block."""
+    parts = []
+    for name, data in members:
+        parts += (member_header(name, len(data)), data, _ZEROS[: -len(data) % BLOCK])
+    return parts
+
+
+def padded(size: int) -> int:
+    """The bytes a member of `size` bytes takes: its header and its data padded to BLOCK."""
+    return BLOCK + size + (-size % BLOCK)
+
+
+def archive_size(end: int) -> int:
+    """The size of a tar whose last member ends at `end`: two zero blocks, then whole
+    records (TarStream.close)."""
+    end += 2 * BLOCK
+    return end + (-end % RECORD)
 
 
 _ZEROS = bytes(BLOCK)

@@ -170,7 +170,7 @@ def _write_run(tar: TarStream, digest: BackgroundDigest, src: SampleReader, star
     for s, source, (offset, size, w, h, ident, checked, crc, json_size) in zip(
             samples, sources, written):
         tar.appended(tarpack.members_of(s, size, json_size))
-        _add_row(rec, plan, s, offset, size, crc, w, h, None, source)
+        add_row(rec, plan, s, offset, size, crc, w, h, None, source)
         rec.source_stats.append([ident[0], ident[1]])  # the file's (the archive's) size, mtime
         if settings.strict:
             _count_check(rec, source, ident, checked or passed.get(source) == ident)
@@ -227,7 +227,7 @@ def _count_check(rec: ShardRecord, source: str, ident: Identity, checked: bool) 
         rec.trusted += 1
 
 
-def _add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_bytes: int,
+def add_row(rec: ShardRecord, plan: ShardPlan, s: Sample, offset: int, jpg_bytes: int,
              jpg_crc32: int, width: int, height: int, repaired: str | None,
              source: str) -> None:
     """Count a written sample and add its per-sample index row."""
@@ -261,7 +261,7 @@ def _write_sample(tar: TarStream, src: SampleReader, i: int, plan: ShardPlan,
     members = [(f"{s.key}.cls", str(s.label).encode()),  # -1 on unlabelled test samples
                (f"{s.key}.jpg", jpg), (f"{s.key}.json", meta.encode())]
     tar.add_many(members)
-    _add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
+    add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
              info.repaired, source)
     if settings.strict:
         _count_check(rec, source, ident, strict)

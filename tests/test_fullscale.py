@@ -7,6 +7,7 @@ outside the repository.
 """
 
 import gzip
+import re
 from pathlib import Path
 
 import pytest
@@ -49,15 +50,18 @@ def test_full_scale_val_txt_equals_caffe(tmp_path, caffe_val_txt, layout):
     assert len(table) == 1001 and table[66].startswith("65,n01751748,490,")
 
 
-def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_txt):
-    """`prep shard --src` on the original tars plans the very samples, labels, shards and
-    order that `prep imagenet --extract-to` then `prep shard --data` plan (1000 classes, the
-    50,000 real val labels), each sample read from the member of its own name."""
+@pytest.mark.parametrize("layout", ["ilsvrc2012-tar", "blurred-tar", "hf-tar", "hf-parquet"])
+def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_txt, layout,
+                                                          monkeypatch):
+    """`prep shard --src` on each release in archives plans the very samples, labels,
+    shards and order that `prep imagenet --extract-to` then `prep shard --data` plan (1000
+    classes, the 50,000 real val labels), each sample read from the member of its own name."""
     from shards.build import ShardSettings, make_plans
     from shards.release import release_input
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     src = tmp_path / "src"
-    write_sample(src, "ilsvrc2012-tar", FULL, progress=False)
+    write_sample(src, layout, FULL, progress=False)
     prepare_imagenet(src, tmp_path / "data", extract_to=tmp_path / "x", progress=False,
                      workers=2)
     settings = ShardSettings()
@@ -69,7 +73,10 @@ def test_full_scale_direct_plans_equal_the_two_step_plans(tmp_path, caffe_val_tx
     val = [p for p in direct.plans if p.split == "val"]
     assert sum(len(p.samples) for p in val) == 50_000 and len(val) == 64
     lines = [f"{s.path} {s.label}" for p in val for s in p.samples]
+    if layout.startswith("blurred"):  # the face-blurred release keeps its published .jpg
+        lines = [line.replace(".jpg ", ".JPEG ") for line in lines]
     assert lines == caffe_val_txt  # val shards keep file order
     for p in direct.plans[:: len(direct.plans) // 7]:
         for s, (_offset, size, source) in zip(p.samples, p.members):
-            assert size == 0 and source.endswith(s.path.rsplit("/", 1)[1])
+            stem = s.path.rsplit("/", 1)[1].rsplit(".", 1)[0]  # HF: suffixed with the WNID
+            assert size == 0 and re.search(rf"[:/]{stem}(_n\d{{8}})?\.(JPEG|jpg)$", source)

@@ -205,11 +205,15 @@ def test_archive_cut_short_after_listing_is_named(make_sample, tmp_path, monkeyp
         assert not list(tmp_path.glob("*.partial"))
 
 
-@pytest.mark.parametrize("layout", ["blurred-tar", "hf-tar", "hf-parquet", "ilsvrc2017"])
-def test_other_copies_are_refused_with_the_two_step_path(make_sample, tmp_path, layout):
-    src, _ = make_sample(layout, **SPEC)
-    what = {"ilsvrc2017": "an unpacked ilsvrc2017 copy", "blurred-tar": "the blurred release",
-            "hf-tar": "the hf-tar release", "hf-parquet": "the hf-parquet release"}[layout]
+@pytest.mark.parametrize("layout", ["blurred", "blurred-half", "ilsvrc2017"])
+def test_unpacked_copies_are_refused_with_the_two_step_path(make_sample, tmp_path, layout):
+    src, _ = make_sample(layout.replace("-half", "-tar"), **{**SPEC, "test_images": 0})
+    if layout == "blurred-half":  # train unpacked beside the val archive
+        with tarfile.open(src / "train_blurred.tar.gz") as t:
+            t.extractall(src, filter="data")
+        (src / "train_blurred.tar.gz").unlink()
+    what = {"ilsvrc2017": "an unpacked ilsvrc2017 copy", "blurred": "an unpacked blurred copy",
+            "blurred-half": r"a \(partly\) unpacked blurred copy"}[layout]
     with pytest.raises(PrepError, match=rf"holds {what}, .*`prep imagenet --src {src} --link "
                                         r"DIR.*`, then `prep shard --data DIR/imagenet`"):
         _direct(src, tmp_path / "out")

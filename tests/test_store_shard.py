@@ -74,22 +74,25 @@ def test_store_output_is_byte_for_byte_the_local_one(s3, sharded):
 
 
 @pytest.mark.slow
-def test_src_to_the_store_is_byte_for_byte_the_local_src_output(s3, make_sample, tmp_path):
-    """`prep shard --src` (the ILSVRC2012 tars read in place) to s3:// writes what it writes
-    to a local directory."""
-    src, _ = make_sample("ilsvrc2012-tar", classes=4, train_per_class=6, val_per_class=3,
+@pytest.mark.parametrize("layout", ["ilsvrc2012-tar", "hf-parquet"])
+def test_src_to_the_store_is_byte_for_byte_the_local_src_output(s3, make_sample, tmp_path,
+                                                                 layout):
+    """`prep shard --src` (the ILSVRC2012 tars read in place; a compressed release read
+    twice) to s3:// writes what it writes to a local directory."""
+    src, _ = make_sample(layout, classes=4, train_per_class=6, val_per_class=3,
                          test_images=2, size=40)
     before = tree_hash(src)
     args = ["--src", str(src), "--num-shards", "2", "--workers", "2", "-q"]
     r = prep("shard", *args, "--out", str(tmp_path / "local"))
     assert r.returncode == 0, r.stderr
-    r = prep("shard", *args, "--out", s3.url("direct"))
+    r = prep("shard", *args, "--out", s3.url(f"direct-{layout}"))
     assert r.returncode == 0, r.stderr
     assert "subset: 4 of 1000 classes" in r.stdout
-    remote = {n: b for n, b in objects(s3, "direct").items() if not n.startswith(".")}
+    remote = {n: b for n, b in objects(s3, f"direct-{layout}").items()
+              if not n.startswith(".")}
     assert remote == local_files(tmp_path / "local") and len(remote) > 10
     assert tree_hash(src) == before
-    r = prep("verify", s3.url("direct"))
+    r = prep("verify", s3.url(f"direct-{layout}"))
     assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
 
 

@@ -1,0 +1,238 @@
+"""`prep shard --src` on a compressed release (the face-blurred tar.gz, Hugging Face's
+tar.gz or Parquet): the first of two passes.
+
+A gzip stream or a Parquet column cannot be read at an offset, and a train shard holds a
+seeded permutation of the whole split, so no shard could be finished before the last
+file is read. So each file is read twice, one process per file, never unpacked to disk:
+
+1. here: every member is judged by the extraction's own rules (prep.extract,
+   prep.hf.release_members), checked and measured as the shard writer would store it
+   (shards.image.encode_image: the strict check, repairs, --max-size): its stored size,
+   CRC-32, dimensions, or why it cannot be stored. From the names the release is listed
+   and checked exactly as `prep imagenet` lists and checks the extracted folders
+   (prep.imagenet.listed_scan, validate_scan), and planned as the view would be; the
+   shards' layouts are then fixed to the byte;
+2. shards/packed_write.py: each file is read again and each sample written at its final
+   offset in shards created at their final size.
+
+What a first pass found is kept per file in the release's cache folder
+(shards.release.checked_record_dir), under the file's identity (size, mtime, ctime, inode,
+device) and the options that change what is stored: a later run (a rerun after a kill,
+another OUT, another shard count) reads each file once, not twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prep.archive_listing import Where, sort_members
+from prep.atomic import write_atomic
+from prep.checked import identity
+from prep.errors import PrepError
+from prep.extract import OutputNames, class_archive_members
+from prep.hf import release_members
+from prep.imagenet import SourceScan, listed_scan
+from prep.layout import Layout
+from prep.progress import progress_bar
+from prep.scan import IMAGE_EXTS, Problems
+from prep.workers import process_pool
+from shards.image import UndecodableImage, encode_image
+from shards.settings import ShardSettings
+
+FORMAT = 1  # of the kept first passes: bump when FileScan or what it measures changes
+
+
+def members(kind: str, path: Path, split: str, names: OutputNames
+            ) -> Iterator[tuple[str, str, str | None, bytes]]:
+    """(name in the release, path once extracted, WNID from the name or folder, bytes) of
+    each image of one file of a compressed release, in file order, judged as the extraction
+    judges them; each path is added to `names` (one path twice: refused, naming both)."""
+    if kind == "blurred":
+        with open(path, "rb") as raw:
+            for m, rel, data in class_archive_members(path, raw, names):
+                yield m.name, rel, rel.split("/", 1)[0], data
+        return
+    for m in release_members(kind, path, split):
+        names.add(m.rel, m.origin)
+        yield m.name, m.rel, m.wnid, m.data
+
+
+@dataclass
+class FileScan:
+    """The first pass over one file, by column, one row per member in file order."""
+
+    names: list[str] = field(default_factory=list)  # as the release names them
+    rels: list[str] = field(default_factory=list)  # path under the split once extracted
+    wnids: list[str | None] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # the member's own size
+    # what the shard stores: its size and CRC-32, dimensions, the json's fields; `error`
+    # says why it cannot be stored ("" when it can), `reencoded` that the stored bytes are
+    # not the member's (a repair or a resize: encoded again, the same bytes, in pass 2)
+    stored: list[int] = field(default_factory=list)
+    crcs: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+    modes: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    resized: list[bool] = field(default_factory=list)
+    reencoded: list[bool] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)  # path -> how errors name it
+
+
+def scan_file(kind: str, path: Path, split: str, settings: ShardSettings) -> FileScan:
+    """Worker task: the first pass over one file (see the module docstring)."""
+    out, names = FileScan(), OutputNames()
+    for name, rel, wnid, data in members(kind, path, split, names):
+        out.names.append(name)
+        out.rels.append(rel)
+        out.wnids.append(wnid)
+        out.sizes.append(len(data))
+        if not rel.endswith(IMAGE_EXTS):  # listed as another file, never stored
+            _row(out, 0, 0, 0, 0, "", "", "", False, False, "not an image by its name")
+            continue
+        try:
+            jpg, info = encode_image(data, settings.max_size, settings.quality,
+                                     settings.strict)
+        except UndecodableImage as exc:
+            _row(out, 0, 0, 0, 0, "", "", "", False, False, str(exc))
+            continue
+        _row(out, len(jpg), zlib.crc32(jpg), info.width, info.height, info.format, info.mode,
+             info.repaired or "", info.resized, jpg is not data, "")
+    out.origins = names.origin
+    return out
+
+
+def _row(out: FileScan, *values: object) -> None:
+    for column, v in zip((out.stored, out.crcs, out.widths, out.heights, out.formats,
+                          out.modes, out.repaired, out.resized, out.reencoded, out.errors),
+                         values):
+        column.append(v)
+
+
+def _kept_path(folder: Path, path: Path, settings: ShardSettings) -> Path:
+    st = os.stat(path)
+    key = repr((FORMAT, os.path.realpath(path), identity(st), settings.max_size,
+                settings.quality, settings.strict))
+    return folder / f"first-pass-{path.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _kept(folder: Path | None, path: Path, settings: ShardSettings) -> FileScan | None:
+    if folder is None:
+        return None
+    try:
+        with open(_kept_path(folder, path, settings), "rb") as f:
+            scan = pickle.load(f)  # our own cache folder, written by this code
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError):
+        return None
+    return scan if isinstance(scan, FileScan) else None
+
+
+def _keep(folder: Path | None, path: Path, settings: ShardSettings, scan: FileScan) -> None:
+    if folder is None:
+        return
+    for old in folder.glob(f"first-pass-{path.name}-*"):  # of an earlier state of the file
+        old.unlink(missing_ok=True)
+    try:
+        write_atomic(_kept_path(folder, path, settings),
+                     pickle.dumps(scan, protocol=pickle.HIGHEST_PROTOCOL))
+    except OSError:
+        pass  # a cache: without it the next run reads the file twice again
+
+
+@dataclass
+class PackedRelease:
+    """A compressed release after its first pass: per split, its files (in the order the
+    samples' ids count them) and what the pass found in each."""
+
+    kind: str  # blurred | hf-tar | hf-parquet
+    files: dict[str, list[Path]]
+    scans: dict[str, list[FileScan]]
+    reused: int = 0  # files whose first pass was kept from an earlier run
+
+
+def sample_id(file_no: int, ordinal: int) -> int:
+    """One int for (file of the split, member of the file): a plan's member offset."""
+    return file_no << 32 | ordinal
+
+
+def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
+               keep: Path | None, progress: bool, workers: int) -> PackedRelease:
+    """The first pass over every file, one worker process per file, kept in `keep`."""
+    scans: dict[str, list[FileScan | None]] = {
+        split: [_kept(keep, p, settings) for p in paths] for split, paths in files.items()}
+    todo = [(split, i, p) for split, paths in files.items() for i, p in enumerate(paths)
+            if scans[split][i] is None]
+    reused = sum(len(paths) for paths in files.values()) - len(todo)
+    total = sum(p.stat().st_size for _, _, p in todo)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="read release (1/2)",
+                       disable=not progress or not todo)
+    try:
+        if todo:
+            with process_pool(min(workers, len(todo))) as pool:
+                futures = [(pool.submit(scan_file, kind, p, split, settings), split, i, p)
+                           for split, i, p in todo]
+                for f, split, i, p in futures:
+                    scans[split][i] = f.result()
+                    _keep(keep, p, settings, scans[split][i])
+                    bar.update(p.stat().st_size)
+    finally:
+        bar.close()
+    return PackedRelease(kind, files, scans, reused)  # type: ignore[arg-type]
+
+
+def packed_scan(lay: Layout, packed: PackedRelease) -> SourceScan:
+    """The release's listing as `prep imagenet` lists its extracted folders: the same
+    images, problems and label sources; `.where`: each image's sample_id and size. Sets the
+    layout's split folders to the release's files (errors name them)."""
+    problems, where = Problems(), {}
+    listing: dict[str, dict[str, list[str]] | list[str]] = {}
+    for split, scans in packed.scans.items():
+        names = OutputNames()  # one path from two files of a split: refused, naming both
+        for s in scans:
+            names.merge(s.origins)
+        folders: dict[str, list[tuple[str, int, int]]] = {}
+        for f, s in enumerate(scans):
+            for o, (rel, size) in enumerate(zip(s.rels, s.sizes)):
+                folder, _, name = rel.rpartition("/")
+                folders.setdefault(folder, []).append((name, sample_id(f, o), size))
+        where[split] = {}
+        sorted_folders = {
+            folder: sort_members(str(packed.files[split][0]), iter(items),
+                                 f"{split}/{folder}".rstrip("/"), where[split],
+                                 f"{folder}/" if folder else "", problems)
+            for folder, items in sorted(folders.items())}
+        in_folders = split == "train" or (split == "val" and packed.kind == "blurred")
+        listing[split] = sorted_folders if in_folders else sorted_folders.get("", [])
+    for split in ("train", "val", "test"):
+        paths = packed.files.get(split, [])
+        setattr(lay, f"{split}_dir", (paths[0] if len(paths) == 1 else paths[0].parent)
+                if paths else None)
+    lay.val_in_folders = packed.kind == "blurred"
+    if packed.kind != "blurred":  # Hugging Face: the names' suffixes label val
+        lay.suffix_labels = {rel.rsplit(".", 1)[0]: w for s in packed.scans["val"]
+                             for rel, w in zip(s.rels, s.wnids)}
+    if "train" not in listing or "val" not in listing:
+        raise PrepError(f"--src {lay.src}: the {lay.name} release without its "
+                        f"{'train' if 'train' not in listing else 'val'} files")
+    return listed_scan(lay, listing["train"], listing["val"], listing.get("test", []),
+                       problems, where)
+
+
+def packed_files(lay: Layout) -> dict[str, list[Path]]:
+    """{split: its files} of a compressed release, in the order the extraction reads them."""
+    if lay.hf_files:
+        return {split: list(paths) for split, paths in lay.hf_files.items()}
+    return {split: [archive] for split, archive in lay.archives.items()}
+
+
+def where_of(where: Where) -> tuple[int, int]:
+    """(file of the split, member of the file) of a sample_id."""
+    return where[0] >> 32, where[0] & 0xFFFFFFFF

@@ -1,0 +1,233 @@
+"""`prep shard --src` on a compressed release: the second pass (the first:
+shards/packed_scan.py).
+
+The first pass fixed every sample's stored size, so each shard's layout is known to the
+byte before any is written: the same members, headers and padding that shards/write.py
+would write for the same plan. Each shard is created at its final size as
+`NAME.partial`; then every file of the release is read again, one worker process per
+file, and each sample is written at its offset (`pwrite`), after its bytes are checked
+against the first pass (size and CRC-32: a file that changed in between stops the run,
+naming the member). When every file is done, each shard is fsynced, hashed, renamed and
+given its DALI index, as shards/write.py finishes a shard. A kill leaves only partials,
+which a rerun writes again (the first pass is kept).
+
+The disk holds the shards and nothing else: no spool, no extracted file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, wait
+from pathlib import Path
+from typing import Any
+
+from prep.errors import PrepError, write_error
+from prep.extract import OutputNames
+from prep.progress import progress_bar
+from prep.workers import interrupt_at_checks, process_pool, thread_map
+from shards.dali_index import write_dali_index
+from shards.image import encode_image
+from shards.packed_scan import PackedRelease, members
+from shards.plan import ShardPlan
+from shards.record import ShardRecord, sample_json
+from shards.settings import ShardSettings
+from shards.tario import archive_size, member_parts, padded
+from shards.write import add_row
+
+# per sample to write: (ordinal in its file, shard number, offset of its first header,
+# key, cls bytes, json bytes, stored size, CRC-32, encoded again)
+Entry = tuple[int, int, int, str, bytes, bytes, int, int, bool]
+
+
+def write_packed(todo: list[ShardPlan], packed: PackedRelease, out: Path,
+                 settings: ShardSettings, workers: int, progress: bool
+                 ) -> Iterator[ShardRecord]:
+    """Write the shards `todo` (see the module docstring); their records, once all are
+    finished. On any error (or Ctrl-C) the partials are removed."""
+    if not todo:
+        return
+    partials = [out / f"{p.name}.partial" for p in todo]
+    jobs: dict[tuple[str, int], list[Entry]] = {}
+    layouts = [_layout(n, p, packed, settings, jobs) for n, p in enumerate(todo)]
+    total = sum(len(entries) for entries in jobs.values())
+    bar = progress_bar(total=total, unit="img", desc="write shards (2/2)",
+                       disable=not progress)
+    try:
+        for path, (rec, _) in zip(partials, layouts):
+            _create(path, rec.filesize)
+        _second_pass(jobs, packed, [str(p) for p in partials], settings, workers, bar)
+        bar.close()
+        records = thread_map(lambda a: _finish(*a), zip(partials, layouts), max(workers, 2))
+    except BaseException:
+        bar.close()
+        for path in partials:  # ours (planned names, under the lock): a rerun redoes them
+            path.unlink(missing_ok=True)
+        raise
+    yield from records
+
+
+def _layout(n: int, plan: ShardPlan, packed: PackedRelease, settings: ShardSettings,
+            jobs: dict[tuple[str, int], list[Entry]]
+            ) -> tuple[ShardRecord, list[tuple[str, int, int]]]:
+    """Shard n's record (all but its digest and the tar's stat) and its members as DALI's
+    index lists them; adds each sample to write to `jobs` {(split, file): entries}."""
+    rec = ShardRecord(plan.name, plan.split, 0, 0, "")
+    tar_members: list[tuple[str, int, int]] = []
+    scans, stats = packed.scans[plan.split], _stats(packed.files[plan.split])
+    offset = 0
+    for s, (sid, _, source) in zip(plan.samples, plan.members or []):
+        f, o = sid >> 32, sid & 0xFFFFFFFF
+        scan = scans[f]
+        rec.source_stats.append(stats[f])
+        if scan.errors[o]:
+            if settings.on_error == "skip":
+                rec.skipped.append(f"{source}: {scan.errors[o]}")
+                continue
+            raise PrepError(f"{source}: {scan.errors[o]}; rerun with --on-error skip to "
+                            "leave it out (skips are listed in the manifest)")
+        meta = sample_json(fmt=scan.formats[o], height=scan.heights[o], key=s.key,
+                           label=s.label, mode=scan.modes[o], repaired=scan.repaired[o],
+                           resized=scan.resized[o], source=source, width=scan.widths[o],
+                           wnid=s.wnid).encode()
+        cls = str(s.label).encode()
+        size, crc = scan.stored[o], scan.crcs[o]
+        jobs.setdefault((plan.split, f), []).append(
+            (o, n, offset, s.key, cls, meta, size, crc, scan.reencoded[o]))
+        add_row(rec, plan, s, offset, size, crc, scan.widths[o], scan.heights[o],
+                scan.repaired[o], source)
+        for ext, length in (("cls", len(cls)), ("jpg", size), ("json", len(meta))):
+            tar_members.append((f"{s.key}.{ext}", offset + 512, length))
+            offset += padded(length)
+    rec.filesize = archive_size(offset)
+    return rec, tar_members
+
+
+def _stats(paths: list[Path]) -> list[list[int]]:
+    out = []
+    for p in paths:
+        st = os.stat(p)
+        out.append([st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _create(path: Path, size: int) -> None:
+    """An empty (sparse) file of the shard's final size; the second pass fills it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from exc
+
+
+def _second_pass(jobs: dict[tuple[str, int], list[Entry]], packed: PackedRelease,
+                 partials: list[str], settings: ShardSettings, workers: int, bar: Any) -> None:
+    """Every file with samples to write, one worker task each, largest first."""
+    order = sorted(jobs, key=lambda k: -packed.files[k[0]][k[1]].stat().st_size)
+    pool = process_pool(min(workers, len(order)))
+    try:
+        with interrupt_at_checks() as check:
+            futures = {pool.submit(write_file, packed.kind, packed.files[split][f], split,
+                                   jobs[split, f], partials, settings.max_size,
+                                   settings.quality) for split, f in order}
+            while futures:
+                done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
+                check()
+                for fut in done:
+                    bar.update(fut.result())
+            pool.shutdown(wait=True)
+    except BaseException:
+        pool.stop()  # the workers are gone before the partials are removed
+        raise
+
+
+def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials: list[str],
+               max_size: int | None, quality: int) -> int:
+    """Worker task: read one file of the release again and write its samples `entries` at
+    their places in the partial shards; how many were written."""
+    todo = {e[0]: e for e in entries}
+    fds = _Descriptors(partials)
+    written = 0
+    try:
+        for o, (name, _, _, data) in enumerate(members(kind, path, split, OutputNames())):
+            e = todo.pop(o, None)
+            if e is None:
+                continue
+            _, shard, offset, key, cls, meta, size, crc, reencoded = e
+            jpg = encode_image(data, max_size, quality, False)[0] if reencoded else data
+            if len(jpg) != size or zlib.crc32(jpg) != crc:
+                raise PrepError(f"{path}: member {name!r} changed since this run first read "
+                                "it (other bytes); rerun when the release is no longer being "
+                                "written")
+            parts = member_parts([(f"{key}.cls", cls), (f"{key}.jpg", jpg),
+                                  (f"{key}.json", meta)])
+            fds.pwritev(shard, parts, offset)
+            written += 1
+            if not todo:
+                break
+    finally:
+        fds.close()
+    if todo:
+        raise PrepError(f"{path}: ends before member #{min(todo) + 1}, which this run read "
+                        "in its first pass; it changed meanwhile (re-download it, then rerun)")
+    return written
+
+
+class _Descriptors:
+    """Open partial shards, the 128 last used (a file's samples go to every shard)."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths, self.open = paths, OrderedDict()
+
+    def pwritev(self, shard: int, parts: list[bytes], offset: int) -> None:
+        fd = self.open.pop(shard, None)
+        if fd is None:
+            if len(self.open) >= 128:
+                os.close(self.open.popitem(last=False)[1])
+            try:
+                fd = os.open(self.paths[shard], os.O_WRONLY)
+            except OSError as exc:
+                raise write_error(self.paths[shard], exc) from exc
+        self.open[shard] = fd
+        view = [memoryview(b) for b in parts if b]
+        try:
+            while view:
+                n = os.pwritev(fd, view, offset)
+                offset += n
+                while view and n >= len(view[0]):
+                    n -= len(view[0])
+                    view.pop(0)
+                if view and n:
+                    view[0] = view[0][n:]
+        except OSError as exc:
+            raise write_error(self.paths[shard], exc) from exc
+
+    def close(self) -> None:
+        for fd in self.open.values():
+            os.close(fd)
+        self.open.clear()
+
+
+def _finish(partial: Path, layout: tuple[ShardRecord, list[tuple[str, int, int]]]
+            ) -> ShardRecord:
+    """fsync, hash and rename one written shard; its DALI index; its record."""
+    rec, tar_members = layout
+    final = partial.with_name(partial.name[: -len(".partial")])
+    try:
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+            f.seek(0)
+            rec.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        os.replace(partial, final)
+        st = os.stat(final)
+        rec.tar_inode, rec.tar_mtime_ns = st.st_ino, st.st_mtime_ns
+        write_dali_index(final, tar_members)
+    except OSError as exc:
+        raise write_error(final, exc) from exc
+    return rec

@@ -1,0 +1,253 @@
+"""`prep shard --src` on the compressed releases (face-blurred tar.gz, Hugging Face tar.gz
+and Parquet), read twice and never unpacked: the same samples in the same shards and order
+as `prep imagenet --extract-to` then `prep shard`."""
+
+import gzip
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from prep.cli import main
+from prep.errors import PrepError
+from shards.build import ShardSettings, _shard_input
+from shards.release import release_input
+from tests.conftest import descendants, running, tree_hash
+from tests.test_shard_release import SPEC, _direct, _members, _sources, _two_step
+
+PACKED = ["blurred-tar", "hf-tar", "hf-parquet"]
+FILES = {"blurred-tar": 2, "hf-tar": 4, "hf-parquet": 4}  # files each layout's sample has
+
+
+def _spec(layout: str) -> dict:
+    return {**SPEC, "test_images": 0} if layout == "blurred-tar" else SPEC  # no test there
+
+
+def _files(out) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("bad_files", [False, True])
+@pytest.mark.parametrize("layout", PACKED)
+def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_path, layout,
+                                                            bad_files, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, _ = make_sample(layout, bad_files=bad_files, **_spec(layout))
+    before = tree_hash(src)
+    opts = dict(num_shards=3, on_error="skip" if bad_files else "fail")
+    direct = _direct(src, tmp_path / "direct", **opts)
+    assert tree_hash(src) == before  # the release is only read, nothing unpacked beside it
+    assert not list(tmp_path.glob("direct/*.partial")) and sorted(os.listdir(tmp_path)) == \
+        ["cache", "direct", src.name]
+    two = _two_step(src, tmp_path, tmp_path / "two", **opts)
+    names = sorted(p.name for p in (tmp_path / "direct").glob("*.tar"))
+    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
+    assert len(names) == (6 if layout == "blurred-tar" else 9)  # train, val (and test)
+    for name in names:
+        assert _members(tmp_path / "direct" / name) == _members(tmp_path / "two" / name), name
+    assert direct.info["splits"] == two.info["splits"]
+    assert len(direct.info["prep"]["skipped"]) == len(two.info["prep"]["skipped"]) == \
+        (1 if bad_files else 0)  # the truncated JPEG, on both paths
+    assert direct.info["prep"]["repairs"] == two.info["prep"]["repairs"]
+    if bad_files:
+        assert sum(direct.info["prep"]["repairs"].values()) == 3  # cmyk, png, grayscale
+    columns = ["key", "label", "split", "shard", "jpg_bytes", "jpg_crc32", "width", "height"]
+    assert pq.read_table(tmp_path / "direct" / "index.parquet", columns=columns).equals(
+        pq.read_table(tmp_path / "two" / "index.parquet", columns=columns))
+    # the source names the release's file and member (a Parquet row by its path)
+    first = {"blurred-tar": "train_blurred.tar.gz:train_blurred/n",
+             "hf-tar": "train_images_", "hf-parquet": "train-0000"}[layout]
+    assert any(s.startswith(first) for s in _sources(tmp_path / "direct"))
+    # what the disk held: the shards, the manifest and the first pass kept in the cache
+    # (a few hundred bytes a member), nothing of the size of the images
+    cache = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    assert 0 < cache < sum(_files(tmp_path / "direct").values()) / 4
+    r = CliRunner().invoke(main, ["verify", "--deep", str(tmp_path / "direct")])
+    assert r.exit_code == 0 and ": OK" in r.output, r.output
+
+
+def test_resized_samples_equal_the_two_step_path(make_sample, tmp_path):
+    """--max-size: every image is encoded again in the second pass, to the same bytes."""
+    src, _ = make_sample("hf-tar", bad_files=True, **SPEC)
+    opts = dict(num_shards=2, max_size=20, on_error="skip")
+    _direct(src, tmp_path / "direct", **opts)
+    _two_step(src, tmp_path, tmp_path / "two", **opts)
+    for shard in sorted((tmp_path / "two").glob("*.tar")):
+        assert _members(tmp_path / "direct" / shard.name) == _members(shard), shard.name
+
+
+def test_rerun_keeps_shards_reuses_the_first_pass_and_notices_a_changed_file(
+        make_sample, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, _ = make_sample("hf-parquet", **SPEC)
+    settings = ShardSettings(num_shards=2)
+    first = _direct(src, tmp_path / "out", num_shards=2)
+    assert len(first.written) == 6
+    assert release_input(src, settings, progress=False).packed.reused == FILES["hf-parquet"]
+    again = _direct(src, tmp_path / "out", num_shards=2)
+    assert (len(again.written), again.kept) == (0, 6)
+    val = src / "data" / "validation-00000-of-00001.parquet"
+    st = val.stat()
+    os.utime(val, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # re-downloaded
+    assert release_input(src, settings, progress=False).packed.reused == \
+        FILES["hf-parquet"] - 1  # that file is read twice again, the others once
+    third = _direct(src, tmp_path / "out", num_shards=2)
+    assert sorted(r.name for r in third.written) == ["val-000000.tar", "val-000001.tar"]
+    assert third.kept == 4
+    # another OUT, another shard count: the same samples, each file read once
+    other = _direct(src, tmp_path / "other", num_shards=3)
+    keys = pq.read_table(tmp_path / "out" / "index.parquet", columns=["key", "jpg_crc32"])
+    keys2 = pq.read_table(tmp_path / "other" / "index.parquet", columns=["key", "jpg_crc32"])
+    assert sorted(keys.to_pylist(), key=str) == sorted(keys2.to_pylist(), key=str)
+    assert len(other.written) == 9
+
+
+def _rewrite_tar_gz(path, edit, top=""):
+    with tarfile.open(path, "r:gz") as t:
+        members = [(m, t.extractfile(m).read() if m.isfile() else b"") for m in t]
+    members = edit(members)
+    with tarfile.open(path, "w:gz", format=tarfile.GNU_FORMAT) as t:
+        for info, data in members:
+            t.addfile(info, io.BytesIO(data) if info.isfile() else None)
+
+
+def _info(name, data=b"x", kind=tarfile.REGTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.size = kind, len(data) if kind == tarfile.REGTYPE else 0
+    if kind == tarfile.SYMTYPE:
+        info.linkname = "/etc/passwd"
+    return info, data
+
+
+@pytest.mark.parametrize("layout, case, expected", [
+    ("blurred-tar", "symlink", r"val_blurred.tar.gz: member 'val_blurred/n\d+/evil.jpg' is "
+                               r"a symlink"),
+    ("blurred-tar", "dotdot", r"val_blurred.tar.gz: member 'val_blurred/../../evil.jpg' is not "
+                              r"<class folder>/<file>"),
+    ("blurred-tar", "twice", r"both be extracted as n\d+/ILSVRC2012_val_\d+\.jpg"),
+    ("hf-tar", "symlink", r"val_images.tar.gz: member 'evil.JPEG' is not a plain file"),
+    ("hf-tar", "no suffix", r"'ILSVRC2012_val_00000001.JPEG' does not end in _<wnid>.JPEG"),
+    ("hf-tar", "two archives", r"train_images_0.tar.gz: member .* and .*train_images_1.tar.gz: "
+                               r"member .* would both be extracted as n\d+/n\d+_\d+\.JPEG"),
+    ("hf-parquet", "label", r"validation-00000-of-00001.parquet row 0: .* the label column "
+                            r"says"),
+])
+def test_hostile_or_contradictory_members_are_refused(make_sample, tmp_path, layout, case,
+                                                      expected):
+    src, _ = make_sample(layout, **_spec(layout))
+    if layout == "blurred-tar":
+        def edit(members):
+            name, data = members[-1][0].name, members[-1][1]
+            folder = name.rsplit("/", 1)[0]
+            extra = {"symlink": _info(f"{folder}/evil.jpg", kind=tarfile.SYMTYPE),
+                     "dotdot": _info("val_blurred/../../evil.jpg", data),
+                     "twice": _info(name, data)}[case]
+            return [*members, extra]
+        _rewrite_tar_gz(src / "val_blurred.tar.gz", edit)
+    elif case == "two archives":  # a member of the first train archive again in the second
+        with tarfile.open(src / "train_images_0.tar.gz", "r:gz") as t:
+            m = t.next()
+            dup = _info(m.name, t.extractfile(m).read())
+        _rewrite_tar_gz(src / "train_images_1.tar.gz", lambda ms: [*ms, dup])
+    elif layout == "hf-tar":
+        extra = {"symlink": _info("evil.JPEG", kind=tarfile.SYMTYPE),
+                 "no suffix": _info("ILSVRC2012_val_00000001.JPEG")}[case]
+        _rewrite_tar_gz(src / "val_images.tar.gz", lambda ms: [*ms, extra])
+    else:
+        path = src / "data" / "validation-00000-of-00001.parquet"
+        table = pq.read_table(path)
+        labels = table.column("label").to_pylist()
+        labels[0] = (labels[0] + 1) % 1000
+        pq.write_table(table.set_column(1, "label", pa.array(labels, pa.int64())), path)
+    before = tree_hash(src)
+    r = CliRunner().invoke(main, ["shard", "--src", str(src), "--out", str(tmp_path / "out"),
+                                  "-q"])
+    assert r.exit_code == 1, r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert re.search(expected, r.output), r.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert tree_hash(src) == before
+
+
+@pytest.mark.parametrize("layout", ["blurred-tar", "hf-tar"])
+def test_truncated_archive_is_named(make_sample, tmp_path, layout):
+    src, _ = make_sample(layout, **_spec(layout))
+    archive = src / ("train_blurred.tar.gz" if layout == "blurred-tar" else
+                     "train_images_0.tar.gz")
+    with open(archive, "r+b") as f:
+        f.truncate(archive.stat().st_size // 2)
+    with pytest.raises(PrepError, match=rf"{archive.name}: truncated or corrupt"):
+        _direct(src, tmp_path / "out")
+
+
+def test_a_file_that_changes_between_the_passes_is_named(make_sample, tmp_path):
+    """The second pass checks each member against the first (size and CRC-32): a release
+    rewritten in between stops the run naming the member, and leaves no partial."""
+    src, _ = make_sample("hf-tar", **SPEC)
+    settings = ShardSettings(num_shards=2)
+    inp = release_input(src, settings, progress=False)
+    raw = gzip.decompress((src / "val_images.tar.gz").read_bytes())
+
+    def edit(members):
+        info, data = members[0]
+        return [(info, data[:-2] + bytes([data[-2] ^ 1]) + data[-1:]), *members[1:]]
+
+    _rewrite_tar_gz(src / "val_images.tar.gz", edit)
+    assert gzip.decompress((src / "val_images.tar.gz").read_bytes()) != raw
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PrepError, match=r"val_images.tar.gz: member 'ILSVRC2012_val_\d+_n\d+"
+                                        r"\.JPEG' changed since this run first read it"):
+        _shard_input(inp, out, settings, workers=2, shard_range=(0, 1), force=False,
+                     finalize_only=False, progress=False, t0=0.0)
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tar"))
+
+
+def test_sigkill_in_the_second_pass_then_rerun_is_byte_identical(make_sample, tmp_path):
+    """`prep shard --src` killed (kill -9) while the second pass writes: no finished shard
+    is left half-written, the workers die with it, and the rerun ends with the bytes of an
+    uninterrupted run."""
+    src, _ = make_sample("hf-tar", classes=8, train_per_class=60, val_per_class=4, size=96)
+    ref = tmp_path / "ref"
+    opts = ["--num-shards", "8", "--max-size", "64", "--workers", "1"]  # resized: slow
+    cmd = [sys.executable, "-m", "prep.cli", "shard", "-q", "--src", str(src), *opts]
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert subprocess.run([*cmd, "--out", str(ref)], capture_output=True, env=env
+                          ).returncode == 0
+    for attempt in range(3):  # a stalled test process can miss the window: try again
+        out = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([*cmd, "--out", str(out)], start_new_session=True, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(out.glob("*.partial")):
+            time.sleep(0.005)
+        family = descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 10  # its workers follow it (prep.workers.die_with_parent)
+        while time.time() < deadline and any(running(p) for p in family):
+            time.sleep(0.02)
+        assert not any(running(p) for p in family)
+        if list(out.glob("*.partial")) and not (out / "_info.json").exists():
+            break
+    assert list(out.glob("*.partial")) and not (out / "_info.json").exists()
+    rerun = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (out / "SHA256SUMS").read_bytes() == (ref / "SHA256SUMS").read_bytes()
+    assert not list(out.glob("*.partial"))
+
+
+def test_cli_on_a_parquet_release(make_sample, tmp_path):
+    src, _ = make_sample("hf-parquet", **SPEC)
+    r = CliRunner().invoke(main, ["shard", "--src", str(src), "--out", str(tmp_path / "o"),
+                                  "-q", "--num-shards", "2"])
+    assert r.exit_code == 0, r.output
+    assert "wrote 6 shards" in r.output and "subset: 4 of 1000 classes" in r.output
