@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +32,12 @@ from typing import NamedTuple
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
 from prep.extract import (
+    CORRUPT,
     OutputNames,
     claim_split,
     corrupt,
     finish_split,
+    open_tar_stream,
     read_member,
     read_record,
     write_member,
@@ -175,7 +176,7 @@ def release_members(kind: str, path: Path, split: str) -> Iterator[Member]:
 def _tar_members(archive: Path, split: str) -> Iterator[Member]:
     n = 0
     try:
-        with tarfile.open(archive, "r|gz") as tar:
+        with open(archive, "rb") as raw, open_tar_stream(raw) as tar:
             for m in tar:
                 if m.isdir():
                     continue
@@ -189,7 +190,7 @@ def _tar_members(archive: Path, split: str) -> Iterator[Member]:
                 n += 1
                 yield Member(m.name, rel, wnid, f"{archive}: member {m.name!r} (#{n})",
                              read_member(tar, m))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (*CORRUPT, OSError) as exc:
         if isinstance(exc, PrepError):
             raise
         raise corrupt(archive, exc) from exc

@@ -27,7 +27,9 @@ import hashlib
 import os
 import pickle
 import zlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,30 +89,68 @@ class FileScan:
     origins: dict[str, str] = field(default_factory=dict)  # path -> how errors name it
 
 
-def scan_file(kind: str, path: Path, split: str, settings: ShardSettings) -> FileScan:
-    """Worker task: the first pass over one file (see the module docstring)."""
+def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1
+              ) -> FileScan:
+    """Worker task: the first pass over one file (see the module docstring). `threads` > 1:
+    the members are checked on that many threads while this one reads on (the C check
+    releases the GIL), for a file too large to be read while the others are (the
+    face-blurred train archive holds the whole split)."""
     out, names = FileScan(), OutputNames()
-    for name, rel, wnid, data in members(kind, path, split, names):
-        out.names.append(name)
-        out.rels.append(rel)
-        out.wnids.append(wnid)
-        out.sizes.append(len(data))
-        if not rel.endswith(IMAGE_EXTS):  # listed as another file, never stored
-            _row(out, 0, 0, 0, 0, "", "", "", False, False, "not an image by its name")
-            continue
-        try:
-            jpg, info = encode_image(data, settings.max_size, settings.quality,
-                                     settings.strict)
-        except UndecodableImage as exc:
-            _row(out, 0, 0, 0, 0, "", "", "", False, False, str(exc))
-            continue
-        _row(out, len(jpg), zlib.crc32(jpg), info.width, info.height, info.format, info.mode,
-             info.repaired or "", info.resized, jpg is not data, "")
+    if threads <= 1:
+        for name, rel, wnid, data in members(kind, path, split, names):
+            _listed(out, name, rel, wnid, data)
+            _row(out, _measure(rel, data, settings))
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            pending: deque[Future] = deque()
+            batch: list[tuple[str, bytes]] = []
+            for name, rel, wnid, data in members(kind, path, split, names):
+                _listed(out, name, rel, wnid, data)
+                batch.append((rel, data))
+                if len(batch) == BATCH:
+                    pending.append(pool.submit(_measure_batch, batch, settings))
+                    batch = []
+                    while len(pending) > 4 * threads:  # a bounded read-ahead
+                        _rows(out, pending.popleft().result())
+            pending.append(pool.submit(_measure_batch, batch, settings))
+            while pending:
+                _rows(out, pending.popleft().result())
     out.origins = names.origin
     return out
 
 
-def _row(out: FileScan, *values: object) -> None:
+BATCH = 16  # members per task of the checking threads
+
+
+def _listed(out: FileScan, name: str, rel: str, wnid: str | None, data: bytes) -> None:
+    out.names.append(name)
+    out.rels.append(rel)
+    out.wnids.append(wnid)
+    out.sizes.append(len(data))
+
+
+def _measure(rel: str, data: bytes, settings: ShardSettings) -> tuple:
+    """What the shard would store for one member (FileScan's columns from `stored` on)."""
+    if not rel.endswith(IMAGE_EXTS):  # listed as another file, never stored
+        return 0, 0, 0, 0, "", "", "", False, False, "not an image by its name"
+    try:
+        jpg, info = encode_image(data, settings.max_size, settings.quality, settings.strict)
+    except UndecodableImage as exc:
+        return 0, 0, 0, 0, "", "", "", False, False, str(exc)
+    return (len(jpg), zlib.crc32(jpg), info.width, info.height, info.format, info.mode,
+            info.repaired or "", info.resized, jpg is not data, "")
+
+
+def _measure_batch(batch: list[tuple[str, bytes]], settings: ShardSettings) -> list[tuple]:
+    return [_measure(rel, data, settings) for rel, data in batch]
+
+
+def _rows(out: FileScan, rows: list[tuple]) -> None:
+    for values in rows:
+        _row(out, values)
+
+
+def _row(out: FileScan, values: tuple) -> None:
     for column, v in zip((out.stored, out.crcs, out.widths, out.heights, out.formats,
                           out.modes, out.repaired, out.resized, out.reencoded, out.errors),
                          values):
@@ -172,13 +212,17 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
             if scans[split][i] is None]
     reused = sum(len(paths) for paths in files.values()) - len(todo)
     total = sum(p.stat().st_size for _, _, p in todo)
+    # a file's share of the cores checks its members on threads (the face-blurred release
+    # holds its whole train split in one file)
+    threads = {p: max(1, round(workers * p.stat().st_size / max(total, 1)))
+               for _, _, p in todo}
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc="read release (1/2)",
                        disable=not progress or not todo)
     try:
         if todo:
             with process_pool(min(workers, len(todo))) as pool:
-                futures = [(pool.submit(scan_file, kind, p, split, settings), split, i, p)
-                           for split, i, p in todo]
+                futures = [(pool.submit(scan_file, kind, p, split, settings, threads[p]),
+                            split, i, p) for split, i, p in todo]
                 for f, split, i, p in futures:
                     scans[split][i] = f.result()
                     _keep(keep, p, settings, scans[split][i])
