@@ -251,3 +251,21 @@ def test_cli_on_a_parquet_release(make_sample, tmp_path):
                                   "-q", "--num-shards", "2"])
     assert r.exit_code == 0, r.output
     assert "wrote 6 shards" in r.output and "subset: 4 of 1000 classes" in r.output
+
+
+@pytest.mark.parametrize("layout", ["blurred-tar", "hf-tar"])
+def test_without_isal_zlib_reads_the_same_shards(make_sample, tmp_path, monkeypatch, layout):
+    """ISA-L inflates the gzip releases where it is installed; without it (the GPU machine
+    has no package index) tarfile's zlib gives the very same shards."""
+    src, _ = make_sample(layout, bad_files=True, **_spec(layout))
+    _direct(src, tmp_path / "isal", num_shards=2, on_error="skip")
+    monkeypatch.setitem(sys.modules, "isal", None)  # `import isal` raises ImportError
+    monkeypatch.setitem(sys.modules, "isal.igzip", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # read again
+    from prep.extract import open_tar_stream
+
+    with open(next(src.glob("*.tar.gz")), "rb") as raw:
+        assert type(open_tar_stream(raw).fileobj.fileobj).__module__ != "isal.igzip"
+    _direct(src, tmp_path / "zlib", num_shards=2, on_error="skip")
+    assert (tmp_path / "zlib" / "SHA256SUMS").read_bytes() == \
+        (tmp_path / "isal" / "SHA256SUMS").read_bytes()
