@@ -248,8 +248,10 @@ def _shard_range(value: str | None) -> tuple[int, int]:
 @click.option("--data", type=LocalPath(path_type=Path, file_okay=False),
               help="The imagenet/ dir `prep imagenet` made (holds train/, val/, meta/).")
 @click.option("--src", type=LocalPath(path_type=Path, file_okay=False),
-              help="Instead of --data: the folder of the original ILSVRC2012 tars, read in "
-                   "place (checked as `prep imagenet` checks them; nothing is extracted).")
+              help="Instead of --data: a release in archives, read in place (the "
+                   "ILSVRC2012 tars; the face-blurred or Hugging Face tar.gz, or the Parquet "
+                   "files: read twice), checked as `prep imagenet` checks it; nothing is "
+                   "extracted.")
 @click.option("--out", required=True, type=OutPath(path_type=Path, file_okay=False),
               help="Directory for the shards and manifest (made if missing), or an object "
                    "store prefix s3://BUCKET/PREFIX (AWS_* settings, ~/.aws).")
@@ -291,8 +293,8 @@ def shard(data: Path | None, src: Path | None, out: Path | str, samples_per_shar
     from shards.build import shard_dataset, shard_release
 
     if (data is None) == (src is None):
-        raise click.UsageError("give --data (a view `prep imagenet` made) or --src (the "
-                               "folder of the ILSVRC2012 tars), not both")
+        raise click.UsageError("give --data (a view `prep imagenet` made) or --src (a "
+                               "release in archives), not both")
     settings = ShardSettings(
         splits=tuple(s.strip() for s in splits.split(",") if s.strip()), num_shards=num_shards,
         samples_per_shard=samples_per_shard, seed=seed, max_size=max_size, quality=quality,

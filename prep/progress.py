@@ -11,8 +11,11 @@ Both kinds take the same calls (update, set_postfix, set_postfix_str, close, ite
 
 from __future__ import annotations
 
+import contextlib
 import os
+import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, TextIO
@@ -106,3 +109,45 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
         return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable,
                     **tqdm_options)
     return PlainProgress(iterable, total, desc, unit)
+
+
+class SharedProgress:
+    """Counters that worker processes advance and this process reads: one 8-byte slot per
+    task in a small temporary file (no message per item, no shared-memory tracker). The
+    workers write with WorkerProgress; `total()` sums the slots."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = max(1, slots)
+        self.fd, self.path = tempfile.mkstemp(prefix="prep-progress-")
+        os.ftruncate(self.fd, 8 * self.slots)
+
+    def total(self) -> int:
+        return sum(struct.unpack(f"{self.slots}q", os.pread(self.fd, 8 * self.slots, 0)))
+
+    def close(self) -> None:
+        os.close(self.fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class WorkerProgress:
+    """A worker's slot of a SharedProgress (`path` "" writes nothing): `set(value)`, at most
+    10 times a second."""
+
+    def __init__(self, path: str, slot: int) -> None:
+        self.slot, self.next = slot, 0.0
+        try:
+            self.fd = os.open(path, os.O_WRONLY) if path else -1
+        except OSError:  # the main process is gone or cleaned up: no progress to show
+            self.fd = -1
+
+    def set(self, value: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.fd >= 0 and (force or now >= self.next):
+            self.next = now + 0.1
+            os.pwrite(self.fd, struct.pack("q", value), 8 * self.slot)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

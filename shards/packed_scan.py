@@ -29,7 +29,7 @@ import pickle
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +41,9 @@ from prep.extract import OutputNames, class_archive_members
 from prep.hf import release_members
 from prep.imagenet import SourceScan, listed_scan
 from prep.layout import Layout
-from prep.progress import progress_bar
+from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.scan import IMAGE_EXTS, Problems
-from prep.workers import process_pool
+from prep.workers import interrupt_at_checks, process_pool
 from shards.image import UndecodableImage, encode_image
 from shards.settings import ShardSettings
 
@@ -89,16 +89,19 @@ class FileScan:
     origins: dict[str, str] = field(default_factory=dict)  # path -> how errors name it
 
 
-def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1
-              ) -> FileScan:
+def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1,
+              progress: str = "", slot: int = 0) -> FileScan:
     """Worker task: the first pass over one file (see the module docstring). `threads` > 1:
     the members are checked on that many threads while this one reads on (the C check
     releases the GIL), for a file too large to be read while the others are (the
-    face-blurred train archive holds the whole split)."""
+    face-blurred train archive holds the whole split). The bytes read so far go to slot
+    `slot` of the SharedProgress at `progress`."""
     out, names = FileScan(), OutputNames()
+    read = _BytesRead(path, progress, slot)
     if threads <= 1:
         for name, rel, wnid, data in members(kind, path, split, names):
             _listed(out, name, rel, wnid, data)
+            read.add(len(data))
             _row(out, _measure(rel, data, settings))
     else:
         with ThreadPoolExecutor(threads) as pool:
@@ -106,6 +109,7 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
             batch: list[tuple[str, bytes]] = []
             for name, rel, wnid, data in members(kind, path, split, names):
                 _listed(out, name, rel, wnid, data)
+                read.add(len(data))
                 batch.append((rel, data))
                 if len(batch) == BATCH:
                     pending.append(pool.submit(_measure_batch, batch, settings))
@@ -115,8 +119,26 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
             pending.append(pool.submit(_measure_batch, batch, settings))
             while pending:
                 _rows(out, pending.popleft().result())
+    read.close()
     out.origins = names.origin
     return out
+
+
+class _BytesRead:
+    """A file's progress: the bytes of its members read (and a header each), at most its
+    size (a gzip archive of JPEGs is about as large as its contents)."""
+
+    def __init__(self, path: Path, progress: str, slot: int) -> None:
+        self.size, self.n = os.stat(path).st_size, 0
+        self.shared = WorkerProgress(progress, slot)
+
+    def add(self, nbytes: int) -> None:
+        self.n += nbytes + 512
+        self.shared.set(min(self.n, self.size))
+
+    def close(self) -> None:
+        self.shared.set(self.size, force=True)
+        self.shared.close()
 
 
 BATCH = 16  # members per task of the checking threads
@@ -212,23 +234,32 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
             if scans[split][i] is None]
     reused = sum(len(paths) for paths in files.values()) - len(todo)
     total = sum(p.stat().st_size for _, _, p in todo)
-    # a file's share of the cores checks its members on threads (the face-blurred release
-    # holds its whole train split in one file)
+    # a file's share of the cores runs the strict check of its members on threads (the
+    # face-blurred release holds its whole train split in one file)
     threads = {p: max(1, round(workers * p.stat().st_size / max(total, 1)))
-               for _, _, p in todo}
+               if settings.strict else 1 for _, _, p in todo}
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc="read release (1/2)",
                        disable=not progress or not todo)
+    shared = SharedProgress(len(todo))
     try:
         if todo:
-            with process_pool(min(workers, len(todo))) as pool:
-                futures = [(pool.submit(scan_file, kind, p, split, settings, threads[p]),
-                            split, i, p) for split, i, p in todo]
-                for f, split, i, p in futures:
-                    scans[split][i] = f.result()
-                    _keep(keep, p, settings, scans[split][i])
-                    bar.update(p.stat().st_size)
+            with process_pool(min(workers, len(todo))) as pool, \
+                    interrupt_at_checks() as check:
+                futures = {pool.submit(scan_file, kind, p, split, settings, threads[p],
+                                       shared.path, slot): (split, i, p)
+                           for slot, (split, i, p) in enumerate(todo)}
+                pending = set(futures)
+                while pending:
+                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                    check()
+                    for f in done:
+                        split, i, p = futures[f]
+                        scans[split][i] = f.result()
+                        _keep(keep, p, settings, scans[split][i])
+                    bar.update(min(shared.total(), total) - bar.n)
     finally:
         bar.close()
+        shared.close()
     return PackedRelease(kind, files, scans, reused)  # type: ignore[arg-type]
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from prep.errors import PrepError, write_error
 from prep.extract import OutputNames
-from prep.progress import progress_bar
+from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.workers import interrupt_at_checks, process_pool, thread_map
 from shards.dali_index import write_dali_index
 from shards.image import encode_image
@@ -131,28 +131,35 @@ def _second_pass(jobs: dict[tuple[str, int], list[Entry]], packed: PackedRelease
     """Every file with samples to write, one worker task each, largest first."""
     order = sorted(jobs, key=lambda k: -packed.files[k[0]][k[1]].stat().st_size)
     pool = process_pool(min(workers, len(order)))
+    shared = SharedProgress(len(order))
     try:
         with interrupt_at_checks() as check:
             futures = {pool.submit(write_file, packed.kind, packed.files[split][f], split,
                                    jobs[split, f], partials, settings.max_size,
-                                   settings.quality) for split, f in order}
+                                   settings.quality, shared.path, slot)
+                       for slot, (split, f) in enumerate(order)}
             while futures:
                 done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
                 check()
                 for fut in done:
-                    bar.update(fut.result())
+                    fut.result()
+                bar.update(shared.total() - bar.n)
             pool.shutdown(wait=True)
     except BaseException:
         pool.stop()  # the workers are gone before the partials are removed
         raise
+    finally:
+        shared.close()
 
 
 def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials: list[str],
-               max_size: int | None, quality: int) -> int:
+               max_size: int | None, quality: int, progress: str = "", slot: int = 0) -> int:
     """Worker task: read one file of the release again and write its samples `entries` at
-    their places in the partial shards; how many were written."""
+    their places in the partial shards; how many were written (also to slot `slot` of the
+    SharedProgress at `progress`)."""
     todo = {e[0]: e for e in entries}
     fds = _Descriptors(partials)
+    shared = WorkerProgress(progress, slot)
     written = 0
     try:
         for o, (name, _, _, data) in enumerate(members(kind, path, split, OutputNames())):
@@ -169,9 +176,12 @@ def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials
                                   (f"{key}.json", meta)])
             fds.pwritev(shard, parts, offset)
             written += 1
+            shared.set(written)
             if not todo:
                 break
     finally:
+        shared.set(written, force=True)
+        shared.close()
         fds.close()
     if todo:
         raise PrepError(f"{path}: ends before member #{min(todo) + 1}, which this run read "

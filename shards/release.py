@@ -43,7 +43,9 @@ def _release_input(src: Path, s: ShardSettings, progress: bool, workers: int) ->
     packed = None
     if lay.hf_files or (lay.name == "blurred" and not (lay.train_dir or lay.val_dir)):
         keep = checked_record_dir(lay.src)
-        packed = first_pass(lay.name, packed_files(lay), s, keep, progress, workers)
+        files = {split: paths for split, paths in packed_files(lay).items()
+                 if split in ("train", "val") or split in s.splits}  # test: when asked for
+        packed = first_pass(lay.name, files, s, keep, progress, workers)
         scan = packed_scan(lay, packed)
     elif lay.name == "ilsvrc2012-tar":
         scan = scan_archives(lay, progress, workers)
