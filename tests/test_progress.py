@@ -1,6 +1,7 @@
 """Progress where people read it: a bar on a terminal, plain lines in a log file."""
 
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,31 @@ def test_prep_shard_logs_plain_lines_to_a_file(prepared, tmp_path):
     text = log.read_text()
     assert r.returncode == 0, text
     assert "\r" not in text and "shard: " in text and "img (100%)" in text
+
+
+def _advance(path: str, slot: int, value: int) -> int:
+    from prep.progress import WorkerProgress
+
+    w = WorkerProgress(path, slot)
+    w.set(value // 2)
+    w.set(value, force=True)  # within 0.1 s of the first write: lands only when forced
+    w.close()
+    return slot
+
+
+def test_shared_progress_sums_what_worker_processes_set():
+    from prep.progress import SharedProgress, WorkerProgress
+    from prep.workers import process_pool
+
+    shared = SharedProgress(3)
+    assert shared.total() == 0
+    with process_pool(2) as pool:
+        assert sorted(pool.map(_advance, [shared.path] * 3, [0, 1, 2], [10, 200, 3000])) == \
+            [0, 1, 2]
+    assert shared.total() == 3210
+    quiet = WorkerProgress("", 0)  # no file: writes nothing, fails nothing
+    quiet.set(5, force=True)
+    quiet.close()
+    path = shared.path
+    shared.close()
+    assert not os.path.exists(path)
