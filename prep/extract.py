@@ -94,6 +94,11 @@ def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
         raise write_error(path, exc) from exc
 
 
+def member_origin(archive: Path | str, name: str, ordinal: int) -> str:
+    """How errors name member number `ordinal` (from 0) of an archive."""
+    return f"{archive}: member {name!r} (#{ordinal + 1})"
+
+
 class OutputNames:
     """Which input made each output name: a second input for one name is refused, naming
     both (never the first picture kept under the second one's label)."""
@@ -332,7 +337,7 @@ def class_archive_members(archive: Path, raw: IO[bytes], names: OutputNames
                 where = _class_member(str(archive), m)
                 if where is not None:
                     rel = f"{where[0]}/{where[1]}"
-                    names.add(rel, f"{archive}: member {m.name!r} (#{len(names.origin) + 1})")
+                    names.add(rel, member_origin(archive, m.name, len(names.origin)))
                     yield m, rel, read_member(tar, m)
     except (*CORRUPT, OSError) as exc:
         if not isinstance(exc, CORRUPT) and "gzip" not in str(exc).lower() and \

@@ -37,6 +37,7 @@ from prep.extract import (
     claim_split,
     corrupt,
     finish_split,
+    member_origin,
     open_tar_stream,
     read_member,
     read_record,
@@ -188,7 +189,7 @@ def _tar_members(archive: Path, split: str) -> Iterator[Member]:
                                     "refusing to extract")
                 rel, wnid = original_name(split, m.name, str(archive))
                 n += 1
-                yield Member(m.name, rel, wnid, f"{archive}: member {m.name!r} (#{n})",
+                yield Member(m.name, rel, wnid, member_origin(archive, m.name, n - 1),
                              read_member(tar, m))
     except (*CORRUPT, OSError) as exc:
         if isinstance(exc, PrepError):
@@ -197,6 +198,11 @@ def _tar_members(archive: Path, split: str) -> Iterator[Member]:
 
 
 PARQUET_COLUMNS = {"image", "label"}
+
+
+def row_origin(path: Path, row: int, name: str) -> str:
+    """How errors name a row of a Parquet file."""
+    return f"{path} row {row} ({name!r})"
 
 
 def _parquet_rows(path: Path, split: str) -> Iterator[Member]:
@@ -231,7 +237,7 @@ def _parquet_rows(path: Path, split: str) -> Iterator[Member]:
                     raise PrepError(f"{where}: {name!r} has no image bytes (null); "
                                     "re-download this file")
                 n += 1
-                yield Member(name, rel, wnid, f"{where} ({name!r})", data)
+                yield Member(name, rel, wnid, row_origin(path, n - 1, name), data)
     except PrepError:
         raise
     except (OSError, ValueError) as exc:

@@ -55,6 +55,8 @@ def encode_image(data: bytes, max_size: int | None = None, quality: int = 90,
     """(bytes to store, what was done). Raises UndecodableImage for broken files: not an
     image, size 0 or above prep.jpeg.MAX_PIXELS, damaged data; with `strict`, also a JPEG
     whose entropy data ends early (prep.jpeg.strict_problem)."""
+    if not data:  # (Pillow would try every format's plugin, and name a memory address)
+        raise UndecodableImage("empty file (0 bytes)")
     sof = jpeg_sof(data)
     if sof:
         problem = size_problem(sof[0], sof[1]) or (strict and strict_problem(data))

@@ -37,8 +37,8 @@ from prep.archive_listing import Where, sort_members
 from prep.atomic import write_atomic
 from prep.checked import identity
 from prep.errors import PrepError
-from prep.extract import OutputNames, class_archive_members
-from prep.hf import release_members
+from prep.extract import OutputNames, class_archive_members, member_origin
+from prep.hf import release_members, row_origin
 from prep.imagenet import SourceScan, listed_scan
 from prep.layout import Layout
 from prep.progress import SharedProgress, WorkerProgress, progress_bar
@@ -47,7 +47,7 @@ from prep.workers import interrupt_at_checks, process_pool
 from shards.image import UndecodableImage, encode_image
 from shards.settings import ShardSettings
 
-FORMAT = 1  # of the kept first passes: bump when FileScan or what it measures changes
+FORMAT = 2  # of the kept first passes: bump when FileScan or what it measures changes
 
 
 def members(kind: str, path: Path, split: str, names: OutputNames
@@ -86,7 +86,6 @@ class FileScan:
     resized: list[bool] = field(default_factory=list)
     reencoded: list[bool] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    origins: dict[str, str] = field(default_factory=dict)  # path -> how errors name it
 
 
 def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1,
@@ -120,7 +119,6 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
             while pending:
                 _rows(out, pending.popleft().result())
     read.close()
-    out.origins = names.origin
     return out
 
 
@@ -270,9 +268,7 @@ def packed_scan(lay: Layout, packed: PackedRelease) -> SourceScan:
     problems, where = Problems(), {}
     listing: dict[str, dict[str, list[str]] | list[str]] = {}
     for split, scans in packed.scans.items():
-        names = OutputNames()  # one path from two files of a split: refused, naming both
-        for s in scans:
-            names.merge(s.origins)
+        _one_file_per_path(packed, split)
         folders: dict[str, list[tuple[str, int, int]]] = {}
         for f, s in enumerate(scans):
             for o, (rel, size) in enumerate(zip(s.rels, s.sizes)):
@@ -299,6 +295,24 @@ def packed_scan(lay: Layout, packed: PackedRelease) -> SourceScan:
                         f"{'train' if 'train' not in listing else 'val'} files")
     return listed_scan(lay, listing["train"], listing["val"], listing.get("test", []),
                        problems, where)
+
+
+def _one_file_per_path(packed: PackedRelease, split: str) -> None:
+    """One path from two files of a split: refused, naming both members as the extraction
+    names them (each file was checked on its own in its first pass)."""
+    scans = packed.scans[split]
+    if len(scans) < 2:
+        return
+    first: dict[str, tuple[int, int]] = {}
+    for f, s in enumerate(scans):
+        for o, rel in enumerate(s.rels):
+            was = first.setdefault(rel, (f, o))
+            if was != (f, o):
+                names = OutputNames()
+                for f2, o2 in (was, (f, o)):
+                    path, name = packed.files[split][f2], scans[f2].names[o2]
+                    names.add(rel, row_origin(path, o2, name) if packed.kind == "hf-parquet"
+                              else member_origin(path, name, o2))
 
 
 def packed_files(lay: Layout) -> dict[str, list[Path]]:

@@ -35,8 +35,6 @@ def test_truncated_and_garbage_are_undecodable():
     with pytest.raises(UndecodableImage, match="cannot decode"):
         encode_image(bad_file_bytes("truncated", _photo()))
     with pytest.raises(UndecodableImage, match="not an image"):
-        encode_image(b"")
-    with pytest.raises(UndecodableImage):
         encode_image(b"<html>404</html>")
 
 
@@ -113,3 +111,9 @@ def test_truncated_jpeg_with_eoi_is_undecodable(progressive):
         encode_image(data)
     good = encode_jpeg(render_class_image(1, 3, np.random.default_rng(1), 96))
     assert jpeg.strict_problem(good) is None
+
+
+def test_an_empty_file_is_named_so():
+    """0 bytes: one message on every path (not Pillow's, which names a memory address)."""
+    with pytest.raises(UndecodableImage, match=r"^empty file \(0 bytes\)$"):
+        encode_image(b"")

@@ -140,6 +140,9 @@ def _info(name, data=b"x", kind=tarfile.REGTYPE):
                                r"member .* would both be extracted as n\d+/n\d+_\d+\.JPEG"),
     ("hf-parquet", "label", r"validation-00000-of-00001.parquet row 0: .* the label column "
                             r"says"),
+    ("hf-parquet", "two files", r"train-00000-of-00002.parquet row 0 \('n\d+_\d+_n\d+.JPEG'\) "
+                                r"and .*train-00001-of-00002.parquet row 12 .* would both be "
+                                r"extracted as n\d+/n\d+_\d+\.JPEG"),
 ])
 def test_hostile_or_contradictory_members_are_refused(make_sample, tmp_path, layout, case,
                                                       expected):
@@ -162,6 +165,10 @@ def test_hostile_or_contradictory_members_are_refused(make_sample, tmp_path, lay
         extra = {"symlink": _info("evil.JPEG", kind=tarfile.SYMTYPE),
                  "no suffix": _info("ILSVRC2012_val_00000001.JPEG")}[case]
         _rewrite_tar_gz(src / "val_images.tar.gz", lambda ms: [*ms, extra])
+    elif case == "two files":  # the first row of one train file again in the other
+        one, two = (src / "data" / f"train-0000{i}-of-00002.parquet" for i in (0, 1))
+        pq.write_table(pa.concat_tables([pq.read_table(two), pq.read_table(one).slice(0, 1)]),
+                       two)
     else:
         path = src / "data" / "validation-00000-of-00001.parquet"
         table = pq.read_table(path)
