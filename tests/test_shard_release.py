@@ -84,8 +84,9 @@ def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_pat
         pq.read_table(tmp_path / "two" / "index.parquet", columns=columns))
 
 
-def test_shard_range_parts_then_one_run_give_the_same_output(make_sample, tmp_path):
-    src, _ = make_sample("ilsvrc2012-tar", **SPEC)
+@pytest.mark.parametrize("layout", ["ilsvrc2012-tar", "hf-parquet"])
+def test_shard_range_parts_then_one_run_give_the_same_output(make_sample, tmp_path, layout):
+    src, _ = make_sample(layout, **SPEC)
     for part in (0, 1):
         shard_release(src, tmp_path / "parts", ShardSettings(num_shards=3), workers=1,
                       shard_range=(part, 2), progress=False)
