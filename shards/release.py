@@ -81,6 +81,10 @@ def _release_input(src: Path, s: ShardSettings, progress: bool, workers: int) ->
             p.files = [str(f) for f in files]
         plans += split_plans
     extra = {"release": {"layout": lay.name, "counts": v.counts}}
+    if packed and packed.reused:
+        n = sum(map(len, packed.files.values()))
+        v.notes.append(f"first pass: {packed.reused} of {n} files read in an earlier run, "
+                       f"kept in {keep}")
     return ShardInput(lay.src, wnids, plans, extra, None if packed else
                       checked_record_dir(lay.src), scan.problems, v.notes, packed)
 

@@ -57,6 +57,7 @@ def test_the_pages_hold_the_commands_this_test_runs():
 def _swap(cmd: str, src: Path, work: Path, bucket: str) -> list[str]:
     swaps = {"/abs/ILSVRC2017": src / "ILSVRC2017",
              "/datasets/ilsvrc2012-archives": src / "ilsvrc2012-archives",
+             "/datasets/imagenet-1k-hf": src / "imagenet-1k-hf",
              "/datasets/imagenetv2-matched-frequency-format-val":
                  src / "imagenetv2-matched-frequency-format-val",
              "/scratch/ilsvrc2012": work / "scratch/ilsvrc2012",
@@ -87,6 +88,7 @@ def test_every_documented_command_runs(tmp_path, s3):
     prep = [str(Path(sys.executable).with_name("prep")), "sample", "--classes", "1000",
             "--train-per-class", "1", "--val-per-class", "1", "--size", "32"]
     for name, layout in (("ILSVRC2017", "ilsvrc2017"), ("ilsvrc2012-archives", "ilsvrc2012-tar"),
+                         ("imagenet-1k-hf", "hf-parquet"),
                          ("imagenetv2-matched-frequency-format-val", "imagenet-v2")):
         subprocess.run([*prep, "--layout", layout, str(src / name)], check=True,
                        capture_output=True)

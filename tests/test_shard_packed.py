@@ -95,6 +95,9 @@ def test_rerun_keeps_shards_reuses_the_first_pass_and_notices_a_changed_file(
     assert release_input(src, settings, progress=False).packed.reused == FILES["hf-parquet"]
     again = _direct(src, tmp_path / "out", num_shards=2)
     assert (len(again.written), again.kept) == (0, 6)
+    assert any(re.fullmatch(rf"first pass: {FILES['hf-parquet']} of {FILES['hf-parquet']} "
+                            rf"files read in an earlier run, kept in {tmp_path}/cache/\S+",
+                            n) for n in again.notes), again.notes
     val = src / "data" / "validation-00000-of-00001.parquet"
     st = val.stat()
     os.utime(val, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # re-downloaded
