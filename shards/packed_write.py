@@ -53,6 +53,7 @@ def write_packed(todo: list[ShardPlan], packed: PackedRelease, out: Path,
     partials = [out / f"{p.name}.partial" for p in todo]
     jobs: dict[tuple[str, int], list[Entry]] = {}
     layouts = [_layout(n, p, packed, settings, jobs) for n, p in enumerate(todo)]
+    _room_for(out, [rec.filesize for rec, _ in layouts], partials)
     total = sum(len(entries) for entries in jobs.values())
     bar = progress_bar(total=total, unit="img", desc="write shards (2/2)",
                        disable=not progress)
@@ -104,6 +105,23 @@ def _layout(n: int, plan: ShardPlan, packed: PackedRelease, settings: ShardSetti
             offset += padded(length)
     rec.filesize = archive_size(offset)
     return rec, tar_members
+
+
+def _room_for(out: Path, sizes: list[int], partials: list[Path]) -> None:
+    """Refuse now, not after the first pass's hours, when OUT's file system cannot hold the
+    shards (created sparse, they would fill it only while the second pass writes). The
+    partials a killed run left count as free: they are written again from the start."""
+    need = sum(sizes)
+    try:
+        st = os.statvfs(out)
+        free = st.f_bavail * st.f_frsize + sum(p.stat().st_blocks * 512 for p in partials
+                                               if p.exists())
+    except OSError:
+        return  # not knowable here: a full disk is still named when a write fails
+    if need > free:
+        raise PrepError(f"{out}: the shards need {need / 1e9:,.2f} GB and its file system has "
+                        f"{free / 1e9:,.2f} GB free; make room or choose another --out, then "
+                        "rerun (nothing was written; the first pass is kept)")
 
 
 def _stats(paths: list[Path]) -> list[list[int]]:

@@ -2,6 +2,7 @@
 Needs permission to mount (root in the CI container); skipped otherwise."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,3 +122,32 @@ def test_full_disk_while_making_links(make_sample, inode_starved_disk):
     report = prepare_imagenet(src, link, progress=False, workers=1)
     assert report.counts["val"] == 50
     assert len(list((link / "imagenet/val").rglob("*.JPEG"))) == 50
+
+
+def test_src_of_a_compressed_release_refuses_a_disk_without_room_then_rerun(small_disk,
+                                                                           tmp_path,
+                                                                           monkeypatch):
+    """The two-pass path creates its shards at their final size (sparse): a file system
+    without room for them is refused before the second pass, in one line; once there is
+    room the rerun writes them (the first pass kept)."""
+    from prep.sample import SampleSpec, write_sample
+    from shards.build import shard_release
+    from shards.verify import verify_shards
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_sample(tmp_path / "src", "hf-tar", SampleSpec(classes=4, train_per_class=10,
+                 val_per_class=3, size=96), progress=False)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (3 * 2**20 - 160 * 1024))  # leave ~160 KB
+    out = small_disk / "shards"
+    r = CliRunner().invoke(prep_main, ["shard", "--src", str(tmp_path / "src"), "--out",
+                                       str(out), "-q", "--num-shards", "2"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert re.search(r"shards: the shards need 0\.\d+ GB and its file system has 0\.0\d GB "
+                     r"free", r.output), r.output
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tar"))
+    filler.unlink()
+    shard_release(tmp_path / "src", out, ShardSettings(num_shards=2), workers=2,
+                  progress=False)
+    report = verify_shards(out, deep=True, progress=False)
+    assert report.ok and report.samples == 4 * 10 + 4 * 3
