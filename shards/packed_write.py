@@ -16,7 +16,6 @@ The disk holds the shards and nothing else: no spool, no extracted file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zlib
 from collections import OrderedDict
@@ -35,6 +34,7 @@ from shards.packed_scan import PackedRelease, members
 from shards.plan import ShardPlan
 from shards.record import ShardRecord, sample_json
 from shards.settings import ShardSettings
+from shards.source import file_digest
 from shards.tario import archive_size, member_parts, padded
 from shards.write import add_row
 
@@ -250,8 +250,7 @@ def _finish(partial: Path, layout: tuple[ShardRecord, list[tuple[str, int, int]]
     try:
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
-            f.seek(0)
-            rec.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+        rec.sha256 = file_digest(partial)
         os.replace(partial, final)
         st = os.stat(final)
         rec.tar_inode, rec.tar_mtime_ns = st.st_ino, st.st_mtime_ns
