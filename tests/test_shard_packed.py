@@ -279,3 +279,42 @@ def test_without_isal_zlib_reads_the_same_shards(make_sample, tmp_path, monkeypa
     _direct(src, tmp_path / "zlib", num_shards=2, on_error="skip")
     assert (tmp_path / "zlib" / "SHA256SUMS").read_bytes() == \
         (tmp_path / "isal" / "SHA256SUMS").read_bytes()
+
+
+def _damage(archive, how: str) -> None:
+    """Damage a release file as a bad download or disk does: one tar header in the middle
+    no longer sums to its checksum (tarfile takes it for the end of the archive), or the
+    gzip trailer's CRC no longer matches (tarfile never reads that far)."""
+    raw = archive.read_bytes()
+    gz = raw[:2] == b"\x1f\x8b"
+    data = bytearray(gzip.decompress(raw) if gz else raw)
+    if how == "header":
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
+            offset = t.getmembers()[5].offset
+        data[offset + 10] ^= 0x20  # a letter of the name: the checksum no longer holds
+        raw = gzip.compress(bytes(data), mtime=0) if gz else bytes(data)
+    else:
+        raw = raw[:-8] + bytes([raw[-8] ^ 1]) + raw[-7:]  # CRC-32, then the size
+    archive.write_bytes(raw)
+
+
+@pytest.mark.parametrize("how", ["header", "crc"])
+@pytest.mark.parametrize("layout, name", [("hf-tar", "val_images.tar.gz"),
+                                          ("blurred-tar", "val_blurred.tar.gz"),
+                                          ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar")])
+def test_a_damaged_archive_is_named_never_read_in_part(make_sample, tmp_path, layout, name,
+                                                       how):
+    """A damaged header past the first member, or a gzip CRC that does not match: the
+    archive is named on both paths, never listed up to the damage and taken as whole (it
+    was: 5 of 12 val images extracted and linked, exit 0)."""
+    if how == "crc" and not name.endswith(".gz"):
+        pytest.skip("a plain tar has no CRC")
+    src, _ = make_sample(layout, **_spec(layout))
+    _damage(src / name, how)
+    before = tree_hash(src)
+    expected = rf"{name}: (truncated or corrupt|damaged tar header)"
+    with pytest.raises(PrepError, match=expected):
+        _direct(src, tmp_path / "direct")
+    with pytest.raises(PrepError, match=expected):
+        _two_step(src, tmp_path, tmp_path / "two")
+    assert not (tmp_path / "view").exists() and tree_hash(src) == before
