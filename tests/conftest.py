@@ -112,6 +112,19 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def sigkill_with_workers(proc) -> set[int]:
+    """kill -9 a `prep` process (started with start_new_session=True), as the OOM killer or
+    a lost node does, and wait up to 10 s for its workers to follow it
+    (prep.workers.die_with_parent); the ones still running (none, when they do)."""
+    family = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(running(p) for p in family):
+        time.sleep(0.02)
+    return {p for p in family if running(p)}
+
+
 def running(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:

@@ -1,7 +1,6 @@
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -19,7 +18,13 @@ from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
 from prep.synth import encode_jpeg, render_class_image
 from shards.build import ShardSettings, shard_dataset
-from tests.conftest import descendants, running, set_jpeg_size, sha256_files, tmpfs, tree_hash
+from tests.conftest import (
+    set_jpeg_size,
+    sha256_files,
+    sigkill_with_workers,
+    tmpfs,
+    tree_hash,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,13 +170,7 @@ def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
         parts = out / ".prep-shard" / "parts"  # a shard's record is saved once it is done
         while time.time() < deadline and len(list(parts.glob("train-*.json"))) < 3:
             time.sleep(0.01)
-        family = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)  # the main process only, as the OOM killer does
-        proc.wait()
-        deadline = time.time() + 10  # its workers follow it (prep.workers.die_with_parent)
-        while time.time() < deadline and any(running(p) for p in family):
-            time.sleep(0.02)
-        assert [p for p in family if running(p)] == []
+        assert not sigkill_with_workers(proc)  # the main process only, as the OOM killer
         recorded = len(list(parts.glob("*.json")))
         written = len(list(out.glob("*.tar")))
         if written < total:  # killed mid-run (a records-at-the-end bug never gets here)

@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
@@ -23,7 +22,7 @@ from shards import tarpack, write
 from shards.build import ShardSettings, shard_dataset, shard_release
 from shards.release import release_input
 from shards.write import write_shard
-from tests.conftest import descendants, running, tree_hash
+from tests.conftest import sigkill_with_workers, tree_hash
 
 SPEC = dict(classes=4, train_per_class=6, val_per_class=3, test_images=3, size=32)
 
@@ -65,23 +64,28 @@ def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_pat
     direct = _direct(src, tmp_path / "direct", **opts)
     two = _two_step(src, tmp_path, tmp_path / "two", **opts)
     assert tree_hash(src) == before  # the release is only read
-    names = sorted(p.name for p in (tmp_path / "direct").glob("*.tar"))
-    assert names == sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
-    assert len(names) == 9  # train, val and test
-    for name in names:
-        assert _members(tmp_path / "direct" / name) == _members(tmp_path / "two" / name), name
-    assert direct.info["splits"] == two.info["splits"]
-    assert len(direct.info["prep"]["skipped"]) == len(two.info["prep"]["skipped"]) == \
-        (1 if bad_files else 0)  # the truncated JPEG, on both paths
-    assert direct.info["prep"]["repairs"] == two.info["prep"]["repairs"]
+    same_as_two_step(direct, two, 9, 1 if bad_files else 0)  # train, val and test
     # the source names the archive and member instead of a file
     sources = _sources(tmp_path / "direct")
     assert any(s.startswith("ILSVRC2012_img_train.tar:n") and ".tar/n" in s for s in sources)
     assert any(s.startswith("ILSVRC2012_img_val.tar:ILSVRC2012_val_") for s in sources)
     assert any(s.startswith("ILSVRC2012_img_test") for s in sources)
+
+
+def same_as_two_step(direct, two, shards: int, skipped: int) -> None:
+    """The reports of `--src` and of the two-step path wrote the same shards: names,
+    members and bytes (json minus `source`), splits, skips, repairs, index columns."""
+    names = sorted(p.name for p in direct.out.glob("*.tar"))
+    assert names == sorted(p.name for p in two.out.glob("*.tar")) and len(names) == shards
+    for name in names:
+        assert _members(direct.out / name) == _members(two.out / name), name
+    assert direct.info["splits"] == two.info["splits"]
+    assert len(direct.info["prep"]["skipped"]) == len(two.info["prep"]["skipped"]) == \
+        skipped  # the truncated JPEG, on both paths
+    assert direct.info["prep"]["repairs"] == two.info["prep"]["repairs"]
     columns = ["key", "label", "split", "shard", "jpg_bytes", "jpg_crc32", "width", "height"]
-    assert pq.read_table(tmp_path / "direct" / "index.parquet", columns=columns).equals(
-        pq.read_table(tmp_path / "two" / "index.parquet", columns=columns))
+    assert pq.read_table(direct.out / "index.parquet", columns=columns).equals(
+        pq.read_table(two.out / "index.parquet", columns=columns))
 
 
 @pytest.mark.parametrize("layout", ["ilsvrc2012-tar", "hf-parquet"])
@@ -131,11 +135,13 @@ def test_rerun_keeps_shards_and_a_changed_archive_is_noticed(make_sample, tmp_pa
 
 
 def _rewrite_tar(path: Path, edit) -> None:
-    """Rewrite a flat tar with `edit(members)` applied to its [(TarInfo, bytes)]."""
+    """Rewrite a tar (gzip-compressed when its name ends in .gz) with `edit(members)`
+    applied to its [(TarInfo, bytes)]."""
     with tarfile.open(path) as t:
         members = [(m, t.extractfile(m).read() if m.isfile() else b"") for m in t]
     members = edit(members)
-    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as t:
+    mode = "w:gz" if path.name.endswith(".gz") else "w"
+    with tarfile.open(path, mode, format=tarfile.GNU_FORMAT) as t:
         for info, data in members:
             t.addfile(info, io.BytesIO(data) if info.isfile() else None)
 
@@ -278,12 +284,7 @@ def test_sigkill_then_rerun_is_byte_identical(make_sample, tmp_path):
         parts, deadline = out / ".prep-shard" / "parts", time.time() + 60
         while time.time() < deadline and len(list(parts.glob("train-*.json"))) < 3:
             time.sleep(0.01)
-        family = descendants(proc.pid)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.time() + 10  # its workers follow it (prep.workers.die_with_parent)
-        while time.time() < deadline and any(running(p) for p in family):
-            time.sleep(0.02)
+        sigkill_with_workers(proc)
         recorded, written = len(list(parts.glob("*.json"))), len(list(out.glob("*.tar")))
         if written < total:
             break
