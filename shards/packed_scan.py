@@ -33,7 +33,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prep.archive_listing import Where, sort_members
+from prep.archive_listing import sort_members
 from prep.atomic import write_atomic
 from prep.checked import identity
 from prep.errors import PrepError
@@ -223,6 +223,11 @@ def sample_id(file_no: int, ordinal: int) -> int:
     return file_no << 32 | ordinal
 
 
+def file_and_member(sid: int) -> tuple[int, int]:
+    """(file of the split, member of the file) of a sample_id."""
+    return sid >> 32, sid & 0xFFFFFFFF
+
+
 def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
                keep: Path | None, progress: bool, workers: int) -> PackedRelease:
     """The first pass over every file, one worker process per file, kept in `keep`."""
@@ -320,8 +325,3 @@ def packed_files(lay: Layout) -> dict[str, list[Path]]:
     if lay.hf_files:
         return {split: list(paths) for split, paths in lay.hf_files.items()}
     return {split: [archive] for split, archive in lay.archives.items()}
-
-
-def where_of(where: Where) -> tuple[int, int]:
-    """(file of the split, member of the file) of a sample_id."""
-    return where[0] >> 32, where[0] & 0xFFFFFFFF

@@ -30,7 +30,7 @@ from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.workers import interrupt_at_checks, process_pool, thread_map
 from shards.dali_index import write_dali_index
 from shards.image import encode_image
-from shards.packed_scan import PackedRelease, members
+from shards.packed_scan import PackedRelease, file_and_member, members
 from shards.plan import ShardPlan
 from shards.record import ShardRecord, sample_json
 from shards.settings import ShardSettings
@@ -81,7 +81,7 @@ def _layout(n: int, plan: ShardPlan, packed: PackedRelease, settings: ShardSetti
     scans, stats = packed.scans[plan.split], _stats(packed.files[plan.split])
     offset = 0
     for s, (sid, _, source) in zip(plan.samples, plan.members or []):
-        f, o = sid >> 32, sid & 0xFFFFFFFF
+        f, o = file_and_member(sid)
         scan = scans[f]
         rec.source_stats.append(stats[f])
         if scan.errors[o]:

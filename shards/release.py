@@ -24,7 +24,13 @@ from prep.errors import PrepError
 from prep.gcpause import gc_paused
 from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
 from prep.layout import detect_layout
-from shards.packed_scan import PackedRelease, first_pass, packed_files, packed_scan
+from shards.packed_scan import (
+    PackedRelease,
+    file_and_member,
+    first_pass,
+    packed_files,
+    packed_scan,
+)
 from shards.plan import ShardInput, assign, shard_count
 from shards.settings import ShardSettings
 from shards.source import parse_samples
@@ -96,7 +102,7 @@ def _source(packed: PackedRelease | None, split: str, files: list[Path], rel: st
     if packed is None:  # train: `n01440764/x.JPEG` is member x.JPEG of class tar n01440764.tar
         inner = rel.replace("/", ".tar/", 1) if split == "train" else rel
         return f"{files[0].name}:{inner}"
-    f, o = offset >> 32, offset & 0xFFFFFFFF
+    f, o = file_and_member(offset)
     return f"{files[f].name}:{packed.scans[split][f].names[o]}"
 
 
