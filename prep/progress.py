@@ -113,12 +113,14 @@ def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
 
 class SharedProgress:
     """Counters that worker processes advance and this process reads: one 8-byte slot per
-    task in a small temporary file (no message per item, no shared-memory tracker). The
-    workers write with WorkerProgress; `total()` sums the slots."""
+    task in a small temporary file named with this process's pid (no message per item, no
+    shared-memory tracker; the file of a process killed before `close` is removed by the
+    next one). The workers write with WorkerProgress; `total()` sums the slots."""
 
     def __init__(self, slots: int) -> None:
         self.slots = max(1, slots)
-        self.fd, self.path = tempfile.mkstemp(prefix="prep-progress-")
+        _remove_orphans()
+        self.fd, self.path = tempfile.mkstemp(prefix=f"{PREFIX}{os.getpid()}-")
         os.ftruncate(self.fd, 8 * self.slots)
 
     def total(self) -> int:
@@ -128,6 +130,19 @@ class SharedProgress:
         os.close(self.fd)
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+PREFIX = "prep-progress-"  # then the owner's pid
+
+
+def _remove_orphans() -> None:
+    """The counter files of processes that are gone (killed before their `close`)."""
+    folder = tempfile.gettempdir()
+    for name in os.listdir(folder):
+        pid = name[len(PREFIX):].split("-", 1)[0] if name.startswith(PREFIX) else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
 
 
 class WorkerProgress:

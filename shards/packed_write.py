@@ -52,7 +52,9 @@ def write_packed(todo: list[ShardPlan], packed: PackedRelease, out: Path,
         return
     partials = [out / f"{p.name}.partial" for p in todo]
     jobs: dict[tuple[str, int], list[Entry]] = {}
-    layouts = [_layout(n, p, packed, settings, jobs) for n, p in enumerate(todo)]
+    stats = {split: _stats(paths) for split, paths in packed.files.items()}
+    layouts = [_layout(n, p, packed, stats[p.split], settings, jobs)
+               for n, p in enumerate(todo)]
     _room_for(out, [rec.filesize for rec, _ in layouts], partials)
     total = sum(len(entries) for entries in jobs.values())
     bar = progress_bar(total=total, unit="img", desc="write shards (2/2)",
@@ -71,14 +73,14 @@ def write_packed(todo: list[ShardPlan], packed: PackedRelease, out: Path,
     yield from records
 
 
-def _layout(n: int, plan: ShardPlan, packed: PackedRelease, settings: ShardSettings,
-            jobs: dict[tuple[str, int], list[Entry]]
+def _layout(n: int, plan: ShardPlan, packed: PackedRelease, stats: list[list[int]],
+            settings: ShardSettings, jobs: dict[tuple[str, int], list[Entry]]
             ) -> tuple[ShardRecord, list[tuple[str, int, int]]]:
     """Shard n's record (all but its digest and the tar's stat) and its members as DALI's
     index lists them; adds each sample to write to `jobs` {(split, file): entries}."""
     rec = ShardRecord(plan.name, plan.split, 0, 0, "")
     tar_members: list[tuple[str, int, int]] = []
-    scans, stats = packed.scans[plan.split], _stats(packed.files[plan.split])
+    scans = packed.scans[plan.split]
     offset = 0
     for s, (sid, _, source) in zip(plan.samples, plan.members or []):
         f, o = file_and_member(sid)

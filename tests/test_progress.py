@@ -4,6 +4,7 @@ import io
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from prep.progress import PlainProgress, progress_bar
@@ -79,3 +80,10 @@ def test_shared_progress_sums_what_worker_processes_set():
     path = shared.path
     shared.close()
     assert not os.path.exists(path)
+    # the file of a process killed before its close (kill -9) is removed by the next one
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    fd, orphan = tempfile.mkstemp(prefix=f"prep-progress-{dead}-")
+    os.close(fd)
+    SharedProgress(1).close()
+    assert not os.path.exists(orphan)
