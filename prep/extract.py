@@ -60,9 +60,9 @@ def plain_name(archive: str, name: str) -> str:
 
 
 def corrupt(archive: Path | str, exc: BaseException) -> PrepError:
-    """The error for an archive that ends early or is damaged (what was extracted stays)."""
-    return PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then rerun: "
-                     "the files already extracted are kept")
+    """The error for an archive that ends early or is damaged (what was done stays)."""
+    return PrepError(f"{archive}: truncated or corrupt ({exc}); re-download it, then rerun "
+                     "(the work already done is kept)")
 
 
 def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
@@ -218,7 +218,7 @@ def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) ->
 
 def _open(archive: Path, mode: str = "r:") -> tarfile.TarFile:
     try:
-        return tarfile.open(archive, mode)
+        return open_tar(archive, mode)
     except (tarfile.TarError, OSError) as exc:
         raise PrepError(f"{archive}: cannot open as a tar archive ({exc})") from exc
 
@@ -265,7 +265,7 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
                     continue
                 inner_partial = partial / f".{wnid}.partial"
                 inner_partial.mkdir(exist_ok=True)
-                with tarfile.open(fileobj=outer.extractfile(m), mode="r|") as inner:
+                with open_tar(fileobj=outer.extractfile(m), mode="r|") as inner:
                     files += _extract_flat(inner, f"{archive}:{name}", inner_partial,
                                            _NullBar())
                 os.replace(inner_partial, partial / wnid)
@@ -391,9 +391,37 @@ def open_tar_stream(raw: IO[bytes]) -> tarfile.TarFile:
         try:
             from isal import igzip
         except ImportError:
-            return tarfile.open(fileobj=gzip.GzipFile(fileobj=raw, mode="rb"), mode="r|")
-        return tarfile.open(fileobj=igzip.IGzipFile(fileobj=raw, mode="rb"), mode="r|")
-    return tarfile.open(fileobj=raw, mode="r|*")
+            return open_tar(fileobj=gzip.GzipFile(fileobj=raw, mode="rb"), mode="r|")
+        return open_tar(fileobj=igzip.IGzipFile(fileobj=raw, mode="rb"), mode="r|")
+    return open_tar(fileobj=raw, mode="r|*")
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A tar header that fails its checksum (or a cut-off header that is not zeros) past the
+    first member is an error here, as it is at the first member: tarfile takes it for the
+    end of the archive. After a damaged header of an empty last member only zeros follow,
+    so listed_to_the_end alone cannot tell: in a stream the header is already consumed."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.EOFHeaderError, tarfile.EmptyHeaderError):
+            raise  # zeros, or nothing left: the end (what follows is checked by the caller)
+        except tarfile.TruncatedHeaderError:
+            if buf.strip(b"\0"):
+                raise tarfile.SubsequentHeaderError("a tar header cut short") from None
+            raise
+        except tarfile.HeaderError as exc:
+            raise tarfile.SubsequentHeaderError(f"a damaged tar header ({exc})") from None
+
+
+def open_tar(name: Path | str | None = None, mode: str = "r", **kwargs: Any
+             ) -> tarfile.TarFile:
+    """tarfile.open for reading, where a damaged header anywhere is an error (tarfile.ReadError,
+    one of CORRUPT) instead of a silent end of the listing. Call listed_to_the_end after the
+    listing: what follows its last member must be zeros."""
+    return tarfile.open(name, mode, tarinfo=_StrictTarInfo, **kwargs)
 
 
 def _isal_error() -> tuple[type[BaseException], ...]:

@@ -23,7 +23,7 @@ from typing import IO
 
 from prep.classes import is_wnid, read_loc_csv, read_meta_mat, reference_val_labels
 from prep.errors import PrepError
-from prep.extract import listed_to_the_end
+from prep.extract import listed_to_the_end, open_tar
 
 _NAME_RE = re.compile(rb"<name>\s*([^<]*?)\s*</name>")
 GT_NAME = "ILSVRC2012_validation_ground_truth.txt"
@@ -110,7 +110,7 @@ def read_xml_archive(archive: Path) -> LabelSource:
     """`ILSVRC2012_bbox_val_v3.tgz`: `val/ILSVRC2012_val_XXXXXXXX.xml` members, read in place."""
     labels = {}
     try:
-        with tarfile.open(archive, "r:*") as tar:
+        with open_tar(archive, "r:*") as tar:
             for m in tar:
                 if m.isfile() and m.name.endswith(".xml"):
                     stem = os.path.basename(m.name)[:-4]
@@ -160,7 +160,7 @@ def read_devkit(devkit: Path) -> tuple[LabelSource | None, dict[str, int]]:
 def _read_devkit_tar(devkit: Path) -> tuple[dict[str, int], list[str] | None, str]:
     meta_ids, lines = None, None
     try:
-        with tarfile.open(devkit, "r:*") as tar:
+        with open_tar(devkit, "r:*") as tar:
             for m in tar:
                 if m.isfile() and m.name.endswith("data/meta.mat"):
                     meta_ids = read_meta_mat(_member(tar, m), f"{devkit}:{m.name}")

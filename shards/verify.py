@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prep.errors import PrepError
+from prep.extract import open_tar
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
 from prep.progress import progress_bar
 from prep.workers import process_pool
@@ -118,7 +119,7 @@ def check_shard(files: LocalFiles | StoreFiles, name: str, expected_len: int,
     order: list[str] = []
     starts: dict[str, int] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        with open_tar(fileobj=io.BytesIO(data), mode="r:") as tar:
             for m in tar:
                 if not m.isfile():
                     problems.append(f"{name}: member {m.name}: not a regular file")
