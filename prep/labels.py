@@ -83,12 +83,17 @@ def _read_annotations(job: tuple[str, list[str]]) -> list[str]:
         for name in names:
             fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
             try:
-                parts = []
-                while chunk := os.read(fd, 1 << 16):
-                    parts.append(chunk)
+                # An annotation is < 1 KB: one read holds it whole when it ends the XML;
+                # anything else is read on to the end (a short read that is not the end).
+                data = os.read(fd, 1 << 16)
+                if not data.rstrip().endswith(b"</annotation>"):
+                    parts = [data]
+                    while chunk := os.read(fd, 1 << 16):
+                        parts.append(chunk)
+                    data = b"".join(parts)
             finally:
                 os.close(fd)
-            out.append(parse_annotation(b"".join(parts), os.path.join(directory, name)))
+            out.append(parse_annotation(data, os.path.join(directory, name)))
     finally:
         os.close(dir_fd)
     return out

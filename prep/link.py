@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prep.atomic import write_atomic
 from prep.errors import PrepError
+from prep.fastdir import make_symlinks
 from prep.workers import thread_map
 
 LINK_THREADS = 4
@@ -213,14 +214,17 @@ def _link_dir(item: tuple[str, list[tuple[str, str]]]) -> tuple[int, int]:
     created = replaced = 0
     fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for path, target in links:
-            try:
-                os.symlink(target, path.rpartition("/")[2], dir_fd=fd)
-                created += 1
-            except FileExistsError:
-                replaced += _replace_link(parent, path, target)
-            except OSError as exc:  # name the whole path, as without dir_fd
-                raise OSError(exc.errno, exc.strerror, path) from None
+        while links:  # one C call per folder (prep.fastdir), then one per existing link
+            done, err = make_symlinks(fd, [p.rpartition("/")[2] for p, _ in links],
+                                      [t for _, t in links])
+            created += done
+            if done == len(links):
+                break
+            path, target = links[done]
+            if err != errno.EEXIST:  # name the whole path, as without dir_fd
+                raise OSError(err, os.strerror(err), path)
+            replaced += _replace_link(parent, path, target)
+            links = links[done + 1:]
     finally:
         os.close(fd)
     return created, replaced

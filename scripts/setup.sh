@@ -45,6 +45,9 @@ fi
 # prep shard's pass-through writer in C (shards/tarpack.c, < 1 s, a C compiler only).
 [ shards/_tarpack.so -nt shards/tarpack.c ] || "$VENV/bin/python" -m shards.tarpack \
   || echo "setup: the C shard writer did not build; prep shard uses Python (slower)" >&2
+# The C listing of plain folders (prep/fastdir.c, < 1 s, a C compiler only).
+[ prep/_fastdir.so -nt prep/fastdir.c ] || "$VENV/bin/python" -m prep.fastdir \
+  || echo "setup: the C folder listing did not build; prep imagenet lists in Python (slower)" >&2
 "$VENV/bin/python" - <<'PY'
 import PIL, torch, torchvision
 from prep import jpeg
