@@ -272,6 +272,11 @@ def val_view_path(rel: str, wnid: str) -> str:
     return f"{wnid}/{rel.rpartition('/')[2]}"
 
 
+def prep_json(provenance: dict) -> str:
+    """meta/prep.json: where the view came from (and the marker of a folder prep made)."""
+    return json.dumps(provenance, indent=2) + "\n"
+
+
 def meta_files(classes: list[ClassInfo], train: dict[str, list[str]],
                val_files: dict[str, str], val_labels: dict[str, str], test: list[str],
                provenance: dict) -> dict[str, str]:
@@ -286,7 +291,7 @@ def meta_files(classes: list[ClassInfo], train: dict[str, list[str]],
     train_lines = [f"{w}/" + f" {index[w]}\n{w}/".join(train[w]) + f" {index[w]}\n"
                    for w in sorted(train) if train[w]]
     meta = {
-        "prep.json": json.dumps(provenance, indent=2) + "\n",
+        "prep.json": prep_json(provenance),
         "train.txt": "".join(train_lines),
         "val.txt": "".join(val_lines),
         "synsets.txt": "".join(f"{c.wnid}\n" for c in classes),
@@ -316,8 +321,13 @@ def plan_outputs(lay: Layout, link_dir: Path, classes: list[ClassInfo],
     for stem in sorted(val_files):
         rel = val_files[stem]
         out.val_links[val_view_path(rel, val_labels[stem])] = source + rel
-    meta = meta_files(classes, train, val_files, val_labels, test, provenance)
-    out.meta = {k: v.encode() for k, v in meta.items()}
+    out.meta = {"prep.json": prep_json(provenance).encode()}  # the marker: written first
+
+    def rest() -> dict[str, bytes]:
+        meta = meta_files(classes, train, val_files, val_labels, test, provenance)
+        return {k: v.encode() for k, v in meta.items() if k != "prep.json"}
+
+    out.meta_later = rest
     return out
 
 

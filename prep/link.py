@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,9 @@ class Outputs:
     links: dict[str, str] = field(default_factory=dict)  # path under DIR -> absolute target
     val_links: dict[str, str] = field(default_factory=dict)  # "wnid/file" -> absolute target
     meta: dict[str, bytes] = field(default_factory=dict)  # file name in imagenet/meta -> content
+    # more meta files, built on a side thread while the links are made when nothing is in
+    # meta/ yet (a first run: nothing to compare them with); before anything else otherwise
+    meta_later: Callable[[], dict[str, bytes]] | None = None
 
 
 @dataclass
@@ -172,6 +177,10 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
         _plan_val_links(val, out.val_links, conflicts, todo, ch)
     stale = _stale_val_links(val, out.val_links)
     conflicts += [f"{p} (no longer in the source's val)" for p in stale]
+    later = out.meta_later
+    if later is not None and (imagenet / "meta").exists():
+        out.meta.update(later())  # a rerun: compared with what is there, as the others
+        later = None
     meta_todo = []
     for name, data in out.meta.items():
         path = imagenet / "meta" / name
@@ -192,7 +201,7 @@ def apply_outputs(link_dir: Path, out: Outputs, force: bool = False,
                    if not (imagenet / "meta" / name).is_file()
                    or (imagenet / "meta" / name).read_text() != text]
     try:
-        _write(imagenet, meta_todo, todo, stale, ch)
+        _write(imagenet, meta_todo, todo, stale, ch, later)
         for path, data in report_todo:
             write_atomic(path, data)
     except OSError as exc:
@@ -244,9 +253,13 @@ def _replace_link(parent: str, path: str, target: str) -> int:
     return 1
 
 
-def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes) -> None:
+def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes,
+           later: Callable[[], dict[str, bytes]] | None = None) -> None:
     """The ownership marker first, then the links, then the other meta files: a run that
-    stops half way leaves no train.txt / val.txt describing links that are not there."""
+    stops half way leaves no train.txt / val.txt describing links that are not there.
+    `later` (meta files no earlier run wrote) runs on a side thread while the links are
+    made: they are made in C calls that release the GIL (prep.fastdir), so the two overlap
+    (ImageNet: train.txt's 44 MB take ~0.15 s, the 50,000 val links ~0.5 s)."""
     (imagenet / "meta").mkdir(parents=True, exist_ok=True)
     marker = [pd for pd in meta_todo if pd[0].name == "prep.json"]
     _write_meta(marker, ch)
@@ -257,9 +270,14 @@ def _write(imagenet: Path, meta_todo: list, todo: list, stale: list, ch: Changes
         by_dir.setdefault(parent, []).append((path, target))
     # symlink() releases the GIL and most of its cost is in the kernel: 4 threads make
     # 50,000 links ~2x faster than one here (measured 0.97 s vs 1.83 s).
-    for created, replaced in thread_map(_link_dir, by_dir.items(), LINK_THREADS):
-        ch.created += created
-        ch.replaced += replaced
+    with ThreadPoolExecutor(1) as side:
+        built = side.submit(later) if later is not None else None
+        for created, replaced in thread_map(_link_dir, by_dir.items(), LINK_THREADS):
+            ch.created += created
+            ch.replaced += replaced
+        if built is not None:
+            meta_todo = meta_todo + [(imagenet / "meta" / name, data)
+                                     for name, data in built.result().items()]
     for path in stale:
         os.unlink(path)
         ch.removed += 1
