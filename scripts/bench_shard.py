@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--num-shards", type=int, default=8)
     ap.add_argument("--skip-resize", action="store_true", help="pass-through rows only")
+    ap.add_argument("--workers", default="1,2",
+                    help="worker counts of the pass-through rows (default: 1,2)")
+    ap.add_argument("--skip-header", action="store_true", help="no --check header rows")
     a = ap.parse_args()
     prep = str(Path(sys.executable).with_name("prep"))
     tree = build_photo_tree(a.root / "photos", a.per_class, 2, a.root / "wheels")
@@ -147,11 +150,13 @@ def main() -> None:
         return run([sys.executable, "-c", CHECK, str(big / "train"), str(workers)], row)
 
     tar_rows = ["tar -cf (baseline 1)", "tar -cf, then fsync the tar"]
-    check_rows = [f"strict check alone, {w} worker{'s' * (w > 1)}" for w in (1, 2)]
-    first_rows = [f"prep shard (first run), {w} worker{'s' * (w > 1)}" for w in (1, 2)]
+    counts = [int(w) for w in a.workers.split(",")]
+    check_rows = [f"strict check alone, {w} worker{'s' * (w > 1)}" for w in counts]
+    first_rows = [f"prep shard (first run), {w} worker{'s' * (w > 1)}" for w in counts]
     again_rows = [f"prep shard (reshard, checked before), {w} worker{'s' * (w > 1)}"
-                  for w in (1, 2)]
-    header_rows = [f"prep shard --check header, {w} worker{'s' * (w > 1)}" for w in (1, 2)]
+                  for w in counts]
+    header_rows = [] if a.skip_header else \
+        [f"prep shard --check header, {w} worker{'s' * (w > 1)}" for w in counts]
     resize_rows = ["loop, stock Pillow (baseline 2)", "loop, Pillow-SIMD",
                    "prep shard --max-size 384, 1 worker"]
     passing = tar_rows + check_rows + first_rows + again_rows + header_rows
@@ -160,11 +165,13 @@ def main() -> None:
     for _ in range(a.trials):
         rows[tar_rows[0]].append(tar(tar_rows[0], sync=False))
         rows[tar_rows[1]].append(tar(tar_rows[1], sync=True))
-        for i, w in enumerate((1, 2)):
+        for i, w in enumerate(counts):
             rows[check_rows[i]].append(check_alone(check_rows[i], w))
             rows[first_rows[i]].append(shard(first_rows[i], data_x, w, fresh=True))
             rows[again_rows[i]].append(shard(again_rows[i], data_x, w))
-            rows[header_rows[i]].append(shard(header_rows[i], data_x, w, "--check", "header"))
+            if header_rows:
+                rows[header_rows[i]].append(shard(header_rows[i], data_x, w, "--check",
+                                                  "header"))
         if a.skip_resize:
             continue
         rows[resize_rows[0]].append(loop(stock))
@@ -184,7 +191,7 @@ def main() -> None:
     for k in resize_rows if not a.skip_resize else []:
         print(f"| {k} | {med[k]:.2f} | | {n_unique / med[k]:,.0f} img/s | "
               f"{med[resize_rows[0]] / med[k]:.2f}x stock loop |")
-    for i, w in enumerate((1, 2)):
+    for i, w in enumerate(counts):
         print(f"\n{w} worker(s): first run / strict check alone "
               f"{med[first_rows[i]] / med[check_rows[i]]:.2f}x (goal <= 1.15x); reshard of "
               f"checked sources {med[tar_rows[0]] / med[again_rows[i]]:.2f}x tar (goal >= 0.8x)",
