@@ -195,10 +195,12 @@ def cross_check(sources: list[LabelSource], val_stems: Iterable[str]) -> dict[st
     for src in sources:
         lost = [s for s in stems if s not in src.labels]
         if lost:
-            missing.append(f"{src.path}: no label for {len(lost)} val image(s), e.g. "
-                           + ", ".join(lost[:5]))
+            missing.append(f"{src.path} ({src.name}): no label for {len(lost)} val "
+                           "image(s), e.g. " + ", ".join(lost[:5]))
     if missing:
-        raise PrepError("missing val annotations:\n  " + "\n  ".join(missing))
+        raise PrepError("missing val annotations (each val image needs a label in every "
+                        "source; only the 50,000 official val names have real labels):\n  "
+                        + "\n  ".join(missing))
     first = sources[0]
     for other in sources[1:]:
         for s in stems:

@@ -144,6 +144,12 @@ def detect_layout(src: str | os.PathLike) -> Layout:
     _find_label_files(lay)
     if not lay.archives and not lay.hf_files:
         require_splits(lay)
+    if lay.name in ("ilsvrc2012", "ilsvrc2012-tar") and not (
+            lay.devkit or lay.loc_val_csv or lay.val_xml_archive):
+        # The two image tars without the devkit (a common download): a flat val named by
+        # the official names, labelled by the real labels the toolkit ships (a name that is
+        # not official has no label there, and is named)
+        lay.shipped_val_labels = True
     return lay
 
 

@@ -540,3 +540,36 @@ def test_same_val_image_with_other_extension_in_two_folders_is_refused(make_samp
     other = next(w for w in plan.wnids if w != wnid)
     shutil.copy(src / "val" / wnid / f"{stem}.JPEG", src / "val" / other / f"{stem}.jpg")
     assert_refused(src, tmp_path / "data", stem, "two class folders")
+
+
+@pytest.mark.parametrize("layout", ["ilsvrc2012", "ilsvrc2012-tar"])
+def test_the_image_tars_without_the_devkit_take_the_real_labels_shipped(make_sample, tmp_path,
+                                                                        layout):
+    """Many download only the two image tars: a flat val of official names is labelled by
+    the real labels the toolkit ships, the same view as with the devkit."""
+    src, plan = make_sample(layout)
+    extract = {"extract_to": tmp_path / "x-dev"} if layout.endswith("-tar") else {}
+    _prep(src, tmp_path / "with", **extract)
+    devkit = [p for p in src.iterdir() if p.name.startswith("ILSVRC2012_devkit_t12")]
+    assert devkit
+    for p in devkit:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    before = tree_hash(src)
+    extract = {"extract_to": tmp_path / "x"} if extract else {}
+    r = _prep(src, tmp_path / "without", **extract)
+    assert r.label_sources == ["real ILSVRC2012 val labels (shipped)"]
+    for name in ("val.txt", "train.txt", "classes.csv"):
+        assert (tmp_path / "without/imagenet/meta" / name).read_bytes() == \
+            (tmp_path / "with/imagenet/meta" / name).read_bytes()
+    assert (tmp_path / "without/imagenet/meta/val.txt").read_text().splitlines() == \
+        expected_val_lines(plan)
+    assert tree_hash(src) == before
+
+
+def test_a_flat_val_image_without_an_official_name_and_no_devkit_is_named(make_sample,
+                                                                          tmp_path):
+    src, _ = make_sample("ilsvrc2012")
+    shutil.rmtree(src / "ILSVRC2012_devkit_t12")
+    odd = src / "val" / "holiday_photo.JPEG"
+    shutil.copyfile(next((src / "val").iterdir()), odd)
+    assert_refused(src, tmp_path / "data", "holiday_photo")

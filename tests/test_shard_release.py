@@ -56,9 +56,13 @@ def _sources(out: Path) -> list[str]:
     return pq.read_table(out / "index.parquet", columns=["source"]).column(0).to_pylist()
 
 
-@pytest.mark.parametrize("bad_files", [False, True])
-def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_path, bad_files):
+@pytest.mark.parametrize("bad_files, devkit", [(False, True), (True, True), (False, False)])
+def test_same_samples_shards_and_order_as_the_two_step_path(make_sample, tmp_path, bad_files,
+                                                            devkit):
+    """Without the devkit (the two image tars alone) val takes the real labels shipped."""
     src, plan = make_sample("ilsvrc2012-tar", bad_files=bad_files, **SPEC)
+    if not devkit:
+        (src / "ILSVRC2012_devkit_t12.tar.gz").unlink()
     before = tree_hash(src)
     opts = dict(num_shards=3, on_error="skip" if bad_files else "fail")
     direct = _direct(src, tmp_path / "direct", **opts)
