@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${1:-demo}
 PREP=${PREP:-.venv/bin/prep}
+. scripts/demo_common.sh
 if [ ! -d "$DEMO/ILSVRC2017" ]; then
   echo "== prep sample: a synthetic, learnable ILSVRC2017 tree (10 classes)"
-  "$PREP" sample "$DEMO/ILSVRC2017" --layout ilsvrc2017 --classes 10 --train-per-class 60 \
-    --val-per-class 10 --test-images 20 --size 96
+  sample_tree "$DEMO"
 fi
 echo "== prep imagenet: detect, validate, rebuild val class folders, write meta/"
 "$PREP" imagenet --src "$DEMO/ILSVRC2017" --link "$DEMO/data"
@@ -26,12 +26,7 @@ echo "== torchrun: 2 processes, ResNet-18, train/recipes/cpu_demo.yaml"
 echo "== result: $DEMO/runs/cpu_demo (metrics.csv, curves.png, checkpoint.pt, best.pt)"
 column -s, -t < "$DEMO/runs/cpu_demo/metrics.csv" | cut -c1-100
 echo "== evaluate -> result.pkl -> prep export-preds (Kaggle submission format)"
-.venv/bin/torchrun --standalone --nproc_per_node=2 train/main.py --data "$DEMO/shards" \
-  --evaluate --checkpoint "$DEMO/runs/cpu_demo/best.pt" --device cpu \
-  --out "$DEMO/runs/cpu_demo/result.pkl" > "$DEMO/runs/cpu_demo/evaluate.out" \
-  2> "$DEMO/runs/cpu_demo/evaluate.err" || { grep -v "^W[0-9]" "$DEMO/runs/cpu_demo/evaluate.err" \
-  | grep -m 3 "error"; exit 1; }  # torchrun's banner and trace left out, the error shown
-tail -1 "$DEMO/runs/cpu_demo/evaluate.out"
+evaluate "$DEMO/runs/cpu_demo" --data "$DEMO/shards"
 "$PREP" export-preds "$DEMO/runs/cpu_demo/result.pkl" "$DEMO/runs/cpu_demo/submission.csv" \
   --format kaggle --classes "$DEMO/data/imagenet/meta/classes.csv" --summary
 head -3 "$DEMO/runs/cpu_demo/submission.csv"

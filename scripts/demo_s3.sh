@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${1:-demo}
 PREP=${PREP:-.venv/bin/prep}
+. scripts/demo_common.sh
 if [ ! -d "$DEMO/data/imagenet" ]; then
-  "$PREP" sample "$DEMO/ILSVRC2017" --layout ilsvrc2017 --classes 10 --train-per-class 60 \
-    --val-per-class 10 --test-images 20 --size 96
+  [ -d "$DEMO/ILSVRC2017" ] || sample_tree "$DEMO"
   "$PREP" imagenet --src "$DEMO/ILSVRC2017" --link "$DEMO/data" -q
 fi
 STORE="$DEMO/s3"
@@ -36,10 +36,5 @@ echo "== torchrun from s3:// (the cache bounded at 4 MB; the shards take 5.2 MB)
   --set shard_window=2 --output-dir "$DEMO/runs/s3_demo" --device cpu --save-every 10
 du -sh "$DEMO/cache"
 echo "== evaluate from s3:// -> result.pkl"
-.venv/bin/torchrun --standalone --nproc_per_node=2 train/main.py --data s3://imagenet/shards \
-  --cache-dir "$DEMO/cache" --cache-size 4MB --evaluate \
-  --checkpoint "$DEMO/runs/s3_demo/best.pt" --device cpu \
-  --out "$DEMO/runs/s3_demo/result.pkl" > "$DEMO/runs/s3_demo/evaluate.out" \
-  2> "$DEMO/runs/s3_demo/evaluate.err" || { grep -v "^W[0-9]" "$DEMO/runs/s3_demo/evaluate.err" \
-  | grep -m 3 "error"; exit 1; }  # torchrun's banner and trace left out, the error shown
-tail -1 "$DEMO/runs/s3_demo/evaluate.out"
+evaluate "$DEMO/runs/s3_demo" --data s3://imagenet/shards --cache-dir "$DEMO/cache" \
+  --cache-size 4MB
