@@ -50,15 +50,16 @@ fi
   || echo "setup: the C folder listing did not build; prep imagenet lists in Python (slower)" >&2
 "$VENV/bin/python" - <<'PY'
 import PIL, torch, torchvision
-from prep import jpeg
+from prep import fastdir, jpeg
 from shards import tarpack
 from train import jpeg_region
 flavour = "Pillow-SIMD" if ".post" in PIL.__version__ else "Pillow"
 region = "built" if jpeg_region.available() else "NOT built (Pillow fallback)"
 writer = "built" if tarpack.available() else "NOT built (Python writer)"
 check = "built" if jpeg.available() else "NOT built (truncated JPEGs ending in EOI pass)"
+listing = "built" if fastdir.available() else "NOT built (Python listing)"
 print(f"setup: torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"{flavour} {PIL.__version__}, region JPEG decoder {region}, C shard writer {writer}, "
-      f"strict JPEG check {check}")
+      f"strict JPEG check {check}, C folder listing {listing}")
 PY
 touch "$VENV/.setup-done"
