@@ -39,7 +39,8 @@ rivals: $(STAMP)
 	  Brotli catalogue "transformers<5" regex requests certifi "huggingface-hub>=0.34,<1.0" \
 	  "tokenizers>=0.22,<=0.23.0" safetensors charset-normalizer
 
-setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c prep/jpegcheck.c
+setup $(STAMP): pyproject.toml scripts/setup.sh train/jpeg_region.c shards/tarpack.c prep/jpegcheck.c \
+		prep/fastdir.c
 	scripts/setup.sh $(VENV)
 
 clean:
