@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -36,6 +35,7 @@ from pathlib import Path
 from prep.archive_listing import sort_members
 from prep.atomic import write_atomic
 from prep.checked import identity
+from prep.crc import crc32
 from prep.errors import PrepError
 from prep.extract import OutputNames, class_archive_members, member_origin
 from prep.hf import release_members, row_origin
@@ -157,7 +157,7 @@ def _measure(rel: str, data: bytes, settings: ShardSettings) -> tuple:
         jpg, info = encode_image(data, settings.max_size, settings.quality, settings.strict)
     except UndecodableImage as exc:
         return 0, 0, 0, 0, "", "", "", False, False, str(exc)
-    return (len(jpg), zlib.crc32(jpg), info.width, info.height, info.format, info.mode,
+    return (len(jpg), crc32(jpg), info.width, info.height, info.format, info.mode,
             info.repaired or "", info.resized, jpg is not data, "")
 
 

@@ -17,13 +17,13 @@ The disk holds the shards and nothing else: no spool, no extracted file.
 from __future__ import annotations
 
 import os
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
+from prep.crc import crc32
 from prep.errors import PrepError, write_error
 from prep.extract import OutputNames
 from prep.progress import SharedProgress, WorkerProgress, progress_bar
@@ -188,7 +188,7 @@ def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials
                 continue
             _, shard, offset, key, cls, meta, size, crc, reencoded = e
             jpg = encode_image(data, max_size, quality, False)[0] if reencoded else data
-            if len(jpg) != size or zlib.crc32(jpg) != crc:
+            if len(jpg) != size or crc32(jpg) != crc:
                 raise PrepError(f"{path}: member {name!r} changed since this run first read "
                                 "it (other bytes); rerun when the release is no longer being "
                                 "written")

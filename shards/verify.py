@@ -12,10 +12,10 @@ import hashlib
 import io
 import json
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prep.crc import crc32
 from prep.errors import PrepError
 from prep.extract import open_tar
 from prep.jpeg import jpeg_sof, size_problem, strict_problem
@@ -163,7 +163,7 @@ def _check_rows(name: str, order: list[str], samples: dict[str, dict[str, bytes]
         m = samples[key]
         jpg, meta = m.get("jpg", b""), _json(m.get("json"))
         actual = {"key": key, "offset": starts[key], "jpg_bytes": len(jpg),
-                  "jpg_crc32": zlib.crc32(jpg), "label": _int(m.get("cls")),
+                  "jpg_crc32": crc32(jpg), "label": _int(m.get("cls")),
                   "source": meta.get("source")}
         for column, value in actual.items():
             if column in rows and rows[column][i] != value:

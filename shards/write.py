@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import os
 import threading
-import zlib
 from pathlib import Path
 
 from prep import jpeg
 from prep.checked import Identity, identity
+from prep.crc import crc32
 from prep.errors import PrepError, read_error, write_error
 from shards import tarpack
 from shards.dali_index import write_dali_index
@@ -261,7 +261,7 @@ def _write_sample(tar: TarStream, src: SampleReader, i: int, plan: ShardPlan,
     members = [(f"{s.key}.cls", str(s.label).encode()),  # -1 on unlabelled test samples
                (f"{s.key}.jpg", jpg), (f"{s.key}.json", meta.encode())]
     tar.add_many(members)
-    add_row(rec, plan, s, offset, len(jpg), zlib.crc32(jpg), info.width, info.height,
+    add_row(rec, plan, s, offset, len(jpg), crc32(jpg), info.width, info.height,
              info.repaired, source)
     if settings.strict:
         _count_check(rec, source, ident, strict)

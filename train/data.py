@@ -18,7 +18,6 @@ import os
 import random
 import re
 import warnings
-import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
+from prep.crc import crc32
 from prep.errors import PrepError, SampleError, SettingError
 from prep.workers import (
     die_with_parent,
@@ -309,7 +309,7 @@ def jpg_mismatch(sample: dict, crc: int | None) -> SampleError | None:
     """None when the sample's jpg has the CRC-32 index.parquet recorded for it; else the
     error naming shard, member and what differs (`crc` None: no row for it)."""
     data = sample.get("jpg")
-    if data is not None and crc is not None and zlib.crc32(data) == crc:
+    if data is not None and crc is not None and crc32(data) == crc:
         return None
     why = "no jpg member" if data is None else "beyond the index" if crc is None \
         else ("its CRC-32 differs from index.parquet: not the bytes index.parquet "
