@@ -5,6 +5,7 @@ dropped connections)."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import pickle
@@ -289,7 +290,6 @@ class FaultyProxy:
     FAULTS = ("slowdown", "reset", "short")
 
     def __init__(self, upstream: str, every: int = 3):
-        import http.server
         from urllib.parse import urlparse
 
         self.upstream, self.every, self.count = urlparse(upstream), every, 0
@@ -308,7 +308,7 @@ class FaultyProxy:
 
             do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _any
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -369,6 +369,15 @@ class FaultyProxy:
 
     def close(self):
         self.server.shutdown()
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """The proxy drops connections on purpose, and clients drop theirs when a test ends: a
+    reset connection is expected here, not a traceback on stderr."""
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _read_chunked(f) -> bytes:
