@@ -212,7 +212,6 @@ def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) ->
         names.add(name, f"{archive}: member {m.name!r} (#{len(names.origin) + 1})")
         write_member(target / name, tar.extractfile(m), m.size)
         bar.update(m.size)
-    listed_to_the_end(tar)
     return len(names.origin)
 
 
@@ -270,7 +269,6 @@ def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> P
                                            _NullBar())
                 os.replace(inner_partial, partial / wnid)
                 bar.update(m.size)
-            listed_to_the_end(outer)
     except (tarfile.TarError, EOFError) as exc:
         raise corrupt(archive, exc) from exc
     finally:
@@ -341,7 +339,6 @@ def class_archive_members(archive: Path, raw: IO[bytes], names: OutputNames
                     rel = f"{where[0]}/{where[1]}"
                     names.add(rel, member_origin(archive, m.name, len(names.origin)))
                     yield m, rel, read_member(tar, m)
-            listed_to_the_end(tar)
     except (*CORRUPT, OSError) as exc:
         if not isinstance(exc, CORRUPT) and "gzip" not in str(exc).lower() and \
                 "compressed" not in str(exc).lower():
@@ -358,21 +355,6 @@ def read_member(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
     return data
 
 
-def listed_to_the_end(tar: tarfile.TarFile) -> None:
-    """Raise tarfile.ReadError when `tar`'s listing stopped before the archive's end.
-    tarfile ends a listing silently at a damaged header anywhere past the first member
-    (it takes it for the end of the archive), and never reads a gzip stream's last bytes,
-    which hold its CRC. What follows the point where the listing stopped must be the
-    end-of-archive zeros: they are read to the end of the stream (which checks the CRC)."""
-    f = tar.fileobj
-    if getattr(f, "seekable", None) and f.seekable():  # a stream ("r|") reads on from there
-        f.seek(tar.offset)
-    while chunk := f.read(1 << 20):
-        if chunk.strip(b"\0"):
-            raise tarfile.ReadError(f"a damaged tar header at offset {tar.offset}: the "
-                                    "archive goes on past the point where its listing stopped")
-
-
 def _open_stream(archive: Path, raw: IO[bytes]) -> tarfile.TarFile:
     try:
         return open_tar_stream(raw)
@@ -384,8 +366,7 @@ def open_tar_stream(raw: IO[bytes]) -> tarfile.TarFile:
     """A tar (gzip-compressed or not) read front to back from `raw`. gzip through ISA-L
     (`isal`: inflates ~1.7x faster than zlib here, 350 against 205 MB/s of JPEGs) where it
     is installed, else through the standard library's gzip (tarfile's own stream reader
-    never checks the CRC). Damaged data raises an error in CORRUPT; call listed_to_the_end
-    after the listing."""
+    never checks the CRC). Damaged data raises an error in CORRUPT (open_tar)."""
     head = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
     if head == b"\x1f\x8b":
         try:
@@ -400,7 +381,7 @@ class _StrictTarInfo(tarfile.TarInfo):
     """A tar header that fails its checksum (or a cut-off header that is not zeros) past the
     first member is an error here, as it is at the first member: tarfile takes it for the
     end of the archive. After a damaged header of an empty last member only zeros follow,
-    so listed_to_the_end alone cannot tell: in a stream the header is already consumed."""
+    so _listed_to_the_end alone cannot tell: in a stream the header is already consumed."""
 
     @classmethod
     def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
@@ -416,12 +397,40 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise tarfile.SubsequentHeaderError(f"a damaged tar header ({exc})") from None
 
 
+def _listed_to_the_end(tar: tarfile.TarFile) -> None:
+    """Raise tarfile.ReadError when `tar`'s listing stopped before the archive's end.
+    tarfile ends a listing silently at a block of zeros anywhere past the first member
+    (it takes it for the end of the archive), and never reads a gzip stream's last bytes,
+    which hold its CRC. What follows the point where the listing stopped must be the
+    end-of-archive zeros: they are read to the end of the stream (which checks the CRC)."""
+    f = tar.fileobj
+    if getattr(f, "seekable", None) and f.seekable():  # a stream ("r|") reads on from there
+        f.seek(tar.offset)
+    while chunk := f.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"a damaged tar header at offset {tar.offset}: the "
+                                    "archive goes on past the point where its listing stopped")
+
+
+class _StrictTarFile(tarfile.TarFile):
+    """A TarFile whose listing (`for m in tar`) ends only at the archive's real end: a
+    damaged header anywhere is an error (_StrictTarInfo), and once the members are listed,
+    what follows them must be end-of-archive zeros (_listed_to_the_end). A caller that
+    stops listing early checks nothing past where it stopped."""
+
+    tarinfo = _StrictTarInfo
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        yield from super().__iter__()
+        _listed_to_the_end(self)
+
+
 def open_tar(name: Path | str | None = None, mode: str = "r", **kwargs: Any
              ) -> tarfile.TarFile:
-    """tarfile.open for reading, where a damaged header anywhere is an error (tarfile.ReadError,
-    one of CORRUPT) instead of a silent end of the listing. Call listed_to_the_end after the
-    listing: what follows its last member must be zeros."""
-    return tarfile.open(name, mode, tarinfo=_StrictTarInfo, **kwargs)
+    """tarfile.open for reading, where the listing (`for m in tar`) stops at the archive's
+    end or raises tarfile.ReadError (one of CORRUPT): never a silent end at a damaged
+    header, never an unread gzip CRC."""
+    return _StrictTarFile.open(name, mode, **kwargs)
 
 
 def _isal_error() -> tuple[type[BaseException], ...]:

@@ -37,7 +37,6 @@ from prep.extract import (
     claim_split,
     corrupt,
     finish_split,
-    listed_to_the_end,
     member_origin,
     open_tar_stream,
     read_member,
@@ -192,7 +191,6 @@ def _tar_members(archive: Path, split: str) -> Iterator[Member]:
                 n += 1
                 yield Member(m.name, rel, wnid, member_origin(archive, m.name, n - 1),
                              read_member(tar, m))
-            listed_to_the_end(tar)
     except (*CORRUPT, OSError) as exc:
         if isinstance(exc, PrepError):
             raise

@@ -23,7 +23,7 @@ from typing import IO
 
 from prep.classes import is_wnid, read_loc_csv, read_meta_mat, reference_val_labels
 from prep.errors import PrepError
-from prep.extract import listed_to_the_end, open_tar
+from prep.extract import open_tar
 
 _NAME_RE = re.compile(rb"<name>\s*([^<]*?)\s*</name>")
 GT_NAME = "ILSVRC2012_validation_ground_truth.txt"
@@ -121,7 +121,6 @@ def read_xml_archive(archive: Path) -> LabelSource:
                     stem = os.path.basename(m.name)[:-4]
                     data = tar.extractfile(m).read()
                     labels[stem] = parse_annotation(data, f"{archive}:{m.name}")
-            listed_to_the_end(tar)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PrepError(f"{archive}: cannot read the bbox archive ({exc})") from exc
     return LabelSource("val XML archive", archive, labels)
@@ -171,7 +170,6 @@ def _read_devkit_tar(devkit: Path) -> tuple[dict[str, int], list[str] | None, st
                     meta_ids = read_meta_mat(_member(tar, m), f"{devkit}:{m.name}")
                 elif m.isfile() and m.name.endswith(GT_NAME):
                     lines = _member(tar, m).read().decode("ascii", "replace").splitlines()
-            listed_to_the_end(tar)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise PrepError(f"{devkit}: cannot read the devkit archive ({exc})") from exc
     if meta_ids is None:

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from prep import fastdir, scan
+from prep.errors import PrepError
 from prep.imagenet import prepare_imagenet
 
 pytestmark = pytest.mark.skipif(not fastdir.available(),
@@ -75,7 +76,7 @@ def test_a_plain_folder_is_listed_by_the_c_call(tmp_path, monkeypatch):
 
 def test_a_folder_that_cannot_be_listed_is_named_on_the_python_path(tmp_path):
     assert fastdir.plain_listing(tmp_path / "missing") is None
-    with pytest.raises(Exception, match="missing"):
+    with pytest.raises(PrepError, match="missing"):
         scan.list_images_joined(str(tmp_path / "missing"), "train/missing")
 
 

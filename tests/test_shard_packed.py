@@ -259,8 +259,8 @@ def test_without_isal_zlib_reads_the_same_shards(make_sample, tmp_path, monkeypa
 def _damage(archive, how: str) -> None:
     """Damage a release file as a bad download or disk does: one tar header in the middle
     no longer sums to its checksum (tarfile takes it for the end of the archive), or the
-    gzip trailer's CRC no longer matches (tarfile never reads that far), or an empty member
-    added last has a damaged header (only zeros follow it)."""
+    gzip trailer's CRC no longer matches (tarfile never reads that far), one header is wiped
+    to zeros, or an empty member added last has a damaged header (only zeros follow it)."""
     raw = archive.read_bytes()
     gz = raw[:2] == b"\x1f\x8b"
     data = bytearray(gzip.decompress(raw) if gz else raw)
@@ -268,6 +268,11 @@ def _damage(archive, how: str) -> None:
         with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
             offset = t.getmembers()[5].offset
         data[offset + 10] ^= 0x20  # a letter of the name: the checksum no longer holds
+        raw = gzip.compress(bytes(data), mtime=0) if gz else bytes(data)
+    elif how == "zeros":  # a header wiped: tarfile takes its block for the end
+        with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
+            offset = t.getmembers()[5].offset
+        data[offset:offset + 512] = bytes(512)
         raw = gzip.compress(bytes(data), mtime=0) if gz else bytes(data)
     elif how == "last-empty":
         with tarfile.open(fileobj=io.BytesIO(bytes(data))) as t:
@@ -288,7 +293,7 @@ def _damage(archive, how: str) -> None:
     ("hf-tar", "val_images.tar.gz", "header"), ("hf-tar", "val_images.tar.gz", "crc"),
     ("blurred-tar", "val_blurred.tar.gz", "header"),
     ("blurred-tar", "val_blurred.tar.gz", "crc"),
-    ("hf-tar", "val_images.tar.gz", "last-empty"),
+    ("hf-tar", "val_images.tar.gz", "last-empty"), ("hf-tar", "val_images.tar.gz", "zeros"),
     ("blurred-tar", "val_blurred.tar.gz", "last-empty"),
     ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar", "header"),  # a plain tar has no CRC
     ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar", "last-empty"),
