@@ -53,11 +53,23 @@ def _pax_path(records: bytes, errors: str = "strict") -> str | None:
 REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 
 
+def _zeros_to_the_end(buf: bytes | mmap.mmap, pos: int, end: int, url: str) -> None:
+    """A block of zeros ends the archive only when nothing but zeros follows it: a header
+    wiped in the middle (a bad disk, a bad copy) is a block of zeros with members after it,
+    and taking it for the end would list the archive in part. Read in 1 MB pieces."""
+    for at in range(pos, end, 1 << 20):
+        piece = buf[at : min(at + (1 << 20), end)]
+        if piece.count(0) != len(piece):
+            raise TarError(f"{url}: damaged tar header at offset {pos} (a block of zeros with "
+                           "data after it)")
+
+
 def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = None,
             errors: str = "strict") -> Iterator[tuple[str, bytes, int, int]]:
     """(name, type flag, data offset, size) of each entry of the tar held by `buf[:end]`
-    from the header at `start` on, up to the end-of-archive marker: GNU long names and pax
-    `path` records name the entry that follows them. A damaged header raises TarError;
+    from the header at `start` on, up to the end-of-archive marker (after which all must be
+    zeros): GNU long names and pax `path` records name the entry that follows them. A
+    damaged header raises TarError;
     the data of an entry may run past `end` (a truncated file: the caller decides). Names
     are UTF-8: `errors` "strict" raises on others, "surrogateescape" keeps their bytes as
     Python's tarfile does."""
@@ -65,6 +77,7 @@ def entries(buf: bytes | mmap.mmap, url: str, start: int = 0, end: int | None = 
     while pos + BLOCK <= end:
         header = buf[pos : pos + BLOCK]
         if not any(header):
+            _zeros_to_the_end(buf, pos, end, url)
             return  # end-of-archive marker
         stored = _number(header[148:156])
         if stored != header_checksum(header):

@@ -296,6 +296,7 @@ def _damage(archive, how: str) -> None:
     ("hf-tar", "val_images.tar.gz", "last-empty"), ("hf-tar", "val_images.tar.gz", "zeros"),
     ("blurred-tar", "val_blurred.tar.gz", "last-empty"),
     ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar", "header"),  # a plain tar has no CRC
+    ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar", "zeros"),  # --src: prep.tarheaders
     ("ilsvrc2012-tar", "ILSVRC2012_img_val.tar", "last-empty"),
 ])
 def test_a_damaged_archive_is_named_never_read_in_part(make_sample, tmp_path, layout, name,

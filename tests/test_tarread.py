@@ -72,6 +72,13 @@ def test_damaged_header_and_empty_file(tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"bad\.tar: damaged tar header at offset \d+"):
         list(samples(str(bad)))
+    wiped = bytearray(_tar([("a.jpg", b"x" * 10), ("a.cls", b"1"), ("b.jpg", b"y" * 10)]))
+    with tarfile.open(fileobj=io.BytesIO(bytes(wiped))) as t:
+        at = t.getmembers()[-2].offset
+    wiped[at:at + 512] = bytes(512)  # a header wiped to zeros: members still follow it
+    bad.write_bytes(bytes(wiped))
+    with pytest.raises(ShardError, match=rf"bad\.tar: damaged tar header at offset {at}"):
+        list(samples(str(bad)))
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
     with pytest.raises(ShardError, match="empty.tar: empty file"):
