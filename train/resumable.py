@@ -30,7 +30,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import compress, islice
+from itertools import compress
 
 import numpy as np
 import torch
@@ -181,13 +181,12 @@ class IndexedSamples(torch.utils.data.Dataset):
         self._numbers = {u: i for i, u in enumerate(dict.fromkeys(rows.shards))} \
             if cache is not None else {}
         self._windows: dict[int, np.ndarray] = {}  # per epoch: each shard's window
-        self._prefetcher: _Prefetcher | None = None
 
     def __len__(self) -> int:
         return len(self.rows.keys)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}, "_pins": {}, "_prefetcher": None}  # per process
+        return {**self.__dict__, "_maps": {}, "_pins": {}}  # per process
 
     def _map(self, path: str, epoch: int) -> mmap.mmap:
         if path not in self._maps:
@@ -206,37 +205,16 @@ class IndexedSamples(torch.utils.data.Dataset):
         return self._windows[epoch]
 
     def _open_cached(self, url: str, epoch: int) -> None:
-        """Pin and map a cached shard; let go of those of earlier windows. Entering a window
-        starts fetching its shards and the next window's in the background (the cache bound
-        still holds: a prefetch waits for room like any download)."""
+        """Pin and map a cached shard (the loader's own process has it fetched ahead:
+        WindowFetch; when that is behind, the cache downloads it here); let go of those
+        of earlier windows."""
         seq = (epoch, int(self._window_map(epoch)[self._numbers[url]]))
-        older = [u for u, (s, _) in self._pins.items() if s < seq]
-        for old in older:
+        for old in [u for u, (s, _) in self._pins.items() if s < seq]:
             self._maps.pop(old).close()
             self._pins.pop(old)[1].close()
-        if older or not self._pins:
-            self._prefetch(seq)
         pinned = self.cache.open(self.cache.name(url))
         self._pins[url] = (seq, pinned)
         self._maps[url] = pinned.map()
-
-    def _prefetch(self, seq: tuple[int, int]) -> None:
-        """Have this process's prefetch thread fetch the shards of window `seq`, then those
-        of the window after it (a worker never forks, so a thread is safe here). Each worker
-        starts at another place in each list, so the workers of a node download different
-        shards at once rather than wait for the same one."""
-        epoch, g = seq
-        nxt = (epoch, g + 1) if g + 1 <= int(self._window_map(epoch).max()) else (epoch + 1, 0)
-        info = torch.utils.data.get_worker_info()
-        turn = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self._prefetcher is None:
-            self._prefetcher = _Prefetcher(self.cache)
-        self._prefetcher.want([u for w in (seq, nxt)
-                               for u in _from_turn(self._window_urls(*w), *turn)])
-
-    def _window_urls(self, epoch: int, window: int) -> list[str]:
-        where = self._window_map(epoch)
-        return [u for u, i in self._numbers.items() if where[i] == window]
 
     def release(self) -> None:
         """Unmap the shards this process holds (and let go of cached ones)."""
@@ -306,20 +284,28 @@ def rank_batches(num_samples: int, seed: int, epoch: int, consumed: int, world: 
 class _Batches(torch.utils.data.Sampler):
     """This rank's batches of (epoch, sample index), from a position on, epoch after epoch:
     one DataLoader serves every epoch, so its workers never restart at an epoch's end.
-    It holds numbers only: a reference back to the loader would put the DataLoader iterator
-    in a reference cycle, and a cycle's collection closes the worker queues before the
-    iterator's shutdown can tell the workers to stop (each then hung 5 s)."""
+    It holds numbers only (and the rank's WindowFetch, which holds no loader): a reference
+    back to the loader would put the DataLoader iterator in a reference cycle, and a cycle's
+    collection closes the worker queues before the iterator's shutdown can tell the workers
+    to stop (each then hung 5 s). It runs in the loader's own process, ahead of the workers
+    (DataLoader hands indices out prefetch_factor batches early): where the order enters
+    a window, `fetch` is told."""
 
     def __init__(self, num_samples: int, seed: int, epoch: int, consumed: int, world: int,
-                 rank: int, batch_size: int, window: int, shard_sizes: tuple[int, ...]):
+                 rank: int, batch_size: int, window: int, shard_sizes: tuple[int, ...],
+                 fetch: WindowFetch | None = None):
         self.args = (num_samples, seed, epoch, consumed, world, rank, batch_size)
-        self.window, self.shard_sizes = window, shard_sizes
+        self.window, self.shard_sizes, self.fetch = window, shard_sizes, fetch
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         num_samples, seed, epoch, consumed, world, rank, batch_size = self.args
         while True:
-            for batch in rank_batches(num_samples, seed, epoch, consumed, world, rank,
-                                      batch_size, self.window, self.shard_sizes):
+            for k, batch in enumerate(rank_batches(num_samples, seed, epoch, consumed, world,
+                                                   rank, batch_size, self.window,
+                                                   self.shard_sizes)):
+                if self.fetch is not None:
+                    start = consumed + k * world * batch_size + rank * batch_size
+                    self.fetch.reach(epoch, start, start + batch_size)
                 yield [(epoch, i) for i in batch]
             epoch, consumed = epoch + 1, 0
 
@@ -351,20 +337,24 @@ class ResumableLoader:
         # (epoch, consumed, this rank's coverage) of the last epoch iterated to its end
         self.finished: tuple[int, int, int] | None = None
         self._stream: Iterator | None = None  # batches from (epoch, consumed) on
-        self._fetcher: _Prefetcher | None = None  # this process's, for _head_start
+        self._fetch = WindowFetch(cache, list(dict.fromkeys(rows.shards)), seed, window,
+                                  self.shard_sizes or rows.shard_sizes(), rank, world) \
+            if cache is not None else None
 
     def steps_left(self) -> int:
         """Global steps to the end of the epoch (the same on every rank)."""
         return (len(self.rows.keys) - self.consumed) // (self.world * self.batch_size)
 
     def _open(self) -> Iterator:
-        if self.dataset.cache is not None:
-            self._head_start()
+        if self._fetch is not None:  # the first window's downloads start before the workers
+            self._fetch.restart()
+            start = self.consumed + self.rank * self.batch_size
+            self._fetch.reach(self.epoch, start, start + self.batch_size)
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=_Batches(len(self.rows.keys), self.seed, self.epoch,
                                                  self.consumed, self.world, self.rank,
                                                  self.batch_size, self.window,
-                                                 self.shard_sizes),
+                                                 self.shard_sizes, self._fetch),
             collate_fn=SkipAware(self.collate or _columns), pin_memory=self.pin,
             **worker_settings(self.workers, store=self.dataset.cache is not None))
         if self.ring is not None:
@@ -373,19 +363,6 @@ class ResumableLoader:
             return iter(RingLoader(loader, self.ring))
         return iter(loader)
 
-    def _head_start(self) -> None:
-        """Start fetching the shards of the first batches the workers will read (two per
-        worker: DataLoader's prefetch), from this process, while the workers start: a cold
-        cache's first step then waits for those downloads alone. Each shard is fetched once
-        per node however many processes ask (the cache's locks)."""
-        first = islice(rank_batches(len(self.rows.keys), self.seed, self.epoch, self.consumed,
-                                    self.world, self.rank, self.batch_size, self.window,
-                                    self.shard_sizes), 2 * max(self.workers, 1))
-        urls = list(dict.fromkeys(self.rows.shards[i] for batch in first for i in batch))
-        if self._fetcher is None:
-            self._fetcher = _Prefetcher(self.dataset.cache)
-        self._fetcher.want(urls)
-
     def __iter__(self) -> Iterator:
         """The rest of the current epoch; then the position moves to the next epoch."""
         if self._stream is None:
@@ -393,6 +370,8 @@ class ResumableLoader:
         for _ in range(self.steps_left()):
             *batch, skipped = next(self._stream)
             self.consumed += self.world * self.batch_size  # every rank advances alike
+            if self._fetch is not None:
+                self._fetch.consumed(self.epoch, self.consumed)
             for s in skipped:
                 if self.on_skip is None:
                     raise SampleError(s.why)
@@ -406,6 +385,8 @@ class ResumableLoader:
     def close(self) -> None:
         """Stop the workers now (they would otherwise stop when the loader is collected)."""
         self._stream = None
+        if self._fetch is not None:
+            self._fetch.stop()
         self.dataset.release()
 
     def state_dict(self) -> dict:
@@ -426,31 +407,114 @@ class ResumableLoader:
         self._stream = None  # the next iteration starts from here
 
 
-def _from_turn(items: list, worker: int, workers: int) -> list:
-    """`items` rotated to start at worker `worker`'s share of them."""
-    start = worker * len(items) // workers
-    return items[start:] + items[:start]
+class WindowFetch:
+    """One rank's downloads into the node's cache, from the loader's own process: where
+    the order enters a window, the shards of that window and then of the next are fetched
+    by threads here, each rank starting at another place in each list, so the ranks of a
+    node download different shards at once. The loader workers only open what is cached
+    (waiting on a download under way; fetching a shard themselves when this is behind):
+    downloads and sha256 in a worker took its decoder's CPU and GIL (a cold epoch's worker
+    spent 0.25-0.4 s more CPU than from disk, 0.25 s of it beyond the downloads' own cost)."""
+
+    def __init__(self, cache: ShardCache, urls: list[str], seed: int, window: int,
+                 shard_sizes: tuple[int, ...], rank: int = 0, world: int = 1,
+                 threads: int = 2):
+        """`urls`: the shards in index order; `window` 0: all of them one window."""
+        self.cache, self.urls, self.seed = cache, urls, seed
+        self.window = window or len(urls)
+        self.sizes, self.turn, self.threads = np.asarray(shard_sizes, np.int64), \
+            (rank, world), threads
+        self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # windows (epoch, g): the one being read, the furthest handed out to the workers
+        self._low: tuple[int, int] | None = None
+        self._ahead: tuple[int, int] | None = None
+        self._at: tuple | None = None  # (_low, _ahead) of the last list asked for
+        self._prefetcher: _Prefetcher | None = None
+
+    def _windows(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(each shard's window, where each window ends in the epoch's order)."""
+        if epoch not in self._epochs:
+            self._epochs = {e: w for e, w in self._epochs.items() if e >= epoch - 1}
+            where = window_of_shard(len(self.urls), self.seed, epoch, self.window)
+            ends = np.cumsum(np.bincount(where, weights=self.sizes))
+            self._epochs[epoch] = where, ends
+        return self._epochs[epoch]
+
+    def _window_at(self, epoch: int, position: int) -> int:
+        return int(np.searchsorted(self._windows(epoch)[1], position, side="right"))
+
+    def reach(self, epoch: int, start: int, stop: int) -> None:
+        """The order is handed out to the workers up to position `stop` (exclusive) of
+        `epoch`: fetch up to the window after the one it falls in."""
+        self._ahead = (epoch, self._window_at(epoch, stop - 1))
+        if self._low is None:
+            self._low = (epoch, self._window_at(epoch, start))
+        self._update()
+
+    def consumed(self, epoch: int, position: int) -> None:
+        """The batches up to `position` of `epoch` are done: their windows no longer need
+        fetching (the workers read them already)."""
+        self._low = (epoch, self._window_at(epoch, position))  # past the last: none left
+        self._update()
+
+    def _update(self) -> None:
+        if self._ahead is None or self._low is None or (self._low, self._ahead) == self._at:
+            return
+        self._at = (self._low, self._ahead)
+        seqs, (epoch, g) = [], self._low
+        while (epoch, g) <= self._ahead:
+            seqs.append((epoch, g))
+            epoch, g = (epoch, g + 1) if g + 1 < len(self._windows(epoch)[1]) else (epoch + 1, 0)
+        seqs.append((epoch, g))  # the window after the furthest handed out
+        wanted = []
+        for e, g in seqs:
+            shards = np.flatnonzero(self._windows(e)[0] == g).tolist()
+            start_at = self.turn[0] * len(shards) // self.turn[1]
+            wanted += [self.urls[i] for i in shards[start_at:] + shards[:start_at]]
+        if self._prefetcher is None:
+            self._prefetcher = _Prefetcher(self.cache, self.threads)
+        self._prefetcher.want(wanted)
+
+    def restart(self) -> None:
+        """A new stream of batches (a resume may move backwards): forget where it was."""
+        self._low = self._ahead = self._at = None
+
+    def stop(self) -> None:
+        if self._prefetcher is not None:
+            self._prefetcher.stop()
+            self._prefetcher = None
+        self.restart()
 
 
 class _Prefetcher:
-    """A thread that brings shards into the cache, in the order last asked for, and lets go
+    """Threads that bring shards into the cache, in the order last asked for, and let go
     of them; a failure is left to the read that needs the shard (it retries, or says what
     is wrong), and drops what was asked for."""
 
-    def __init__(self, cache: ShardCache):
+    def __init__(self, cache: ShardCache, threads: int):
         self.cache, self.wanted, self.changed = cache, [], threading.Condition()
-        threading.Thread(target=self._run, daemon=True, name="shard-prefetch").start()
+        self.stopped = False
+        for _ in range(threads):
+            threading.Thread(target=self._run, daemon=True, name="shard-prefetch").start()
 
     def want(self, urls: list[str]) -> None:
         with self.changed:
             self.wanted = list(urls)
-            self.changed.notify()
+            self.changed.notify_all()
+
+    def stop(self) -> None:
+        """The threads end once their download under way is over."""
+        with self.changed:
+            self.stopped, self.wanted = True, []
+            self.changed.notify_all()
 
     def _run(self) -> None:
         while True:
             with self.changed:
-                while not self.wanted:
+                while not self.wanted and not self.stopped:
                     self.changed.wait()
+                if self.stopped:
+                    return
                 url = self.wanted.pop(0)
             try:
                 self.cache.open(self.cache.name(url)).close()
