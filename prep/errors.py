@@ -218,11 +218,22 @@ def write_error(path: str | os.PathLike, exc: OSError) -> PrepError:
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# a storage or web scheme with one slash or none (`s3:/bucket/x`, `gs:bucket`): a URL typed
+# short, which a path would turn into a folder `s3:` here
+_SHORT_URL = re.compile(r"(s3|s3a|s3n|gs|gcs|az|abfs|abfss|wasb|wasbs|adl|hdfs|http|https|ftp|"
+                        r"sftp|file|hf|r2|oss|cos|swift|webdav):(?!//)", re.IGNORECASE)
 
 
 def refuse_url(value: str | os.PathLike, flag: str) -> None:
     """A URL given where a local path is expected is refused, never taken for a path
-    (`s3://bucket/x` would become the folder `s3:/bucket/x` here)."""
-    if _URL.match(os.fspath(value)):
+    (`s3://bucket/x` would become the folder `s3:/bucket/x` here); so is a URL typed with
+    one slash or none (`s3:/bucket/x`)."""
+    text = os.fspath(value)
+    if _URL.match(text):
         raise PrepError(f"{flag} {value}: a URL; this option takes a local path (object "
                         "storage and other URLs are not supported here)")
+    short = _SHORT_URL.match(text)
+    if short:
+        raise PrepError(f"{flag} {value}: a URL without its '//' (did you mean "
+                        f"{short[1]}://{text[short.end():].lstrip('/')}?); a local path here "
+                        f"may not begin with '{short[0]}'")

@@ -67,13 +67,17 @@ class StoreURL:
 
 def parse_url(url: str) -> StoreURL:
     """`s3://bucket/prefix` -> StoreURL; anything else is refused with the reason."""
-    m = re.fullmatch(r"s3://([^/]+)/*(.*?)/*", url)
-    if not m or not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{1,254}", m[1]):
-        raise PrepError(f"{url}: not an s3://BUCKET/PREFIX URL (bucket names are 3+ "
+    m = re.fullmatch(r"s3://([^/]+)(?:/(.*))?", url)
+    if not m or not re.fullmatch(r"[a-z0-9][a-z0-9.\-_]{2,62}", m[1]):
+        raise PrepError(f"{url}: not an s3://BUCKET/PREFIX URL (bucket names are 3-63 "
                         "lowercase letters, digits, '.', '-')")
-    if "//" in m[2]:
+    prefix = (m[2] or "").rstrip("/")
+    if prefix.startswith("/") or "//" in prefix:
         raise PrepError(f"{url}: an empty path segment ('//') in the prefix")
-    return StoreURL(m[1], m[2])
+    if {".", ".."} & set(prefix.split("/")):
+        raise PrepError(f"{url}: a '.' or '..' segment in the prefix (stores and their clients "
+                        "resolve them differently: name the prefix itself)")
+    return StoreURL(m[1], prefix)
 
 
 def retry_budget() -> float:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from prep.cli import _slurm_part, main
+from prep.cli import LocalPath, _slurm_part, main
 from prep.cli import main as prep_main
 
 
@@ -86,9 +86,48 @@ def test_a_url_is_never_taken_for_a_local_path(tmp_path, monkeypatch):
     assert checked >= 10 and list(tmp_path.iterdir()) == []  # nothing written, no `s3:`
     from train.main import main as train_main
 
-    for flag in ("--output-dir", "--checkpoint", "--out", "--recipe", "--resume"):
+    for flag in ("--output-dir", "--checkpoint", "--out", "--recipe", "--resume",
+                 "--cache-dir"):
         with pytest.raises(SystemExit, match=f"{flag} gs://b/x: a URL"):
             train_main(["--data", str(tmp_path), flag, "gs://b/x"])
+        with pytest.raises(SystemExit, match=f"{flag} s3:/b/x: a URL without its '//'"):
+            train_main(["--data", str(tmp_path), flag, "s3:/b/x"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("typed, meant", [("s3:/bucket/ds", "s3://bucket/ds"),
+                                          ("s3:bucket/ds", "s3://bucket/ds"),
+                                          ("GS:/bucket/ds", "GS://bucket/ds"),
+                                          ("https:/host/ds", "https://host/ds")])
+def test_a_url_typed_without_its_slashes_is_never_taken_for_a_local_path(tmp_path, monkeypatch,
+                                                                         typed, meant):
+    """`s3:/bucket/ds` is a valid relative path: taken as one, it became a folder `s3:`."""
+    monkeypatch.chdir(tmp_path)
+    checked = 0
+    for name, command in sorted(main.commands.items()):
+        for param in command.params:
+            if not isinstance(param.type, LocalPath):
+                continue
+            flag = param.opts[0]
+            args = [name, typed] if not flag.startswith("-") else [name, flag, typed]
+            r = CliRunner().invoke(main, args)
+            assert r.exit_code == 2 and f"did you mean {meant}?" in r.output, \
+                (name, flag, r.output)
+            checked += 1
+    assert checked >= 10 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("url, why", [("s3://Bucket/ds", "not an s3://BUCKET/PREFIX URL"),
+                                      ("s3://ab/ds", "not an s3://BUCKET/PREFIX URL"),
+                                      ("s3://bucket//ds", "empty path segment"),
+                                      ("s3://bucket/a/../ds", "'.' or '..' segment"),
+                                      ("s3://bucket/./ds", "'.' or '..' segment")])
+def test_a_store_url_the_toolkit_cannot_use_is_refused_before_any_work(tmp_path, monkeypatch,
+                                                                       url, why):
+    monkeypatch.chdir(tmp_path)
+    for args in (["shard", "--data", str(tmp_path), "--out", url], ["verify", url]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and url in r.output and why in r.output, (args, r.output)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -130,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown:
         p.error(_unknown_flags(unknown, p))
-    for flag in ("output_dir", "checkpoint", "out", "recipe", "resume"):
+    for flag in ("output_dir", "checkpoint", "out", "recipe", "resume", "cache_dir"):
         value = getattr(args, flag)
         if value is not None and value != "auto":
             refuse_url(value, f"--{flag.replace('_', '-')}")
