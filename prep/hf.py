@@ -212,7 +212,8 @@ def _parquet_rows(path: Path, split: str) -> Iterator[Member]:
     index = {w: i for i, w in enumerate(sorted_wnids)}
     n = 0
     try:
-        f = pq.ParquetFile(path)
+        # batch by batch: Arrow's read-ahead (pre_buffer) held the file's whole image column
+        f = pq.ParquetFile(path, pre_buffer=False)
         _check_schema(path, f.schema_arrow)
         batches = f.iter_batches(batch_size=256, columns=["image", "label"])
         for batch in batches:
