@@ -31,10 +31,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shards.store import Store, StoreError
+from shards.store import Outage, Store, StoreError
 
 LOCK = ".lock"
 PARTIAL = ".partial"
+AWAY = ".store-away"  # since when the store has not answered (shards.store.Outage)
 
 
 def parse_size(text: str) -> int:
@@ -82,6 +83,7 @@ class ShardCache:
         self.objects, self.wait_for = objects, wait_for
         self.dir = self.root / store.where.bucket / (store.where.prefix or "_")
         self.fetched = 0  # bytes this process downloaded (tests, benchmarks)
+        store.away = Outage(self.root / AWAY)  # one retry budget for the node's processes
 
     def largest(self) -> int:
         return max((size for size, _ in self.objects.values()), default=0)
@@ -189,7 +191,7 @@ class ShardCache:
         for folder, _, files in os.walk(self.root):
             for f in files:
                 p = os.path.join(folder, f)
-                if f == LOCK:
+                if f in (LOCK, AWAY):
                     continue
                 try:
                     st = os.stat(p)

@@ -100,6 +100,9 @@ class Store:
         # from a forkserver has the environment of the server's start, not of this moment
         self.settings = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
         self._client = None
+        # a file shared by the processes of a node (shards.cache sets it): when the store
+        # was first seen away, so their requests share one retry budget
+        self.away: Outage | None = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_client": None}
@@ -122,7 +125,10 @@ class Store:
         while True:
             tries += 1
             try:
-                return fn()
+                result = fn()
+                if self.away is not None:
+                    self.away.clear()
+                return result
             except Exception as raised:
                 # boto3's transfers wrap the request's error (S3UploadFailedError, raised
                 # while handling it: the request's own is its __context__, not __cause__):
@@ -141,6 +147,8 @@ class Store:
                     why = f"{type(exc).__name__}: {str(exc)[:160]}"
                 else:
                     raise
+            if self.away is not None:  # another process of the node may have waited before
+                deadline = min(deadline, self.away.since(self.retry_for) + self.retry_for)
             if time.monotonic() + delay > deadline:
                 raise StoreError(
                     f"{self.where.url(name)}: the store at {self.endpoint()} did not answer "
@@ -300,6 +308,43 @@ class Store:
             data = self.call(name, f"reading bytes {lo}-{hi - 1}", fetch)
             for i in range(0, len(data), chunk):
                 yield data[i : i + chunk]
+
+
+class Outage:
+    """A file that says since when the store has failed to answer (the first failure any
+    process of the node saw; removed on the next answer), so that the processes of a node
+    stop within one retry budget of it, not each after a full budget of their own, in turn
+    (a worker waiting on the prefetch's download, then trying on its own)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def since(self, budget: float) -> float:
+        """time.monotonic() of the first failure: this one when it is the first. A mark
+        older than `budget` (+ 30 s) is left from an earlier outage or run (every process
+        of that outage stopped by then): this failure starts a new one."""
+        now_wall, now = time.time(), time.monotonic()
+        try:
+            with open(self.path) as f:
+                first = float(f.read())
+            if 0 <= now_wall - first <= budget + 30:
+                return now - (now_wall - first)
+        except (OSError, ValueError):
+            pass
+        try:  # a new mark (written whole, then moved in place: no reader sees half)
+            tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}"
+            with open(tmp, "w") as f:
+                f.write(repr(now_wall))
+            os.replace(tmp, self.path)
+        except OSError:  # the cache folder cannot be written: this process alone
+            pass
+        return now
+
+    def clear(self) -> None:
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 class _ShortRead(Exception):

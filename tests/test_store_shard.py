@@ -339,3 +339,37 @@ def test_huggingface_datasets_reads_the_store_through_s3fs(s3, sharded, tmp_path
     got = rows([f"{s3.url('ds')}/{n}" for n in names], storage_options=options)
     assert len(got) == info["splits"]["train"]["num_samples"] > 0
     assert got == rows([str(local / n) for n in names])
+
+
+def test_the_processes_of_a_node_share_one_retry_budget(tmp_path, monkeypatch):
+    """A store that does not answer: a request stops at the budget counted from the first
+    failure any process of the node saw (the mark in the cache folder), not from its own
+    start; a mark older than the budget is from an earlier outage and starts a new one."""
+    import socket
+
+    from shards.store import Outage, Store, StoreError
+
+    with socket.socket() as s:  # a port nothing listens on: connection refused, retried
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "k")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    mark = tmp_path / ".store-away"
+
+    def took(store: Store) -> float:
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="did not answer"):
+            store.head("x")
+        return time.monotonic() - t0
+
+    alone = Store("s3://bucket/p", retry_for=6)
+    assert took(alone) > 3  # its own budget (the backoff ends within it)
+    shared = Store("s3://bucket/p", retry_for=6)
+    shared.away = Outage(mark)
+    mark.write_text(repr(time.time() - 5.5))  # another process has failed for 5.5 s
+    assert took(shared) < 2
+    mark.write_text(repr(time.time() - 60))  # left from an earlier outage: not this one
+    assert took(shared) > 3
+    assert float(mark.read_text()) > time.time() - 10  # this outage's own mark

@@ -284,6 +284,38 @@ def test_a_store_that_stays_away_ends_the_run_with_one_line(stored, s3, tmp_path
     assert took < 60
 
 
+@pytest.mark.slow
+def test_a_store_gone_mid_run_ends_it_within_the_retry_budget(stored, s3, tmp_path):
+    """The rank's prefetch thread spends the budget on a shard; the worker that waited on
+    that download then tried on its own, and the next prefetch again: a 10 s budget
+    ended the run after 28 s. The time waited on a download that gave up now counts."""
+    url, _ = stored
+    budget = 10
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train/main.py"), "--data", url, "--output-dir",
+         str(tmp_path / "run"), "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+         "--cache-size", "1MB", *[a for s in SETTINGS for a in ("--set", s)],
+         "--set", "epochs=3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PREP_S3_RETRY_SECONDS": str(budget)})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (tmp_path / "run/steps.jsonl").exists():
+            time.sleep(0.05)
+        assert (tmp_path / "run/steps.jsonl").exists(), proc.stderr
+        s3.kill()  # for good: shards still to fetch (the cache holds ~2)
+        t0 = time.time()
+        _, err = proc.communicate(timeout=240)
+        took = time.time() - t0
+    finally:
+        proc.kill()
+        s3.start()
+    assert proc.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "did not answer" in lines[0], err
+    assert budget * 0.9 < took < budget * 1.7, took
+
+
 class FaultyProxy:
     """An HTTP proxy in front of the S3 server that answers some requests with faults:
     503 SlowDown, a connection closed without an answer, a body cut short."""
