@@ -16,6 +16,7 @@ from torch import nn
 from prep.errors import PrepError
 from prep.progress import progress_bar
 from prep.scoring import RESTRICTED, RealTally, global_index, subset_wnids
+from train.collectives import all_reduce
 from train.data import SplitInfo
 
 
@@ -109,7 +110,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, *, steps: int,
 
 def reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
-        dist.all_reduce(t)
+        all_reduce(t)
     return t
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from prep.errors import SettingError
+from train.collectives import all_reduce, refs, released
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpointed, resumable
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -57,6 +58,7 @@ class StepControl:
         self.last_save = time.monotonic()
         self.group = dist.new_group(backend="gloo") if world > 1 else None
         self._posted = torch.zeros(1, dtype=torch.int64)
+        self._before = 0  # refs(self._posted) before it was posted (train/collectives.py)
         self._work = None
         self._previous: dict = {}
 
@@ -87,6 +89,7 @@ class StepControl:
             agreed = self._wish()
         else:
             self._posted = torch.tensor([self._wish()], dtype=torch.int64)
+            self._before = refs(self._posted)
             self._work = dist.all_reduce(self._posted, op=dist.ReduceOp.MAX,
                                          group=self.group, async_op=True)
         if self.every_steps and global_step % self.every_steps == 0:
@@ -106,8 +109,8 @@ class StepControl:
         agreed = self._collect()
         wish = STOP + self.signal if self.signal is not None else GO_ON
         if self.group is not None:
-            t = torch.tensor([wish], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            t = all_reduce(torch.tensor([wish], dtype=torch.int64), dist.ReduceOp.MAX,
+                           self.group)
             wish = int(t.item())
         return self._learn(max(agreed, wish)) == STOP
 
@@ -120,7 +123,8 @@ class StepControl:
         if self._work is None:
             return GO_ON
         self._work.wait()
-        self._work = None
+        self._work = None  # then gloo's thread lets go of the tensor (train/collectives.py)
+        released(self._posted, self._before)
         return int(self._posted.item())
 
     def saved(self) -> None:
