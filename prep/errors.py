@@ -3,7 +3,9 @@
 Both entry points (`prep` and `train/main.py`) run through `exit_on_error`: a PrepError
 prints one line naming the file and what to do, and exits 1; Ctrl-C prints `interrupted`
 and exits 130, from whichever process it reaches (pool workers ignore SIGINT, see
-`ignore_sigint`). Anything else is a bug in the toolkit and keeps its traceback.
+`ignore_sigint`). A full or read-only disk that reaches it unnamed (torch's checkpoint
+writer reports ENOSPC as a RuntimeError, for one) is one line too. Anything else is a bug
+in the toolkit and keeps its traceback.
 
 A program run by `run_program` ends within `EXIT_GRACE_S` of a Ctrl-C whatever it was doing,
 and at once on a second Ctrl-C: KeyboardInterrupt can land inside the standard library's
@@ -65,6 +67,10 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
                 _interrupted()  # short ('release unlocked lock'), a stopped pool, ...
             if isinstance(exc, PrepError):  # SystemExit with a text: to stderr, status 1
                 raise SystemExit(f"error: {worker_message(exc)}") from None
+            disk = os_error_in(exc)
+            if disk is not None and disk.errno in DISK_ERRNOS:
+                raise SystemExit(f"error: {write_error(disk.filename or 'an output', disk)}") \
+                    from None
             raise
 
     return run
@@ -205,6 +211,25 @@ def read_error(path: str | os.PathLike, exc: OSError) -> PrepError:
     written, so never the disk's space)."""
     return PrepError(f"{path}: cannot read it ({exc.strerror or exc}); check its permissions "
                      "(sources are only read, never changed)")
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the disk's state, never a bug
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError that is `exc` or that it was raised from or while handling (torch.save
+    wraps a full disk's OSError in a RuntimeError); None without one."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        todo += [e.__context__, e.__cause__]
+    return None
 
 
 def write_error(path: str | os.PathLike, exc: OSError) -> PrepError:

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,12 +28,35 @@ def small_disk(tmp_path):
 def test_checkpoint_on_a_full_disk_keeps_the_previous_one(small_disk):
     path = small_disk / "checkpoint.pt"
     ckpt.save({"w": torch.ones(1000), "epoch": 1}, path)
-    with pytest.raises(OSError, match=r"checkpoint\.pt: could not be written.*previous one"):
+    with pytest.raises(PrepError, match=r"checkpoint\.pt: could not be written \(No space left "
+                       r"on device\); the previous one is intact; free space .*--resume auto"):
         ckpt.save({"w": torch.ones(2_000_000), "epoch": 2}, path)  # 8 MB on a 3 MB disk
     assert ckpt.load(path)["epoch"] == 1  # still loadable, unchanged
     assert sorted(os.listdir(small_disk)) == ["checkpoint.pt"]  # no temp file left behind
     ckpt.save({"w": torch.ones(100_000), "epoch": 2}, path)  # fits: the rerun completes
     assert ckpt.load(path)["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_training_on_a_full_disk_is_one_line_naming_the_checkpoint(small_disk, tmp_path):
+    """torch.save reports the full disk as `RuntimeError: [enforce fail at
+    inline_container.cc] unexpected pos`; the trainer says what happened, in one line."""
+    from tests.conftest import sharded_sample
+
+    data = sharded_sample(tmp_path / "d", "ilsvrc2017", 2, classes=3, train_per_class=8,
+                          val_per_class=2, size=40)
+    sets = ["arch=resnet18", "num_classes=3", "image_size=32", "val_resize=36",
+            "val_crop=32", "batch_size=8", "epochs=1", "workers=0"]
+    r = subprocess.run([sys.executable, "train/main.py", "--data", str(data), "--output-dir",
+                        str(small_disk / "run"), "--device", "cpu",
+                        *[a for s in sets for a in ("--set", s)]],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: checkpoint \S+/run/\S+\.pt: could not be written \(No space "
+                        r"left on device\); none was written before; free space .*", last), last
+    assert not [p for p in (small_disk / "run").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_prep_shard_on_a_full_disk_then_rerun(small_disk, tmp_path):

@@ -1,6 +1,7 @@
 """prep.errors through real processes: one `error: ...` line and exit 1 for a PrepError,
 one `interrupted` line and exit 130 for Ctrl-C at any moment, from both entry points."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -176,3 +177,41 @@ def test_one_error_path_for_both_entry_points():
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: /nonexistent/s/_info.json: "
                                                        "missing"), r.stderr
+
+
+def _raises(exc):
+    from prep.errors import exit_on_error
+
+    @exit_on_error
+    def main():
+        raise exc
+
+    return main
+
+
+def _chained():
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:  # as torch.save does: its own error raised while handling the OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+
+def test_a_full_disk_that_reaches_the_entry_point_unnamed_is_one_line():
+    with pytest.raises(SystemExit) as got:
+        _raises(OSError(errno.ENOSPC, "No space left on device", "/out/x.json"))()
+    assert str(got.value.code).startswith("error: /out/x.json: cannot write it (No space left "
+                                          "on device); the disk is full")
+    try:
+        _chained()
+    except RuntimeError as exc:
+        wrapped = exc
+    assert wrapped.__cause__ is None and wrapped.__context__ is not None
+    with pytest.raises(SystemExit, match="cannot write it .No space left on device.; the disk "
+                                         "is full"):
+        _raises(wrapped)()
+    with pytest.raises(SystemExit, match="read-only"):
+        _raises(OSError(errno.EROFS, "Read-only file system", "/ro/x"))()
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        _raises(RuntimeError("a bug"))()
+    with pytest.raises(FileNotFoundError):  # not the disk's state: left as it is
+        _raises(FileNotFoundError(errno.ENOENT, "No such file", "/x"))()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from prep.errors import PrepError
+from prep.errors import DISK_ERRNOS, PrepError, os_error_in
 
 
 def previous(path: Path) -> Path:
@@ -21,7 +21,8 @@ def previous(path: Path) -> Path:
 
 def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     """Write `state` to `path` atomically. On a write error (disk full, ...) the temp file is
-    removed and the error names the checkpoint; the previous one is left as it was. With
+    removed and a PrepError names the checkpoint and the cause (the OSError behind torch's
+    RuntimeError); the previous one is left as it was. With
     `keep_previous`, the file it replaces stays as `previous(path)` (a hard link made
     before the rename: there is never a moment without `path`)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -33,7 +34,12 @@ def save(state: dict, path: Path, keep_previous: bool = False) -> None:
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
         tmp.unlink(missing_ok=True)
         kept = "the previous one is intact" if path.exists() else "none was written before"
-        raise OSError(f"checkpoint {path}: could not be written ({exc}); {kept}") from exc
+        cause = os_error_in(exc)
+        why = (cause.strerror or str(cause)) if cause is not None else str(exc)
+        then = "; free space (or choose another --output-dir), then rerun with --resume auto" \
+            if cause is not None and cause.errno in DISK_ERRNOS else ""
+        raise PrepError(f"checkpoint {path}: could not be written ({why}); {kept}{then}") \
+            from exc
     if keep_previous and path.exists():
         link = path.with_name(f".{path.name}.prev.tmp")
         link.unlink(missing_ok=True)
