@@ -7,7 +7,8 @@
  * for a USTAR header) stops the call *before* anything of it is written, so that Python
  * repairs or reports it. Used for pass-through sharding only (Python resizes). Each
  * written JPEG's CRC-32 (zlib's, as Python's zlib.crc32) goes to the index, where the
- * loader checks it on every read.
+ * loader checks it on every read: through `crc` when given (ISA-L's crc32_gzip_refl, the
+ * same values ~10x faster, prep/crc.py), else through zlib.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -140,6 +141,8 @@ static long long read_member(int fd, long long offset, long long size, unsigned 
 /* prep/jpegcheck.c's jc_check: 0 when the JPEG decodes whole within max_pixels. */
 typedef int (*check_fn)(const unsigned char *, unsigned long, unsigned long long, int *,
                         char *);
+/* ISA-L's crc32_gzip_refl(init, buf, len): zlib's crc32 values. */
+typedef unsigned int (*crc_fn)(unsigned int, const unsigned char *, unsigned long long);
 
 /* Samples [0, n): returns how many were written before one needs Python (n: all), or -1
  * with errno on a write error. offset: where the next member goes; updated. A sample stops
@@ -156,7 +159,8 @@ static int write_samples(int out_fd, int n, const char **paths, const char **key
                          const int *labels, const char **json_mid, const char **json_end,
                          long long *offset, long long *starts, long long *sizes, int *widths,
                          int *heights, const long long *trusted, long long *ids, int *checked,
-                         unsigned int *crcs, check_fn check, unsigned long long max_pixels,
+                         unsigned int *crcs, check_fn check, crc_fn crc,
+                         unsigned long long max_pixels,
                          int src_fd, const long long *src_offsets, const long long *src_sizes,
                          unsigned char **buf, size_t *cap) {
     unsigned char hc[BLOCK], hj[BLOCK], hm[BLOCK];
@@ -216,7 +220,8 @@ static int write_samples(int out_fd, int n, const char **paths, const char **key
         widths[i] = w;
         heights[i] = h;
         checked[i] = check && !trust;
-        crcs[i] = (unsigned int)crc32(0L, *buf, (uInt)size);
+        crcs[i] = crc ? crc(0, *buf, (unsigned long long)size)
+                      : (unsigned int)crc32(0L, *buf, (uInt)size);
     }
     return n;
 }
@@ -225,13 +230,14 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
              const char **json_mid, const char **json_end, long long *offset,
              long long *starts, long long *sizes, int *widths, int *heights,
              const long long *trusted, long long *ids, int *checked, unsigned int *crcs,
-             void *check, unsigned long long max_pixels, int src_fd,
+             void *check, void *crc, unsigned long long max_pixels, int src_fd,
              const long long *src_offsets, const long long *src_sizes) {
     unsigned char *buf = NULL;
     size_t cap = 0;
     int done = write_samples(out_fd, n, paths, keys, labels, json_mid, json_end, offset,
                              starts, sizes, widths, heights, trusted, ids, checked, crcs,
-                             (check_fn)check, max_pixels, src_fd, src_offsets, src_sizes,
+                             (check_fn)check, (crc_fn)crc, max_pixels, src_fd, src_offsets,
+                             src_sizes,
                              &buf, &cap);
     int saved = errno;
     free(buf);
@@ -240,4 +246,4 @@ int tp_write(int out_fd, int n, const char **paths, const char **keys, const int
 }
 
 /* The call signature's version: shards/tarpack.py loads only a library that matches. */
-int tp_abi(void) { return 4; }
+int tp_abi(void) { return 5; }

@@ -18,13 +18,14 @@ import os
 from pathlib import Path
 
 from prep import cbuild, jpeg
+from prep.crc import crc_function_address
 from shards.record import sample_json
 from shards.source import Sample
 
 SOURCE = Path(__file__).with_name("tarpack.c")
 LIBRARY = Path(__file__).with_name("_tarpack.so")
 _I64 = ctypes.c_longlong
-ABI = 4  # tarpack.c's tp_abi(): the signature of tp_write
+ABI = 5  # tarpack.c's tp_abi(): the signature of tp_write
 ID_FIELDS = 5  # prep.checked.Identity: size, mtime, ctime, inode, device
 
 
@@ -34,7 +35,7 @@ _lib = cbuild.load(LIBRARY, "tp_write", ctypes.c_int,
                     _p(ctypes.c_int), _p(ctypes.c_char_p), _p(ctypes.c_char_p), _p(_I64),
                     _p(_I64), _p(_I64), _p(ctypes.c_int), _p(ctypes.c_int), _p(_I64),
                     _p(_I64), _p(ctypes.c_int), _p(ctypes.c_uint), ctypes.c_void_p,
-                    ctypes.c_ulonglong, ctypes.c_int, _p(_I64), _p(_I64)],
+                    ctypes.c_void_p, ctypes.c_ulonglong, ctypes.c_int, _p(_I64), _p(_I64)],
                    abi=("tp_abi", ABI), use_errno=True)
 
 
@@ -96,7 +97,7 @@ def write_samples(fd: int, offset: int, paths: list[str], samples: list, sources
                          (ctypes.c_int * n)(*(s.label for s in samples)), strs(*mids),
                          strs(*ends), ctypes.byref(off), starts, sizes, widths, heights,
                          (_I64 * (n * ID_FIELDS))(*trust), ids, checked, crcs, check,
-                         jpeg.MAX_PIXELS, archive_fd, at, lengths)
+                         crc_function_address(), jpeg.MAX_PIXELS, archive_fd, at, lengths)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))

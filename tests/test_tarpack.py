@@ -1,6 +1,8 @@
 """The C pass-through writer (shards/tarpack.c) writes exactly what the Python writer does,
 and hands every sample it cannot pass through (repairs, resizes, broken files) to Python."""
 
+import zlib
+
 import pytest
 
 from shards import tarpack
@@ -47,3 +49,25 @@ def test_c_writer_is_byte_identical_to_the_python_writer(prepared, tmp_path, mon
     total = sum(r.num_samples for r in slow)
     # pass-through: every sample but the 3 repairs goes through C; resizing: none does
     assert sum(via_c) == (total - 3 if max_size is None else 0)
+
+
+@pytest.mark.parametrize("crc", ["isal", "zlib"])
+def test_c_writer_crcs_are_zlibs_through_isal_or_zlib(prepared, tmp_path, monkeypatch, crc):
+    """tarpack.c takes ISA-L's CRC-32 function when isal is installed, zlib's otherwise:
+    either way the index gets zlib.crc32 of the stored bytes."""
+    from prep.crc import crc_function_address
+
+    if crc == "isal":
+        if crc_function_address() is None:
+            pytest.skip("isal is not installed")
+    else:
+        monkeypatch.setattr(tarpack, "crc_function_address", lambda: None)
+    data, _ = prepared("ilsvrc2012")
+    _, plans, _ = make_plans(data, ShardSettings(num_shards=1))
+    plan = next(p for p in plans if p.split == "train")
+    paths = [str(data / "train" / s.path) for s in plan.samples]
+    with open(tmp_path / "x.tar", "wb") as f:
+        done, _, rows = tarpack.write_samples(f.fileno(), 0, paths, plan.samples,
+                                              [s.path for s in plan.samples])
+    assert done == len(paths) > 10
+    assert [r[6] for r in rows] == [zlib.crc32(open(p, "rb").read()) for p in paths]
