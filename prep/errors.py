@@ -5,7 +5,8 @@ prints one line naming the file and what to do, and exits 1; Ctrl-C prints `inte
 and exits 130, from whichever process it reaches (pool workers ignore SIGINT, see
 `ignore_sigint`). A full or read-only disk that reaches it unnamed (torch's checkpoint
 writer reports ENOSPC as a RuntimeError, for one) is one line too. Anything else is a bug
-in the toolkit and keeps its traceback.
+in the toolkit and keeps its traceback. Under torchrun the line also goes to the rank's
+error file, so that torchrun's closing summary names it (`tell_torchrun`).
 
 A program run by `run_program` ends within `EXIT_GRACE_S` of a Ctrl-C whatever it was doing,
 and at once on a second Ctrl-C: KeyboardInterrupt can land inside the standard library's
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import re
 import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,6 +42,11 @@ class PrepError(Exception):
 
 class SettingError(PrepError, ValueError):
     """A wrong setting, flag or recipe (also a ValueError, as the settings code raised)."""
+
+
+class PeerStopped(PrepError):
+    """A process of the same job (a DDP rank) stopped first and this one lost contact with
+    it: the other's error is the cause. torchrun's summary must not name this one."""
 
 
 class SampleError(PrepError, ValueError):
@@ -66,14 +74,34 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
             if _ctrl_c_seen:  # raised by the unwinding: a lock a KeyboardInterrupt cut
                 _interrupted()  # short ('release unlocked lock'), a stopped pool, ...
             if isinstance(exc, PrepError):  # SystemExit with a text: to stderr, status 1
-                raise SystemExit(f"error: {worker_message(exc)}") from None
-            disk = os_error_in(exc)
-            if disk is not None and disk.errno in DISK_ERRNOS:
-                raise SystemExit(f"error: {write_error(disk.filename or 'an output', disk)}") \
-                    from None
-            raise
+                line = f"error: {worker_message(exc)}"
+            else:
+                disk = os_error_in(exc)
+                if disk is None or disk.errno not in DISK_ERRNOS:
+                    raise
+                line = f"error: {write_error(disk.filename or 'an output', disk)}"
+            tell_torchrun(line, follows=isinstance(exc, PeerStopped))
+            raise SystemExit(line) from None
 
     return run
+
+
+def tell_torchrun(line: str, follows: bool = False) -> None:
+    """Under torchrun (TORCHELASTIC_ERROR_FILE set): the error line into this rank's error
+    file, where torchrun's closing summary reads it; without it the summary says only
+    'To enable traceback see: ...'. The summary's root cause is the failure with the
+    earliest time, in whole seconds, the lowest rank on a tie: an error that another
+    rank's caused (`follows`) is dated a second later, so a tie names the cause."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    stamp = str(int(time.time()) + int(follows))  # the format torch's own @record writes
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": stamp}}}, f)
+    except OSError:
+        pass  # the line is on stderr all the same (the disk may be the one that is full)
 
 
 _ctrl_c_seen = False  # a Ctrl-C reached run_program's handler or interrupt_at_checks

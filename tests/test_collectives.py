@@ -3,6 +3,7 @@ that exits right after its last collective must not leave that thread needing th
 during interpreter shutdown (SIGABRT, "terminate called without an active exception")."""
 
 import os
+import re
 import sys
 from types import SimpleNamespace
 
@@ -69,3 +70,44 @@ def test_the_step_agreement_collects_each_post_once_gloo_let_go(gloo):
         held += sys.getrefcount(control._posted) > alone
     assert held == 0
     assert control.stop_now() is False
+
+
+LOST = """
+import sys, torch, torch.distributed as dist
+from train.collectives import lost_peer
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=2)
+if dist.get_rank() == 1:
+    try:  # a collective misused: a bug here, not another rank
+        dist.broadcast(torch.ones(1), src=5)  # gloo: "invalid root rank"
+    except Exception as exc:
+        print("MISUSE", lost_peer(exc), flush=True)
+dist.all_reduce(torch.ones(1))
+if dist.get_rank() == 0:
+    sys.exit(0)  # gone: rank 1's next collective fails
+try:
+    dist.all_reduce(torch.ones(1))
+except RuntimeError as exc:
+    print("LOST", lost_peer(exc), flush=True)
+"""
+
+
+def test_a_collective_that_lost_its_peer_is_told_from_a_bug(tmp_path):
+    """Two real gloo ranks; rank 0 ends, rank 1's next all-reduce fails. That failure is
+    gloo's one reason without its source path or advice; a misused collective is not one."""
+    import subprocess
+
+    script = tmp_path / "lost.py"
+    script.write_text(LOST)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    init = f"file://{tmp_path / 'store'}"
+    ranks = [subprocess.Popen([sys.executable, str(script), init, str(r)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    out = [p.communicate(timeout=120) for p in ranks]
+    lines = dict(line.split(" ", 1) for line in out[1][0].splitlines())
+    assert set(lines) == {"LOST", "MISUSE"}, out
+    assert re.fullmatch(r"(Read error \S+: )?Connection (closed|reset) by peer.*",
+                        lines["LOST"]), lines
+    assert "gloo" not in lines["LOST"] and "typically" not in lines["LOST"]
+    assert lines["MISUSE"] == "None"

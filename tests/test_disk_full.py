@@ -59,6 +59,36 @@ def test_training_on_a_full_disk_is_one_line_naming_the_checkpoint(small_disk, t
     assert not [p for p in (small_disk / "run").iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
+def test_under_torchrun_one_line_per_rank_and_the_summary_names_the_cause(small_disk, tmp_path):
+    """3 ranks, rank 0's checkpoint on a full disk: rank 0 says why in one line, the ranks
+    that lose it say so in one line each (no gloo traceback), and torchrun's closing
+    summary, the end of the log, names rank 0's line as the root cause."""
+    from tests.conftest import sharded_sample
+
+    data = sharded_sample(tmp_path / "d", "ilsvrc2017", 3, classes=3, train_per_class=8,
+                          val_per_class=2, size=40)
+    sets = ["arch=resnet18", "num_classes=3", "image_size=32", "val_resize=36",
+            "val_crop=32", "batch_size=4", "epochs=1", "workers=0"]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=3", "train/main.py", "--data", str(data),
+                        "--output-dir", str(small_disk / "run"), "--device", "cpu",
+                        *[a for s in sets for a in ("--set", s)]],
+                       capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1])
+    log = r.stdout + r.stderr
+    assert r.returncode == 1, log[-3000:]
+    cause = re.search(r"^error: checkpoint \S+\.pt: could not be written \(No space left on "
+                      r"device\).*$", log, re.M)
+    assert cause, log[-3000:]
+    for rank in (1, 2):
+        assert f"[rank{rank}]: Traceback" not in log, log[-5000:]
+        assert re.search(rf"^error: rank {rank}: lost contact with another rank \(.*by peer",
+                         log, re.M), log[-3000:]
+    root = log.split("Root Cause (first observed failure):")[1]
+    assert re.search(r"rank\s*: 0 .*\n(.*\n)*?\s*traceback : " + re.escape(cause[0]), root), root
+
+
 def test_prep_shard_on_a_full_disk_then_rerun(small_disk, tmp_path):
     from prep.imagenet import prepare_imagenet
     from prep.sample import SampleSpec, write_sample

@@ -215,3 +215,45 @@ def test_a_full_disk_that_reaches_the_entry_point_unnamed_is_one_line():
         _raises(RuntimeError("a bug"))()
     with pytest.raises(FileNotFoundError):  # not the disk's state: left as it is
         _raises(FileNotFoundError(errno.ENOENT, "No such file", "/x"))()
+
+
+def _torchrun_summary(files: dict[int, Path]) -> str:
+    """torchrun's closing summary (its agent's own classes) of ranks that failed with these
+    error files."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    failures = {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=1,
+                                     error_file=str(path)) for rank, path in files.items()}
+    return ChildFailedError("train/main.py", failures).format_msg()
+
+
+def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monkeypatch):
+    """torchrun's summary shows each failed rank's error file; without one it says only 'To
+    enable traceback see ...'. A rank that lost contact with the failing one fails in the
+    same second: the summary must still name the cause, also when that rank is higher."""
+    from prep.errors import PeerStopped, PrepError
+
+    peer, cause = tmp_path / "rank0.json", tmp_path / "rank1.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(cause))
+    with pytest.raises(SystemExit):
+        _raises(PrepError("checkpoint /o/c.pt: could not be written"))()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(peer))
+    with pytest.raises(SystemExit):
+        _raises(PeerStopped("rank 0: lost contact with another rank"))()
+    summary = _torchrun_summary({0: peer, 1: cause})
+    root = summary.split("Root Cause")[1]
+    assert "error: checkpoint /o/c.pt: could not be written" in root, summary
+    assert "error: rank 0: lost contact" in summary.split("Root Cause")[0], summary
+    disk = tmp_path / "disk.json"  # the full-disk line too; a bug is torch's to report
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(disk))
+    with pytest.raises(SystemExit):
+        _raises(OSError(errno.ENOSPC, "No space left on device", "/out/x.json"))()
+    assert "error: /out/x.json: cannot write it" in _torchrun_summary({0: disk})
+    disk.unlink()
+    with pytest.raises(RuntimeError):
+        _raises(RuntimeError("a bug"))()
+    assert not disk.exists()
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")  # not under torchrun: no file anywhere
+    with pytest.raises(SystemExit):
+        _raises(PrepError("x"))()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]

@@ -11,10 +11,14 @@ reports the rank as failed (pytorch/pytorch#179291 describes the same race).
 
 While C++ holds a tensor, the tensor holds a reference to its Python object (torch's
 PyObject preservation), so the Python reference count says when gloo has let go.
+
+`lost_peer` tells a collective that failed because another rank went away (its own error
+is the one to read) from a bug here, which keeps its traceback.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 
@@ -47,3 +51,15 @@ def all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
     dist.all_reduce(t, op=op, group=group)
     released(t, before)
     return t
+
+
+def lost_peer(exc: BaseException) -> str | None:
+    """Why a collective failed, in one line, when `exc` is this rank losing another: gloo's
+    transport errors (the other process ended, or the network between them failed, or it
+    did not answer in time) and torch's distributed errors (NCCL's among them); None for
+    anything else, which keeps its traceback."""
+    text = str(exc).strip()
+    if not (isinstance(exc, dist.DistError) or "gloo/transport/" in text):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "")
+    return first.split(". This is typically")[0].rstrip(".") or type(exc).__name__

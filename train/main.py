@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from prep.errors import (
+    PeerStopped,
     PrepError,
     SettingError,
     exit_on_error,
@@ -40,6 +41,7 @@ from prep.errors import (
 )
 from prep.predictions import per_class_accuracy, write_predictions
 from train import checkpoint as ckpt
+from train.collectives import lost_peer
 from train.config import (
     TrainConfig,
     apply,
@@ -76,6 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         if args.evaluate:
             return run_eval(args, cfg, rank, world, device)
         return fit(args, cfg, rank, world, device)
+    except Exception as exc:
+        reason = lost_peer(exc) if world > 1 else None
+        if reason is None:
+            raise
+        raise PeerStopped(
+            f"rank {rank}: lost contact with another rank ({reason}): it stopped, and its own "
+            "error comes first in the log (torchrun's summary names it), or the network "
+            "between them failed; once the cause is fixed, rerun with --resume auto") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
