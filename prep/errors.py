@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -78,6 +79,7 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
             else:
                 disk = os_error_in(exc)
                 if disk is None or disk.errno not in DISK_ERRNOS:
+                    tell_torchrun(traceback.format_exc())  # a bug: its traceback, as @record
                     raise
                 line = f"error: {write_error(disk.filename or 'an output', disk)}"
             tell_torchrun(line, follows=isinstance(exc, PeerStopped))
@@ -87,11 +89,12 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 def tell_torchrun(line: str, follows: bool = False) -> None:
-    """Under torchrun (TORCHELASTIC_ERROR_FILE set): the error line into this rank's error
-    file, where torchrun's closing summary reads it; without it the summary says only
-    'To enable traceback see: ...'. The summary's root cause is the failure with the
-    earliest time, in whole seconds, the lowest rank on a tie: an error that another
-    rank's caused (`follows`) is dated a second later, so a tie names the cause."""
+    """Under torchrun (TORCHELASTIC_ERROR_FILE set): the error line (a bug's traceback) into
+    this rank's error file, where torchrun's closing summary reads it; without it the
+    summary says only 'To enable traceback see: ...'. The summary's root cause is the
+    failure with the earliest time, in whole seconds, the lowest rank on a tie: an error
+    that another rank's caused (`follows`) is dated a second later, so a tie names the
+    cause."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
