@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 T = TypeVar("T")
 
@@ -86,6 +86,17 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(line) from None
 
     return run
+
+
+def exit_now(exc: PrepError) -> NoReturn:
+    """`exc`'s line printed (and given to torchrun) at once, then exit 1, for a process
+    that may be ended before its own exit: a rank that lost another is sent SIGTERM by
+    torchrun as soon as the failing rank has exited, and exit_on_error's line is printed
+    only when the interpreter exits, after the process group is torn down."""
+    line = f"error: {worker_message(exc)}"
+    tell_torchrun(line, follows=isinstance(exc, PeerStopped))
+    print(line, file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def tell_torchrun(line: str, follows: bool = False) -> None:

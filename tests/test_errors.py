@@ -228,19 +228,22 @@ def _torchrun_summary(files: dict[int, Path]) -> str:
     return ChildFailedError("train/main.py", failures).format_msg()
 
 
-def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monkeypatch):
+def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monkeypatch,
+                                                                  capsys):
     """torchrun's summary shows each failed rank's error file; without one it says only 'To
     enable traceback see ...'. A rank that lost contact with the failing one fails in the
     same second: the summary must still name the cause, also when that rank is higher."""
-    from prep.errors import PeerStopped, PrepError
+    from prep.errors import PeerStopped, PrepError, exit_now
 
     peer, cause = tmp_path / "rank0.json", tmp_path / "rank1.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(cause))
     with pytest.raises(SystemExit):
         _raises(PrepError("checkpoint /o/c.pt: could not be written"))()
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(peer))
-    with pytest.raises(SystemExit):
-        _raises(PeerStopped("rank 0: lost contact with another rank"))()
+    with pytest.raises(SystemExit) as stop:  # printed at once: torchrun may end it soon
+        exit_now(PeerStopped("rank 0: lost contact with another rank"))
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == "error: rank 0: lost contact with another rank\n"
     summary = _torchrun_summary({0: peer, 1: cause})
     root = summary.split("Root Cause")[1]
     assert "error: checkpoint /o/c.pt: could not be written" in root, summary
