@@ -45,11 +45,6 @@ class SettingError(PrepError, ValueError):
     """A wrong setting, flag or recipe (also a ValueError, as the settings code raised)."""
 
 
-class PeerStopped(PrepError):
-    """A process of the same job (a DDP rank) stopped first and this one lost contact with
-    it: the other's error is the cause. torchrun's summary must not name this one."""
-
-
 class SampleError(PrepError, ValueError):
     """One sample that cannot be used (undecodable, 0x0, too many pixels); the message names
     shard, member and reason. Training skips it (up to max_skip_rate); evaluation stops."""
@@ -82,20 +77,23 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
                     tell_torchrun(traceback.format_exc())  # a bug: its traceback, as @record
                     raise
                 line = f"error: {write_error(disk.filename or 'an output', disk)}"
-            tell_torchrun(line, follows=isinstance(exc, PeerStopped))
+            tell_torchrun(line)
             raise SystemExit(line) from None
 
     return run
 
 
-def exit_now(exc: PrepError) -> NoReturn:
-    """`exc`'s line printed (and given to torchrun) at once, then exit 1, for a process
-    that may be ended before its own exit: a rank that lost another is sent SIGTERM by
-    torchrun as soon as the failing rank has exited, and exit_on_error's line is printed
-    only when the interpreter exits, after the process group is torn down."""
-    line = f"error: {worker_message(exc)}"
-    tell_torchrun(line, follows=isinstance(exc, PeerStopped))
-    print(line, file=sys.stderr, flush=True)
+def exit_lost_peer(message: str) -> NoReturn:
+    """`error: message` printed at once, then exit 1, for a rank that lost contact with
+    another whose own error is the cause. Printed at once, not at the exit as
+    exit_on_error's line is: torchrun sends SIGTERM to the other ranks as soon as the
+    failing one has exited, and this one's exit comes after the process group's teardown.
+    torchrun's summary must name the other's error, not this one (`follows`)."""
+    line = f"error: {message}"
+    tell_torchrun(line, follows=True)
+    # one write: print() writes the newline apart, and the other ranks print theirs now too
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
     raise SystemExit(1)
 
 

@@ -233,7 +233,7 @@ def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monke
     """torchrun's summary shows each failed rank's error file; without one it says only 'To
     enable traceback see ...'. A rank that lost contact with the failing one fails in the
     same second: the summary must still name the cause, also when that rank is higher."""
-    from prep.errors import PeerStopped, PrepError, exit_now
+    from prep.errors import PrepError, exit_lost_peer
 
     peer, cause = tmp_path / "rank0.json", tmp_path / "rank1.json"
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(cause))
@@ -241,7 +241,7 @@ def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monke
         _raises(PrepError("checkpoint /o/c.pt: could not be written"))()
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(peer))
     with pytest.raises(SystemExit) as stop:  # printed at once: torchrun may end it soon
-        exit_now(PeerStopped("rank 0: lost contact with another rank"))
+        exit_lost_peer("rank 0: lost contact with another rank")
     assert stop.value.code == 1
     assert capsys.readouterr().err == "error: rank 0: lost contact with another rank\n"
     summary = _torchrun_summary({0: peer, 1: cause})

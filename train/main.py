@@ -30,10 +30,9 @@ import torch
 import torch.distributed as dist
 
 from prep.errors import (
-    PeerStopped,
     PrepError,
     SettingError,
-    exit_now,
+    exit_lost_peer,
     exit_on_error,
     refuse_inside,
     refuse_overwrite,
@@ -83,10 +82,10 @@ def main(argv: list[str] | None = None) -> dict:
         reason = lost_peer(exc) if world > 1 else None
         if reason is None:
             raise
-        exit_now(PeerStopped(
+        exit_lost_peer(
             f"rank {rank}: lost contact with another rank ({reason}): it stopped, and its own "
             "error comes first in the log (torchrun's summary names it), or the network "
-            "between them failed; once the cause is fixed, rerun with --resume auto"))
+            "between them failed; once the cause is fixed, rerun with --resume auto")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
