@@ -75,12 +75,30 @@ def exit_on_error(fn: Callable[..., T]) -> Callable[..., T]:
                 disk = os_error_in(exc)
                 if disk is None or disk.errno not in DISK_ERRNOS:
                     tell_torchrun(traceback.format_exc())  # a bug: its traceback, as @record
+                    whole_lines_on_stderr()
                     raise
                 line = f"error: {write_error(disk.filename or 'an output', disk)}"
             tell_torchrun(line)
+            whole_lines_on_stderr()
             raise SystemExit(line) from None
 
     return run
+
+
+def whole_lines_on_stderr() -> None:
+    """From here on, each line on stderr goes out in one write. The interpreter prints
+    SystemExit's text and its newline in two writes (a traceback, piece by piece), so the
+    lines of ranks that fail at the same moment ran together in the shared log (`error: rank
+    1: ...error: rank 2: ...`). Buffered up to each newline, they cannot. Called only on
+    the way out: a progress bar's `\r` updates have no newline."""
+    if sys.stderr is not sys.__stderr__:  # replaced (pytest's capture): not ours to change
+        return
+    reconfigure = getattr(sys.stderr, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(line_buffering=True, write_through=False)
+        except (ValueError, OSError):  # closed, or a broken pipe on the flush
+            pass
 
 
 def exit_lost_peer(message: str) -> NoReturn:

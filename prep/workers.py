@@ -169,21 +169,26 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R
 
 
 def die_with_parent(main_pid: int) -> None:
-    """End this worker the moment process `main_pid` exits, however it ends (kill -9).
+    """End this worker the moment process `main_pid` exits, however it ends (kill -9): it
+    SIGKILLs itself (`when_exits`). Not prctl(PR_SET_PDEATHSIG): a worker's parent is the
+    forkserver, which outlives the main process as long as workers hold the pipe it
+    watches. Threads are safe here: workers never fork."""
+    when_exits(main_pid, lambda: os.kill(os.getpid(), signal.SIGKILL))
 
-    A thread waits on a pidfd of the main process (Linux 5.3+; elsewhere it checks every
-    0.5 s) and then SIGKILLs this process. Not prctl(PR_SET_PDEATHSIG): a worker's parent
-    is the forkserver, which outlives the main process as long as workers hold the pipe it
-    watches. Threads are safe here: workers never fork.
-    """
+
+def when_exits(pid: int, action: Callable[[], None]) -> None:
+    """Call `action` the moment process `pid` exits, however it ends (kill -9), from a
+    thread that waits on a pidfd of it (Linux 5.3+; elsewhere it checks every 0.5 s); at
+    once, in this thread, when it is gone already."""
     try:
-        fd = os.pidfd_open(main_pid)
-    except ProcessLookupError:  # gone between the fork and this call
-        os._exit(1)
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        action()
+        return
     except (AttributeError, OSError):
         fd = None
-    threading.Thread(target=_wait_then_die, args=(main_pid, fd), daemon=True,
-                     name="die-with-parent").start()
+    threading.Thread(target=_wait_then, args=(pid, fd, action), daemon=True,
+                     name=f"when-{pid}-exits").start()
 
 
 def terminate_only_from(main_pid: int) -> None:
@@ -207,13 +212,14 @@ def _take_sigterm(main_pid: int) -> None:
             os._exit(0)
 
 
-def _wait_then_die(main_pid: int, fd: int | None) -> None:
+def _wait_then(pid: int, fd: int | None, action: Callable[[], None]) -> None:
     if fd is not None:
         select.select([fd], [], [])  # readable when the process has exited
+        os.close(fd)
     else:
-        while _alive(main_pid):
+        while _alive(pid):
             time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
+    action()
 
 
 def _alive(pid: int) -> bool:

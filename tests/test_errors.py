@@ -261,3 +261,42 @@ def test_under_torchrun_the_error_line_is_what_its_summary_names(tmp_path, monke
     with pytest.raises(SystemExit):
         _raises(PrepError("x"))()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
+
+
+WHOLE_LINES = """
+from prep.errors import PrepError, exit_on_error
+
+@exit_on_error
+def main():
+    raise {!r}
+
+main()
+"""
+
+
+@pytest.mark.parametrize("raised", [
+    'PrepError("checkpoint /o/c.pt: could not be written (No space left on device)")',
+    'RuntimeError("a bug in " + "x" * 300)'])
+def test_each_line_of_the_way_out_is_one_write(raised):
+    """Ranks that fail at the same moment share one log: a line whose newline is written
+    apart runs into the next rank's line (seen: `error: rank 1: ...error: rank 2: ...`).
+    stderr here is a SOCK_SEQPACKET socket, which keeps every write() a packet of its own:
+    each packet must be whole lines, the error line one packet."""
+    import socket
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    code = WHOLE_LINES.replace("{!r}", raised)
+    with ours, theirs:
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=theirs.fileno())
+        theirs.close()
+        packets = []
+        while packet := ours.recv(1 << 20):
+            packets.append(packet.decode())
+        assert proc.wait(timeout=60) == 1
+    text = "".join(packets)
+    assert packets and all(p.endswith("\n") for p in packets), packets
+    if raised.startswith("PrepError"):
+        assert packets == ["error: checkpoint /o/c.pt: could not be written (No space left on "
+                           "device)\n"], packets
+    else:
+        assert text.startswith("Traceback") and "RuntimeError: a bug in xxx" in text, text

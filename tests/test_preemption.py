@@ -67,6 +67,15 @@ def wait_for_step(out, step, proc):
         time.sleep(0.02)
 
 
+def running(pid):
+    """Whether process `pid` still runs (an exited one whose parent is gone stays a zombie
+    where PID 1 does not reap)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except OSError:
+        return False
+
+
 def index_receipt(shards):
     """The receipt of a whole epoch, from index.parquet alone (no code of the toolkit)."""
     table = pq.read_table(shards / "index.parquet", columns=["key", "split"]).to_pydict()
@@ -184,6 +193,32 @@ def test_sigterm_to_the_whole_job_checkpoints_within_the_grace_time(shards, refe
     log, _ = proc.communicate(timeout=120)
     assert time.time() - t < 30
     assert "SIGTERM" in log and "step checkpoint written" in log, log[-3000:]
+    run(shards, out, 2, 2, "--resume", "auto")
+    same_steps(lines(out / "steps.jsonl"), lines(reference / "steps.jsonl"))
+    receipts_exact(out, shards)
+
+
+def test_kill_9_of_torchrun_stops_its_ranks_with_a_step_checkpoint(shards, reference,
+                                                                   tmp_path):
+    """torchrun's agent killed alone (kill -9, the OOM killer): its ranks used to train on
+    to the end with no agent. Each rank now notices, and they stop together as if
+    preempted: one step checkpoint, then exit; the resumed run matches the reference."""
+    out = tmp_path / "run"
+    proc = start(shards, out, 2, 2)
+    wait_for_step(out, 3, proc)
+    ranks = rank_pids(out, 0) + rank_pids(out, 1)
+    assert len(ranks) == 2
+    t = time.time()
+    os.kill(proc.pid, signal.SIGKILL)  # the agent only: its ranks run in their own sessions
+    log, _ = proc.communicate(timeout=120)  # the ranks hold its output pipe until they end
+    assert time.time() - t < 60
+    assert not any(running(pid) for pid in ranks), log[-3000:]
+    assert log.count("has ended and left this rank running") == 2, log[-3000:]
+    assert "SIGTERM: stopped; step checkpoint written" in log, log[-3000:]
+    stopped = json.loads((out / "preempted.json").read_text())
+    assert stopped["signal"] == "SIGTERM" and stopped["exit_status"] == EXIT_PREEMPTED
+    assert stopped["step"] < 2 * STEPS  # before the end: stopped, not finished
+    assert ckpt.load(out / "checkpoint.pt")["step"] == stopped["step"]
     run(shards, out, 2, 2, "--resume", "auto")
     same_steps(lines(out / "steps.jsonl"), lines(reference / "steps.jsonl"))
     receipts_exact(out, shards)

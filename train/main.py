@@ -64,6 +64,7 @@ from train.fit import fit
 from train.gather import gather_on_rank0
 from train.model import build_model, check_classes, load_weights
 from train.normalize import batch_transform
+from train.preempt import stop_with_torchrun
 
 
 @exit_on_error
@@ -229,6 +230,7 @@ def setup_distributed(device_arg: str | None) -> tuple[int, int, torch.device]:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world()))
     if world > 1:
         init_process_group("nccl" if use_cuda else "gloo")
+    stop_with_torchrun(rank)
     return rank, world, device
 
 

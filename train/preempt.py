@@ -9,24 +9,51 @@ a non-blocking all-reduce (MAX) on a CPU (gloo) group, and all ranks act on the 
 step later: the same step everywhere, without a host sync in the training step. A run
 stopped this way exits with EXIT_PREEMPTED after its step checkpoint is whole; the next
 start resumes it with `--resume auto`.
+
+A rank whose torchrun agent has ended without stopping it (kill -9, the OOM killer) sends
+itself the same SIGTERM (`stop_with_torchrun`), so it stops the same way.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
 from prep.errors import SettingError
+from prep.workers import when_exits
 from train.collectives import all_reduce, refs, released
 
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpointed, resumable
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 GO_ON, SAVE, STOP = 0, 1, 2  # posted as STOP + the signal's number: every rank learns it
 UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def stop_with_torchrun(rank: int) -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID set), from the start of the rank: when the agent
+    that started it (its parent) ends without ending it first (kill -9, the OOM killer),
+    the rank SIGTERMs itself and stops as if preempted: a step checkpoint at the next step,
+    the same step on every rank (they all lose the agent), exit EXIT_PREEMPTED. Without
+    this the ranks trained on with no agent, holding the machine and writing checkpoints
+    that nobody would resume. A normal end of torchrun never triggers it: the agent ends
+    its ranks before it exits."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    agent = os.getppid()
+
+    def agent_gone() -> None:
+        sys.stderr.write(f"rank {rank}: torchrun (pid {agent}) has ended and left this rank "
+                         "running: stopping it as if preempted (SIGTERM)\n")  # one write
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    when_exits(agent, agent_gone)
 
 
 class Preempted(Exception):
