@@ -15,7 +15,10 @@ clean output (the release stays in the page cache, as for every row):
    reshard: another shard count or --max-size);
 6. `--src` with `--check header` (what the pass costs without the strict JPEG check);
 7. the strict check alone: every member read in place and entropy-decoded
-   (prep.jpeg.strict_problem), in as many processes as cores: the floor of rows 3 and 4.
+   (prep.jpeg.strict_problem), in as many processes as cores: the floor of rows 3 and 4;
+8. (a gzip release) rows 4 and 5 with rapidgzip hidden from prep (a module of that name
+   that fails to import, first on PYTHONPATH): each file read whole by one ISA-L reader in
+   both passes, as where rapidgzip is not installed.
 `--layout blurred-tar | hf-tar | hf-parquet`: a compressed release instead (each file read
 twice by `--src`; row 1 is then `tar -xzf` of every archive at once, none for Parquet,
 and there is no row 7). All with the defaults (--check full, every core) unless said.
@@ -67,11 +70,13 @@ class DiskPeak:
         return max(self.peak, self._used() - self.base)
 
 
-def run(args: list[str], where: Path) -> tuple[float, int]:
+def run(args: list[str], where: Path, env: dict[str, str] | None = None
+        ) -> tuple[float, int]:
     """Wall seconds and peak disk growth of one command."""
     peak = DiskPeak(where)
     t = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env=env)
     seconds = time.perf_counter() - t
     return seconds, peak.stop()
 
@@ -162,8 +167,14 @@ def main() -> None:
     packed = a.layout != "ilsvrc2012-tar"
     if packed:
         tar = "tar -xzf of every archive, all at once (baseline 1)"
+    one_isal, again_isal = (f"{one[:-1]}, without rapidgzip)",
+                            f"{again[:-1]}, without rapidgzip)")
+    hidden = root / "no-rapidgzip"
+    hidden.mkdir(parents=True, exist_ok=True)
+    (hidden / "rapidgzip.py").write_text('raise ImportError("hidden by bench_direct.py")\n')
+    no_rapidgzip = {**os.environ, "PYTHONPATH": str(hidden)}
     rows: dict[str, list[tuple[float, int]]] = {
-        k: [] for k in (tar, ext, step2, one, again, header, alone)}
+        k: [] for k in (tar, ext, step2, one, again, one_isal, again_isal, header, alone)}
     for _ in range(a.trials):
         clean(plain)
         if a.layout != "hf-parquet":  # Parquet: no tar; prep's extraction is the baseline
@@ -185,6 +196,13 @@ def main() -> None:
         if not packed:  # a compressed release has no member to check in place
             rows[alone].append(run([sys.executable, __file__, "--check-alone",
                                     str(release)], root))
+        elif a.layout != "hf-parquet":
+            clean(direct, cache)
+            rows[one_isal].append(run([PREP, "shard", "--src", str(release), "--out",
+                                       str(direct), "-q"], root, no_rapidgzip))
+            clean(direct)
+            rows[again_isal].append(run([PREP, "shard", "--src", str(release), "--out",
+                                         str(direct), "-q"], root, no_rapidgzip))
     shards = sum(p.stat().st_size for p in direct.glob("*.tar"))
     clean(plain, x, view, two, direct, cache)
     rows = {k: v for k, v in rows.items() if v}

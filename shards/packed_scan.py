@@ -19,6 +19,10 @@ What a first pass found is kept per file in the release's cache folder
 (shards.release.checked_record_dir), under the file's identity (size, mtime, ctime, inode,
 device) and the options that change what is stored: a later run (a rerun after a kill,
 another OUT, another shard count) reads each file once, not twice.
+
+A gzip file with more than one core's share of the work (the face-blurred train archive)
+is read on that many threads where rapidgzip is installed, and its seek index is kept beside
+its first pass: the second pass then splits it over as many workers (shards/gzindex.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from prep.archive_listing import sort_members
 from prep.atomic import write_atomic
@@ -44,25 +49,33 @@ from prep.layout import Layout
 from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.scan import IMAGE_EXTS, Problems
 from prep.workers import interrupt_at_checks, process_pool
+from shards import gzindex
 from shards.image import UndecodableImage, encode_image
 from shards.settings import ShardSettings
 
-FORMAT = 2  # of the kept first passes: bump when FileScan or what it measures changes
+FORMAT = 3  # of the kept first passes: bump when FileScan or what it measures changes
 
 
-def members(kind: str, path: Path, split: str, names: OutputNames
-            ) -> Iterator[tuple[str, str, str | None, bytes]]:
-    """(name in the release, path once extracted, WNID from the name or folder, bytes) of
-    each image of one file of a compressed release, in file order, judged as the extraction
-    judges them; each path is added to `names` (one path twice: refused, naming both)."""
+def members(kind: str, path: Path, split: str, names: OutputNames,
+            inflated: IO[bytes] | None = None
+            ) -> Iterator[tuple[str, str, str | None, int, bytes]]:
+    """(name in the release, path once extracted, WNID from the name or folder, offset of
+    its bytes in the inflated tar (-1: not known), bytes) of each image of one file of a
+    compressed release, in file order, judged as the extraction judges them; each path is
+    added to `names` (one path twice: refused, naming both). `inflated`: the face-blurred
+    archive's tar, already inflated (shards.gzindex.reading)."""
     if kind == "blurred":
+        if inflated is not None:
+            for m, rel, data in class_archive_members(path, inflated, names):
+                yield m.name, rel, rel.split("/", 1)[0], m.offset_data, data
+            return
         with open(path, "rb") as raw:
             for m, rel, data in class_archive_members(path, raw, names):
-                yield m.name, rel, rel.split("/", 1)[0], data
+                yield m.name, rel, rel.split("/", 1)[0], m.offset_data, data
         return
     for m in release_members(kind, path, split):
         names.add(m.rel, m.origin)
-        yield m.name, m.rel, m.wnid, m.data
+        yield m.name, m.rel, m.wnid, -1, m.data
 
 
 @dataclass
@@ -73,6 +86,7 @@ class FileScan:
     rels: list[str] = field(default_factory=list)  # path under the split once extracted
     wnids: list[str | None] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)  # the member's own size
+    offsets: list[int] = field(default_factory=list)  # of its bytes in the tar (-1: unknown)
     # what the shard stores: its size and CRC-32, dimensions, the json's fields; `error`
     # says why it cannot be stored ("" when it can), `reencoded` that the stored bytes are
     # not the member's (a repair or a resize: encoded again, the same bytes, in pass 2)
@@ -89,25 +103,43 @@ class FileScan:
 
 
 def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1,
-              progress: str = "", slot: int = 0) -> FileScan:
+              progress: str = "", slot: int = 0, index_to: str = "") -> FileScan:
     """Worker task: the first pass over one file (see the module docstring). `threads` > 1:
     the members are checked on that many threads while this one reads on (the C check
     releases the GIL), for a file too large to be read while the others are (the
-    face-blurred train archive holds the whole split). The bytes read so far go to slot
-    `slot` of the SharedProgress at `progress`."""
-    out, names = FileScan(), OutputNames()
+    face-blurred train archive holds the whole split); the face-blurred archive is then
+    inflated on as many threads, its seek index written to `index_to` (shards.gzindex),
+    where rapidgzip is installed. The bytes read so far go to slot `slot` of the
+    SharedProgress at `progress`."""
     read = _BytesRead(path, progress, slot)
+    if index_to and threads > 1 and kind == "blurred" and gzindex.available() and \
+            gzindex.is_gzip(path):
+        try:
+            with gzindex.reading(path, threads, Path(index_to)) as inflated:
+                out = _scan(kind, path, split, settings, threads, read, inflated)
+            read.close()
+            return out
+        except gzindex.Unsure:
+            read.n = 0  # read again through ISA-L: its verdict is the one given
+    out = _scan(kind, path, split, settings, threads, read, None)
+    read.close()
+    return out
+
+
+def _scan(kind: str, path: Path, split: str, settings: ShardSettings, threads: int,
+          read: _BytesRead, inflated: IO[bytes] | None) -> FileScan:
+    out, names = FileScan(), OutputNames()
     if threads <= 1:
-        for name, rel, wnid, data in members(kind, path, split, names):
-            _listed(out, name, rel, wnid, data)
+        for name, rel, wnid, offset, data in members(kind, path, split, names, inflated):
+            _listed(out, name, rel, wnid, offset, data)
             read.add(len(data))
             _row(out, _measure(rel, data, settings))
     else:
         with ThreadPoolExecutor(threads) as pool:
             pending: deque[Future] = deque()
             batch: list[tuple[str, bytes]] = []
-            for name, rel, wnid, data in members(kind, path, split, names):
-                _listed(out, name, rel, wnid, data)
+            for name, rel, wnid, offset, data in members(kind, path, split, names, inflated):
+                _listed(out, name, rel, wnid, offset, data)
                 read.add(len(data))
                 batch.append((rel, data))
                 if len(batch) == BATCH:
@@ -118,7 +150,6 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
             pending.append(pool.submit(_measure_batch, batch, settings))
             while pending:
                 _rows(out, pending.popleft().result())
-    read.close()
     return out
 
 
@@ -142,10 +173,12 @@ class _BytesRead:
 BATCH = 16  # members per task of the checking threads
 
 
-def _listed(out: FileScan, name: str, rel: str, wnid: str | None, data: bytes) -> None:
+def _listed(out: FileScan, name: str, rel: str, wnid: str | None, offset: int,
+            data: bytes) -> None:
     out.names.append(name)
     out.rels.append(rel)
     out.wnids.append(wnid)
+    out.offsets.append(offset)
     out.sizes.append(len(data))
 
 
@@ -184,6 +217,14 @@ def _kept_path(folder: Path, path: Path, settings: ShardSettings) -> Path:
     return folder / f"first-pass-{path.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def index_path(folder: Path | None, path: Path, settings: ShardSettings) -> Path | None:
+    """Where the seek index of `path` is kept (shards.gzindex), beside its first pass."""
+    if folder is None:
+        return None
+    kept = _kept_path(folder, path, settings)
+    return kept.with_name(kept.name + ".gzindex")
+
+
 def _kept(folder: Path | None, path: Path, settings: ShardSettings) -> FileScan | None:
     if folder is None:
         return None
@@ -198,10 +239,12 @@ def _kept(folder: Path | None, path: Path, settings: ShardSettings) -> FileScan 
 def _keep(folder: Path | None, path: Path, settings: ShardSettings, scan: FileScan) -> None:
     if folder is None:
         return
+    kept = _kept_path(folder, path, settings)
     for old in folder.glob(f"first-pass-{path.name}-*"):  # of an earlier state of the file
-        old.unlink(missing_ok=True)
+        if not old.name.startswith(kept.name):  # its seek index, just written, stays
+            old.unlink(missing_ok=True)
     try:
-        write_atomic(_kept_path(folder, path, settings),
+        write_atomic(kept,
                      pickle.dumps(scan, protocol=pickle.HIGHEST_PROTOCOL))
     except OSError:
         pass  # a cache: without it the next run reads the file twice again
@@ -216,6 +259,8 @@ class PackedRelease:
     files: dict[str, list[Path]]
     scans: dict[str, list[FileScan]]
     reused: int = 0  # files whose first pass was kept from an earlier run
+    # per split, each file's seek index (shards.gzindex) where its first pass made one
+    indexes: dict[str, list[Path | None]] = field(default_factory=dict)
 
 
 def sample_id(file_no: int, ordinal: int) -> int:
@@ -237,10 +282,10 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
             if scans[split][i] is None]
     reused = sum(len(paths) for paths in files.values()) - len(todo)
     total = sum(p.stat().st_size for _, _, p in todo)
-    # a file's share of the cores runs the strict check of its members on threads (the
-    # face-blurred release holds its whole train split in one file)
+    # a file's share of the cores checks its members on threads, and inflates it too where
+    # it can (the face-blurred release holds its whole train split in one file)
     threads = {p: max(1, round(workers * p.stat().st_size / max(total, 1)))
-               if settings.strict else 1 for _, _, p in todo}
+               for _, _, p in todo}
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc="read release (1/2)",
                        disable=not progress or not todo)
     shared = SharedProgress(len(todo))
@@ -249,7 +294,8 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
             with process_pool(min(workers, len(todo))) as pool, \
                     interrupt_at_checks() as check:
                 futures = {pool.submit(scan_file, kind, p, split, settings, threads[p],
-                                       shared.path, slot): (split, i, p)
+                                       shared.path, slot,
+                                       str(index_path(keep, p, settings) or "")): (split, i, p)
                            for slot, (split, i, p) in enumerate(todo)}
                 pending = set(futures)
                 while pending:
@@ -263,7 +309,10 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
     finally:
         bar.close()
         shared.close()
-    return PackedRelease(kind, files, scans, reused)  # type: ignore[arg-type]
+    indexes = {split: [ix if ix is not None and ix.is_file() else None
+                       for ix in (index_path(keep, p, settings) for p in paths)]
+               for split, paths in files.items()}
+    return PackedRelease(kind, files, scans, reused, indexes)  # type: ignore[arg-type]
 
 
 def packed_scan(lay: Layout, packed: PackedRelease) -> SourceScan:

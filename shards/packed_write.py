@@ -11,6 +11,10 @@ naming the member). When every file is done, each shard is fsynced, hashed, rena
 given its DALI index, as shards/write.py finishes a shard. A kill leaves only partials,
 which a rerun writes again (the first pass is kept).
 
+A file whose first pass left a seek index (shards/gzindex.py: the face-blurred train
+archive, with rapidgzip) and that has more than one worker's share of the work is split
+into as many ranges of members, each read by its own worker from its first member's offset.
+
 The disk holds the shards and nothing else: no spool, no extracted file.
 """
 
@@ -28,9 +32,10 @@ from prep.errors import PrepError, write_error
 from prep.extract import OutputNames
 from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.workers import interrupt_at_checks, process_pool, thread_map
+from shards import gzindex
 from shards.dali_index import write_dali_index
 from shards.image import encode_image
-from shards.packed_scan import PackedRelease, file_and_member, members
+from shards.packed_scan import FileScan, PackedRelease, file_and_member, members
 from shards.plan import ShardPlan
 from shards.record import ShardRecord, sample_json
 from shards.settings import ShardSettings
@@ -148,16 +153,16 @@ def _create(path: Path, size: int) -> None:
 
 def _second_pass(jobs: dict[tuple[str, int], list[Entry]], packed: PackedRelease,
                  partials: list[str], settings: ShardSettings, workers: int, bar: Any) -> None:
-    """Every file with samples to write, one worker task each, largest first."""
-    order = sorted(jobs, key=lambda k: -packed.files[k[0]][k[1]].stat().st_size)
-    pool = process_pool(min(workers, len(order)))
-    shared = SharedProgress(len(order))
+    """Every file with samples to write, one worker task each (or one per range of its
+    members: `_tasks`), largest first."""
+    tasks = _tasks(jobs, packed, workers)
+    pool = process_pool(min(workers, len(tasks)))
+    shared = SharedProgress(len(tasks))
     try:
         with interrupt_at_checks() as check:
-            futures = {pool.submit(write_file, packed.kind, packed.files[split][f], split,
-                                   jobs[split, f], partials, settings.max_size,
-                                   settings.quality, shared.path, slot)
-                       for slot, (split, f) in enumerate(order)}
+            futures = {pool.submit(*task, partials, settings.max_size, settings.quality,
+                                   shared.path, slot)
+                       for slot, task in enumerate(tasks)}
             while futures:
                 done, futures = wait(futures, timeout=0.2, return_when=FIRST_COMPLETED)
                 check()
@@ -172,6 +177,40 @@ def _second_pass(jobs: dict[tuple[str, int], list[Entry]], packed: PackedRelease
         shared.close()
 
 
+def _tasks(jobs: dict[tuple[str, int], list[Entry]], packed: PackedRelease, workers: int
+           ) -> list[tuple]:
+    """(function, its first arguments) per worker task, largest file first: write_file for
+    a whole file; write_range for each of the n ranges of a file with a seek index and n
+    workers' share of the bytes to read (n > 1), equal in the members' bytes."""
+    sizes = {k: packed.files[k[0]][k[1]].stat().st_size for k in jobs}
+    total = max(sum(sizes.values()), 1)
+    tasks = []
+    for split, f in sorted(jobs, key=lambda k: -sizes[k]):
+        path, entries = packed.files[split][f], jobs[split, f]
+        index = packed.indexes.get(split, [None] * (f + 1))[f]
+        n = min(round(workers * sizes[split, f] / total), len(entries))
+        if n <= 1 or index is None or not gzindex.available():
+            tasks.append((write_file, packed.kind, path, split, entries))
+            continue
+        scan = packed.scans[split][f]
+        entries = sorted(entries)  # by ordinal: each range reads forward
+        weights = [scan.sizes[e[0]] for e in entries]
+        total_w, cut, acc, start = max(sum(weights), 1), 1, 0, 0
+        for i, w in enumerate(weights):
+            acc += w
+            if acc * n >= cut * total_w and cut < n:  # range `cut` ends here
+                tasks.append(_range_task(path, index, scan, entries[start:i + 1]))
+                start, cut = i + 1, cut + 1
+        if entries[start:]:
+            tasks.append(_range_task(path, index, scan, entries[start:]))
+    return tasks
+
+
+def _range_task(path: Path, index: Path, scan: FileScan, entries: list[Entry]) -> tuple:
+    where = [(scan.offsets[e[0]], scan.sizes[e[0]], scan.names[e[0]]) for e in entries]
+    return (write_range, path, index, entries, where)
+
+
 def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials: list[str],
                max_size: int | None, quality: int, progress: str = "", slot: int = 0) -> int:
     """Worker task: read one file of the release again and write its samples `entries` at
@@ -182,19 +221,11 @@ def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials
     shared = WorkerProgress(progress, slot)
     written = 0
     try:
-        for o, (name, _, _, data) in enumerate(members(kind, path, split, OutputNames())):
+        for o, (name, _, _, _, data) in enumerate(members(kind, path, split, OutputNames())):
             e = todo.pop(o, None)
             if e is None:
                 continue
-            _, shard, offset, key, cls, meta, size, crc, reencoded = e
-            jpg = encode_image(data, max_size, quality, False)[0] if reencoded else data
-            if len(jpg) != size or crc32(jpg) != crc:
-                raise PrepError(f"{path}: member {name!r} changed since this run first read "
-                                "it (other bytes); rerun when the release is no longer being "
-                                "written")
-            parts = member_parts([(f"{key}.cls", cls), (f"{key}.jpg", jpg),
-                                  (f"{key}.json", meta)])
-            fds.pwritev(shard, parts, offset)
+            _put(fds, path, name, data, e, max_size, quality)
             written += 1
             shared.set(written)
             if not todo:
@@ -207,6 +238,50 @@ def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials
         raise PrepError(f"{path}: ends before member #{min(todo) + 1}, which this run read "
                         "in its first pass; it changed meanwhile (re-download it, then rerun)")
     return written
+
+
+def write_range(path: Path, index: Path, entries: list[Entry],
+                where: list[tuple[int, int, str]], partials: list[str], max_size: int | None,
+                quality: int, progress: str = "", slot: int = 0) -> int:
+    """Worker task: write_file for the members `entries` of one gzip file only (in file
+    order; `where`: each one's offset in the inflated tar, size and name), read from the
+    first one's offset through the file's seek index `index`."""
+    fds = _Descriptors(partials)
+    shared = WorkerProgress(progress, slot)
+    written = 0
+    try:
+        with gzindex.reading_at(path, index) as f:
+            for e, (offset, size, name) in zip(entries, where):
+                try:
+                    if f.tell() != offset:
+                        f.seek(offset)
+                    data = f.read(size)
+                except (RuntimeError, ValueError, OSError) as exc:  # rapidgzip's
+                    raise PrepError(f"{path}: cannot be read at member {name!r} any more "
+                                    f"({exc}); it changed since this run first read it: rerun "
+                                    "when the release is no longer being written") from exc
+                _put(fds, path, name, data, e, max_size, quality)
+                written += 1
+                shared.set(written)
+    finally:
+        shared.set(written, force=True)
+        shared.close()
+        fds.close()
+    return written
+
+
+def _put(fds: _Descriptors, path: Path, name: str, data: bytes, e: Entry,
+         max_size: int | None, quality: int) -> None:
+    """Write one sample (its member's bytes `data`) at its place, after checking them
+    against the first pass."""
+    _, shard, offset, key, cls, meta, size, crc, reencoded = e
+    jpg = encode_image(data, max_size, quality, False)[0] if reencoded else data
+    if len(jpg) != size or crc32(jpg) != crc:
+        raise PrepError(f"{path}: member {name!r} changed since this run first read "
+                        "it (other bytes); rerun when the release is no longer being "
+                        "written")
+    parts = member_parts([(f"{key}.cls", cls), (f"{key}.jpg", jpg), (f"{key}.json", meta)])
+    fds.pwritev(shard, parts, offset)
 
 
 class _Descriptors:

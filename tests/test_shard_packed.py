@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from prep.cli import main
 from prep.errors import PrepError
+from shards import gzindex
 from shards.build import ShardSettings, _shard_input
 from shards.release import release_input
 from tests.conftest import sigkill_with_workers, tree_hash
@@ -313,3 +314,97 @@ def test_a_damaged_archive_is_named_never_read_in_part(make_sample, tmp_path, la
     with pytest.raises(PrepError, match=expected):
         _two_step(src, tmp_path, tmp_path / "two")
     assert not (tmp_path / "view").exists() and tree_hash(src) == before
+
+
+BIG_BLURRED = dict(classes=4, train_per_class=40, val_per_class=3, size=256)  # 3.4 MB train
+
+
+def _split_tasks(src, settings, workers):
+    """The second pass's tasks for a release, as write_packed would make them."""
+    from shards.packed_write import _layout, _stats, _tasks
+
+    inp = release_input(src, settings, progress=False, workers=workers)
+    packed, jobs = inp.packed, {}
+    stats = {split: _stats(paths) for split, paths in packed.files.items()}
+    for n, plan in enumerate(inp.plans):
+        _layout(n, plan, packed, stats[plan.split], settings, jobs)
+    return packed, jobs, _tasks(jobs, packed, workers)
+
+
+@pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
+def test_the_blurred_train_archive_is_read_on_several_cores(make_sample, tmp_path,
+                                                            monkeypatch):
+    """With rapidgzip, the first pass over the one train archive of the face-blurred release
+    inflates it on its share of the cores and keeps a seek index beside the first pass; the
+    second pass splits its members into ranges, one worker each, each range read from its
+    first member's offset: every member once, in file order, the ranges' bytes about equal.
+    The shards are those of the two-step path (ISA-L, one reader)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, _ = make_sample("blurred-tar", bad_files=True, **BIG_BLURRED)
+    settings = ShardSettings(num_shards=3, on_error="skip")
+    packed, jobs, tasks = _split_tasks(src, settings, workers=2)
+    assert packed.indexes["train"][0] is not None and packed.indexes["val"] == [None]
+    ranges = [t for t in tasks if t[0].__name__ == "write_range"]
+    assert len(ranges) == 2 and all(t[1].name == "train_blurred.tar.gz" for t in ranges)
+    ordinals = [e[0] for t in ranges for e in t[3]]
+    assert ordinals == sorted(e[0] for e in jobs["train", 0])  # each once, in file order
+    scan = packed.scans["train"][0]
+    halves = [sum(scan.sizes[e[0]] for e in t[3]) for t in ranges]
+    assert abs(halves[0] - halves[1]) < 0.1 * sum(halves), halves
+    direct = _direct(src, tmp_path / "direct", num_shards=3, on_error="skip")
+    two = _two_step(src, tmp_path, tmp_path / "two", num_shards=3, on_error="skip")
+    same_as_two_step(direct, two, 6, 1)
+
+
+@pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
+def test_the_seek_index_reads_each_member_at_its_offset(make_sample, tmp_path):
+    """The first pass's offsets and the exported index: each member read alone, from the
+    last one back to the first (each a seek through the index), has the bytes the first
+    pass measured (no bad files: stored = the member's bytes)."""
+    from prep.crc import crc32
+    from shards.packed_scan import scan_file
+
+    src, _ = make_sample("blurred-tar", **BIG_BLURRED)
+    archive, index = src / "train_blurred.tar.gz", tmp_path / "train.gzindex"
+    scan = scan_file("blurred", archive, "train", ShardSettings(), threads=2,
+                     index_to=str(index))
+    assert index.is_file() and len(scan.offsets) == len(scan.names) == 160
+    assert scan.offsets == sorted(scan.offsets) and scan.offsets[0] == 512  # after its header
+    with gzindex.reading_at(archive, index) as f:
+        for o in reversed(range(len(scan.names))):
+            f.seek(scan.offsets[o])
+            assert crc32(f.read(scan.sizes[o])) == scan.crcs[o], scan.names[o]
+
+
+@pytest.mark.parametrize("how", ["half", "block", "trailer", "junk", "gzip-junk", "crc"])
+def test_a_damaged_train_archive_gets_the_verdict_of_one_reader(make_sample, tmp_path, how,
+                                                                 capfd):
+    """rapidgzip reads some damage without an error (a file cut short at the end of a
+    deflate block, bytes after the gzip data): every damaged file gets the verdict and the
+    message that ISA-L's one reader gives (workers=1), and no line of rapidgzip's own."""
+    src, _ = make_sample("blurred-tar", **BIG_BLURRED)
+    archive = src / "train_blurred.tar.gz"
+    raw = archive.read_bytes()
+    damaged = {"half": raw[: len(raw) // 2], "block": raw[:5000], "trailer": raw[:-4],
+               "junk": raw + b"junkjunk", "gzip-junk": raw + b"\x1f\x8b\x08\x00junk",
+               "crc": raw[:-8] + bytes([raw[-8] ^ 1]) + raw[-7:]}[how]
+    archive.write_bytes(damaged)
+    errors = []
+    for workers in (1, 2):
+        with pytest.raises(PrepError) as got:
+            shard_release_at(src, tmp_path / f"out{workers}", workers, tmp_path / f"c{workers}")
+        errors.append(str(got.value))
+    assert errors[0] == errors[1] and "train_blurred.tar.gz: truncated or corrupt" in errors[0]
+    assert "rapidgzip" not in capfd.readouterr().err.lower()
+    assert not list((tmp_path / "c2").rglob("*.gzindex"))  # no index of a damaged file
+
+
+def shard_release_at(src, out, workers, cache):
+    from shards.build import shard_release
+
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    try:
+        return shard_release(src, out, ShardSettings(num_shards=2), workers=workers,
+                             progress=False)
+    finally:
+        del os.environ["XDG_CACHE_HOME"]

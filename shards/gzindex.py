@@ -1,0 +1,144 @@
+"""A seek index over a large gzip archive, so that `prep shard --src` reads it on several
+cores in both passes.
+
+The face-blurred release holds its whole train split (~140 GB) in one train_blurred.tar.gz.
+Read by one process with ISA-L, both passes of `--src` were bound by that one inflate
+stream: ~2x the extraction's time on any number of cores. Instead, the first pass over a
+gzip file that has more than one core's share of the work reads it through rapidgzip on
+that many threads and exports rapidgzip's seek index (a point every 32 MiB of the archive,
+`spacing`; ~0.1% of its size) beside the kept first pass; the second pass splits the file's
+members into as many ranges, and each worker imports the index and starts at its first
+member's offset (recorded by the first pass).
+
+rapidgzip (PyPI): the one maintained Python reader of gzip that inflates on several threads
+and exports and imports a seek index (indexed_gzip's zran inflates on one thread, through
+zlib). It is optional: without it (the GPU machine has no package index), both passes read
+the file whole through ISA-L, as before. It only speeds up: the first pass reads through it
+only where it reads the whole file without an error, to the end of the compressed data (a
+file cut at the end of a deflate block reads "fine" in rapidgzip), and where the gzip
+trailer's size matches what it read (rapidgzip passes over non-gzip bytes after the data);
+anything else, the file is read again through ISA-L, whose verdict and error are the ones
+the user gets. rapidgzip's own messages on stderr are kept out of the log, and a reader is
+always closed (one left open at the interpreter's exit aborts the process).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+
+def spacing(size: int, threads: int) -> int:
+    """rapidgzip's chunk, the distance between seek points: 32 MiB (its fastest here, 1.5x
+    ISA-L on 2 threads; an index of ~0.1% of the archive), less for a file of fewer than 4
+    chunks per thread (too few to share), at least 1 MiB."""
+    return min(32 << 20, max(1 << 20, size // (4 * threads)))
+
+
+class Unsure(Exception):
+    """rapidgzip's read of a file cannot be trusted: read it again through ISA-L."""
+
+
+def available() -> bool:
+    try:
+        import rapidgzip  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+@contextmanager
+def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
+    """The inflated bytes of gzip file `path` on `threads` threads, read front to back by
+    the caller; once the caller has read them all, the seek index goes to `index_to`.
+    Raises Unsure (for any error inside too, the caller's own included) where the read
+    cannot be trusted: the caller then reads the file through ISA-L."""
+    import rapidgzip
+
+    with _quiet_stderr():
+        try:
+            with rapidgzip.RapidgzipFile(str(path), parallelization=threads, chunk_size=spacing(
+                    os.path.getsize(path), threads)) as f:
+                counted = _Counted(f)
+                yield counted
+                if counted.read(1):
+                    raise Unsure("the caller stopped before the end")
+                _check_end(path, f, counted.n)
+                tmp = index_to.with_name(index_to.name + ".tmp")
+                f.export_index(str(tmp))
+                os.replace(tmp, index_to)
+        except Unsure:
+            raise
+        except Exception as exc:  # rapidgzip's, or the caller's on its bytes
+            raise Unsure(str(exc)) from exc
+
+
+@contextmanager
+def reading_at(path: Path, index: Path) -> Iterator[IO[bytes]]:
+    """`path` inflated on one thread, seekable through the seek index `index` (made by
+    `reading`). Errors: rapidgzip's (the file changed since its index was made: the caller
+    names it)."""
+    import rapidgzip
+
+    with _quiet_stderr(), rapidgzip.RapidgzipFile(str(path), parallelization=1) as f:
+        f.import_index(str(index))
+        yield f
+
+
+def _check_end(path: Path, f: object, inflated: int) -> None:
+    """Raise Unsure unless rapidgzip read `path` to its end and the gzip trailer's size
+    (ISIZE, the last member's size modulo 2**32) matches what it inflated: true for the
+    usual one-member file; a file of several members is read again through ISA-L."""
+    size = os.path.getsize(path)
+    if f.tell_compressed() != size * 8:  # type: ignore[attr-defined]
+        raise Unsure(f"read to byte {f.tell_compressed() // 8} of {size}")  # type: ignore
+    with open(path, "rb") as raw:
+        raw.seek(size - 4)
+        (isize,) = struct.unpack("<I", raw.read(4))
+    if isize != inflated % (1 << 32):
+        raise Unsure("the gzip trailer does not match what was read")
+
+
+class _Counted:
+    """A read-only stream over `f` that counts the bytes read through it."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.n = f, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.f.read(size)
+        self.n += len(data)
+        return data
+
+    def peek(self, size: int = 0) -> bytes:
+        return self.f.peek(size)  # type: ignore[attr-defined]
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """rapidgzip prints its own lines on a bad read ('Unexpected end of file when getting
+    block ...') before raising; the file is then read through ISA-L, which names the damage.
+    Only in worker processes, which print nothing else meanwhile."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
