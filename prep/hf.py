@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
@@ -157,27 +157,33 @@ def _extract(members: Iterator[Member], split: str, partial: Path) -> Extracted:
 class Member(NamedTuple):
     """One image of a release file: `name` as the release names it (the member, or the
     row's `path`), `rel` its path once extracted, `wnid` its label from the name (None on
-    test), `origin` how errors name it, `data` its bytes."""
+    test), `origin` how errors name it, `data` its bytes, `offset` where they start in the
+    inflated tar (-1: a Parquet row)."""
 
     name: str
     rel: str
     wnid: str | None
     origin: str
     data: bytes
+    offset: int = -1
 
 
-def release_members(kind: str, path: Path, split: str) -> Iterator[Member]:
+def release_members(kind: str, path: Path, split: str, inflated: IO[bytes] | None = None
+                    ) -> Iterator[Member]:
     """The images of one file of a Hugging Face release ("hf-tar" or "hf-parquet"), front to
     back, judged as the extraction judges them: a member that is not a flat regular file, a
     name without its WNID suffix, a label column that disagrees with it, a row without
-    bytes: refused, naming the file and member or row. A damaged file is named."""
-    return _tar_members(path, split) if kind == "hf-tar" else _parquet_rows(path, split)
+    bytes: refused, naming the file and member or row. A damaged file is named.
+    `inflated`: a tar.gz's tar, inflated already (shards.gzindex)."""
+    if kind == "hf-tar":
+        return _tar_members(path, split, inflated)
+    return _parquet_rows(path, split)
 
 
-def _tar_members(archive: Path, split: str) -> Iterator[Member]:
+def _tar_members(archive: Path, split: str, inflated: IO[bytes] | None) -> Iterator[Member]:
     n = 0
     try:
-        with open(archive, "rb") as raw, open_tar_stream(raw) as tar:
+        with open(archive, "rb") as raw, open_tar_stream(inflated or raw) as tar:
             for m in tar:
                 if m.isdir():
                     continue
@@ -190,7 +196,7 @@ def _tar_members(archive: Path, split: str) -> Iterator[Member]:
                 rel, wnid = original_name(split, m.name, str(archive))
                 n += 1
                 yield Member(m.name, rel, wnid, member_origin(archive, m.name, n - 1),
-                             read_member(tar, m))
+                             read_member(tar, m), m.offset_data)
     except (*CORRUPT, OSError) as exc:
         if isinstance(exc, PrepError):
             raise

@@ -62,8 +62,8 @@ def members(kind: str, path: Path, split: str, names: OutputNames,
     """(name in the release, path once extracted, WNID from the name or folder, offset of
     its bytes in the inflated tar (-1: not known), bytes) of each image of one file of a
     compressed release, in file order, judged as the extraction judges them; each path is
-    added to `names` (one path twice: refused, naming both). `inflated`: the face-blurred
-    archive's tar, already inflated (shards.gzindex.reading)."""
+    added to `names` (one path twice: refused, naming both). `inflated`: a tar.gz file's
+    tar, already inflated (shards.gzindex.reading)."""
     if kind == "blurred":
         if inflated is not None:
             for m, rel, data in class_archive_members(path, inflated, names):
@@ -73,9 +73,9 @@ def members(kind: str, path: Path, split: str, names: OutputNames,
             for m, rel, data in class_archive_members(path, raw, names):
                 yield m.name, rel, rel.split("/", 1)[0], m.offset_data, data
         return
-    for m in release_members(kind, path, split):
+    for m in release_members(kind, path, split, inflated):
         names.add(m.rel, m.origin)
-        yield m.name, m.rel, m.wnid, -1, m.data
+        yield m.name, m.rel, m.wnid, m.offset, m.data
 
 
 @dataclass
@@ -107,12 +107,12 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
     """Worker task: the first pass over one file (see the module docstring). `threads` > 1:
     the members are checked on that many threads while this one reads on (the C check
     releases the GIL), for a file too large to be read while the others are (the
-    face-blurred train archive holds the whole split); the face-blurred archive is then
-    inflated on as many threads, its seek index written to `index_to` (shards.gzindex),
-    where rapidgzip is installed. The bytes read so far go to slot `slot` of the
+    face-blurred train archive holds the whole split); a tar.gz file is then inflated on as
+    many threads, its seek index written to `index_to` (shards.gzindex), where rapidgzip is
+    installed. The bytes read so far go to slot `slot` of the
     SharedProgress at `progress`."""
     read = _BytesRead(path, progress, slot)
-    if index_to and threads > 1 and kind == "blurred" and gzindex.available() and \
+    if index_to and threads > 1 and kind != "hf-parquet" and gzindex.available() and \
             gzindex.is_gzip(path):
         try:
             with gzindex.reading(path, threads, Path(index_to)) as inflated:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from prep.cli import main
 from prep.errors import PrepError
 from shards import gzindex
-from shards.build import ShardSettings, _shard_input
+from shards.build import ShardSettings, _shard_input, shard_release
 from shards.release import release_input
 from tests.conftest import sigkill_with_workers, tree_hash
 from tests.test_shard_release import (
@@ -316,7 +316,7 @@ def test_a_damaged_archive_is_named_never_read_in_part(make_sample, tmp_path, la
     assert not (tmp_path / "view").exists() and tree_hash(src) == before
 
 
-BIG_BLURRED = dict(classes=4, train_per_class=40, val_per_class=3, size=256)  # 3.4 MB train
+BIG = dict(classes=4, train_per_class=40, val_per_class=3, size=256)  # 3.4 MB of train
 
 
 def _split_tasks(src, settings, workers):
@@ -332,28 +332,38 @@ def _split_tasks(src, settings, workers):
 
 
 @pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
-def test_the_blurred_train_archive_is_read_on_several_cores(make_sample, tmp_path,
-                                                            monkeypatch):
-    """With rapidgzip, the first pass over the one train archive of the face-blurred release
-    inflates it on its share of the cores and keeps a seek index beside the first pass; the
-    second pass splits its members into ranges, one worker each, each range read from its
-    first member's offset: every member once, in file order, the ranges' bytes about equal.
-    The shards are those of the two-step path (ISA-L, one reader)."""
+@pytest.mark.parametrize("layout, workers, split_files", [
+    ("blurred-tar", 2, ["train_blurred.tar.gz"]),
+    ("hf-tar", 4, ["train_images_0.tar.gz", "train_images_1.tar.gz"])])
+def test_a_large_archive_is_read_on_several_cores(make_sample, tmp_path, monkeypatch,
+                                                   layout, workers, split_files):
+    """With rapidgzip, the first pass over a tar.gz with more than one worker's share of the
+    bytes (the one train archive of the face-blurred release) inflates it on its share of
+    the cores and keeps a seek index beside the first pass; the second pass splits its
+    members into as many ranges, one worker each, each read from its first member's offset:
+    every member once, in file order, the ranges' bytes about equal. The shards are those
+    of the two-step path (ISA-L, one reader per file)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    src, _ = make_sample("blurred-tar", bad_files=True, **BIG_BLURRED)
+    src, _ = make_sample(layout, bad_files=True, **BIG)
     settings = ShardSettings(num_shards=3, on_error="skip")
-    packed, jobs, tasks = _split_tasks(src, settings, workers=2)
-    assert packed.indexes["train"][0] is not None and packed.indexes["val"] == [None]
-    ranges = [t for t in tasks if t[0].__name__ == "write_range"]
-    assert len(ranges) == 2 and all(t[1].name == "train_blurred.tar.gz" for t in ranges)
-    ordinals = [e[0] for t in ranges for e in t[3]]
-    assert ordinals == sorted(e[0] for e in jobs["train", 0])  # each once, in file order
-    scan = packed.scans["train"][0]
-    halves = [sum(scan.sizes[e[0]] for e in t[3]) for t in ranges]
-    assert abs(halves[0] - halves[1]) < 0.1 * sum(halves), halves
-    direct = _direct(src, tmp_path / "direct", num_shards=3, on_error="skip")
+    packed, jobs, tasks = _split_tasks(src, settings, workers)
+    indexed = [p.name for split, paths in packed.files.items()
+               for p, ix in zip(paths, packed.indexes[split]) if ix is not None]
+    assert indexed == split_files
+    for name in split_files:
+        (split, f), = [(s, i) for s, ps in packed.files.items() for i, p in enumerate(ps)
+                       if p.name == name]
+        ranges = [t for t in tasks if t[0].__name__ == "write_range" and t[1].name == name]
+        assert len(ranges) == 2
+        ordinals = [e[0] for t in ranges for e in t[3]]
+        assert ordinals == sorted(e[0] for e in jobs[split, f])  # each once, in file order
+        scan = packed.scans[split][f]
+        halves = [sum(scan.sizes[e[0]] for e in t[3]) for t in ranges]
+        assert abs(halves[0] - halves[1]) < 0.15 * sum(halves), halves
+    assert len(tasks) == len(jobs) + len(split_files)  # the other files: whole, one task
+    direct = shard_release(src, tmp_path / "direct", settings, workers=workers, progress=False)
     two = _two_step(src, tmp_path, tmp_path / "two", num_shards=3, on_error="skip")
-    same_as_two_step(direct, two, 6, 1)
+    same_as_two_step(direct, two, 6 if layout == "blurred-tar" else 8, 1)  # 2 test shards
 
 
 @pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
@@ -364,7 +374,7 @@ def test_the_seek_index_reads_each_member_at_its_offset(make_sample, tmp_path):
     from prep.crc import crc32
     from shards.packed_scan import scan_file
 
-    src, _ = make_sample("blurred-tar", **BIG_BLURRED)
+    src, _ = make_sample("blurred-tar", **BIG)
     archive, index = src / "train_blurred.tar.gz", tmp_path / "train.gzindex"
     scan = scan_file("blurred", archive, "train", ShardSettings(), threads=2,
                      index_to=str(index))
@@ -376,35 +386,52 @@ def test_the_seek_index_reads_each_member_at_its_offset(make_sample, tmp_path):
             assert crc32(f.read(scan.sizes[o])) == scan.crcs[o], scan.names[o]
 
 
-@pytest.mark.parametrize("how", ["half", "block", "trailer", "junk", "gzip-junk", "crc"])
-def test_a_damaged_train_archive_gets_the_verdict_of_one_reader(make_sample, tmp_path, how,
-                                                                 capfd):
+@pytest.mark.parametrize("layout, how", [
+    *[("blurred-tar", how) for how in ("half", "block", "trailer", "junk", "gzip-junk", "crc")],
+    ("hf-tar", "half"), ("hf-tar", "junk")])
+def test_a_damaged_train_archive_gets_the_verdict_of_one_reader(make_sample, tmp_path, layout,
+                                                                 how, capfd):
     """rapidgzip reads some damage without an error (a file cut short at the end of a
     deflate block, bytes after the gzip data): every damaged file gets the verdict and the
     message that ISA-L's one reader gives (workers=1), and no line of rapidgzip's own."""
-    src, _ = make_sample("blurred-tar", **BIG_BLURRED)
-    archive = src / "train_blurred.tar.gz"
+    src, _ = make_sample(layout, **BIG)
+    name, many = {"blurred-tar": ("train_blurred.tar.gz", 2),
+                  "hf-tar": ("train_images_0.tar.gz", 4)}[layout]  # a share > 1 worker
+    archive = src / name
     raw = archive.read_bytes()
     damaged = {"half": raw[: len(raw) // 2], "block": raw[:5000], "trailer": raw[:-4],
                "junk": raw + b"junkjunk", "gzip-junk": raw + b"\x1f\x8b\x08\x00junk",
                "crc": raw[:-8] + bytes([raw[-8] ^ 1]) + raw[-7:]}[how]
     archive.write_bytes(damaged)
     errors = []
-    for workers in (1, 2):
+    for workers in (1, many):
         with pytest.raises(PrepError) as got:
             shard_release_at(src, tmp_path / f"out{workers}", workers, tmp_path / f"c{workers}")
         errors.append(str(got.value))
-    assert errors[0] == errors[1] and "train_blurred.tar.gz: truncated or corrupt" in errors[0]
-    assert "rapidgzip" not in capfd.readouterr().err.lower()
-    assert not list((tmp_path / "c2").rglob("*.gzindex"))  # no index of a damaged file
+    assert errors[0] == errors[1] and f"{name}: truncated or corrupt" in errors[0]
+    err = capfd.readouterr().err
+    assert "rapidgzip" not in err.lower() and "Unexpected end" not in err, err
+    assert not list((tmp_path / f"c{many}").rglob(f"*{name}*.gzindex"))  # none of it
 
 
 def shard_release_at(src, out, workers, cache):
-    from shards.build import shard_release
-
     os.environ["XDG_CACHE_HOME"] = str(cache)
     try:
         return shard_release(src, out, ShardSettings(num_shards=2), workers=workers,
                              progress=False)
     finally:
         del os.environ["XDG_CACHE_HOME"]
+
+
+def test_a_cut_train_archive_is_one_line_from_the_cli(make_sample, tmp_path):
+    """rapidgzip prints a line of its own when the gzip trailer is cut off ('Unexpected end
+    of file when getting block ...'); the user sees only prep's one line, exit 1."""
+    src, _ = make_sample("blurred-tar", **BIG)
+    archive = src / "train_blurred.tar.gz"
+    archive.write_bytes(archive.read_bytes()[:-4])
+    r = subprocess.run([sys.executable, "-m", "prep.cli", "shard", "-q", "--src", str(src),
+                        "--out", str(tmp_path / "out"), "--workers", "2"],
+                       capture_output=True, text=True,
+                       env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith(f"error: {archive}: truncated or corrupt"), r.stderr
