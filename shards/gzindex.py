@@ -85,13 +85,21 @@ def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
 @contextmanager
 def reading_at(path: Path, index: Path) -> Iterator[IO[bytes]]:
     """`path` inflated on one thread, seekable through the seek index `index` (made by
-    `reading`). Errors: rapidgzip's (the file changed since its index was made: the caller
-    names it)."""
+    `reading`; a damaged one is left out: each seek then inflates from the start, slower).
+    Errors: rapidgzip's (the file changed since its first pass: the caller names it)."""
     import rapidgzip
 
-    with _quiet_stderr(), rapidgzip.RapidgzipFile(str(path), parallelization=1) as f:
-        f.import_index(str(index))
-        yield f
+    with _quiet_stderr():
+        with rapidgzip.RapidgzipFile(str(path), parallelization=1) as f:
+            try:
+                f.import_index(str(index))
+            except (RuntimeError, ValueError, OSError):
+                pass  # read it without (below), on a reader with nothing half-imported
+            else:
+                yield f
+                return
+        with rapidgzip.RapidgzipFile(str(path), parallelization=1) as f:
+            yield f
 
 
 def _check_end(path: Path, f: object, inflated: int) -> None:

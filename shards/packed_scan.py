@@ -109,8 +109,8 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
     releases the GIL), for a file too large to be read while the others are (the
     face-blurred train archive holds the whole split); a tar.gz file is then inflated on as
     many threads, its seek index written to `index_to` (shards.gzindex), where rapidgzip is
-    installed. The bytes read so far go to slot `slot` of the
-    SharedProgress at `progress`."""
+    installed. The bytes read so far go to slot `slot` of the SharedProgress at
+    `progress`."""
     read = _BytesRead(path, progress, slot)
     if index_to and threads > 1 and kind != "hf-parquet" and gzindex.available() and \
             gzindex.is_gzip(path):

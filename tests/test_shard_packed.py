@@ -435,3 +435,19 @@ def test_a_cut_train_archive_is_one_line_from_the_cli(make_sample, tmp_path):
                        env={**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith(f"error: {archive}: truncated or corrupt"), r.stderr
+
+
+@pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
+def test_a_damaged_seek_index_still_gives_the_same_shards(make_sample, tmp_path, monkeypatch):
+    """The kept seek index cut short or overwritten (a cache on a bad disk): the second pass
+    reads its ranges without it (slower), and writes the same bytes."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, _ = make_sample("blurred-tar", **BIG)
+    settings = ShardSettings(num_shards=3)
+    shard_release(src, tmp_path / "ref", settings, workers=2, progress=False)
+    (index,) = (tmp_path / "cache").rglob("*.gzindex")
+    for damage in (index.read_bytes()[: index.stat().st_size // 2], b"garbage"):
+        index.write_bytes(damage)
+        out = tmp_path / f"out{len(damage)}"
+        shard_release(src, out, settings, workers=2, progress=False)
+        assert (out / "SHA256SUMS").read_bytes() == (tmp_path / "ref" / "SHA256SUMS").read_bytes()
