@@ -361,6 +361,12 @@ def test_a_large_archive_is_read_on_several_cores(make_sample, tmp_path, monkeyp
         halves = [sum(scan.sizes[e[0]] for e in t[3]) for t in ranges]
         assert abs(halves[0] - halves[1]) < 0.15 * sum(halves), halves
     assert len(tasks) == len(jobs) + len(split_files)  # the other files: whole, one task
+    from shards.packed_write import _tasks
+
+    with monkeypatch.context() as m:  # a kept index, and rapidgzip gone since: whole files
+        m.setattr(gzindex, "available", lambda: False)
+        assert [t[0].__name__ for t in _tasks(jobs, packed, workers)] == \
+            ["write_file"] * len(jobs)
     direct = shard_release(src, tmp_path / "direct", settings, workers=workers, progress=False)
     two = _two_step(src, tmp_path, tmp_path / "two", num_shards=3, on_error="skip")
     same_as_two_step(direct, two, 6 if layout == "blurred-tar" else 8, 1)  # 2 test shards
