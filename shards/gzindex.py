@@ -10,16 +10,17 @@ that many threads and exports rapidgzip's seek index (a point every 32 MiB of th
 members into as many ranges, and each worker imports the index and starts at its first
 member's offset (recorded by the first pass).
 
-rapidgzip (PyPI): the one maintained Python reader of gzip that inflates on several threads
-and exports and imports a seek index (indexed_gzip's zran inflates on one thread, through
-zlib). It is optional: without it (the GPU machine has no package index), both passes read
-the file whole through ISA-L, as before. It only speeds up: the first pass reads through it
-only where it reads the whole file without an error, to the end of the compressed data (a
-file cut at the end of a deflate block reads "fine" in rapidgzip), and where the gzip
-trailer's size matches what it read (rapidgzip passes over non-gzip bytes after the data);
-anything else, the file is read again through ISA-L, whose verdict and error are the ones
-the user gets. rapidgzip's own messages on stderr are kept out of the log, and a reader is
-always closed (one left open at the interpreter's exit aborts the process).
+rapidgzip (PyPI), because it inflates on several threads and exports and imports a seek
+index, maintained, with manylinux wheels (indexed_gzip's zran also indexes, but inflates on
+one thread through zlib, ~1.7x slower than ISA-L here). It is optional: without it (the GPU
+machine has no package index), both passes read the file whole through ISA-L, as before.
+It only speeds up: the first pass keeps its read only where it read the whole file without
+an error, to the end of the compressed data (a file cut at the end of a deflate block reads
+"fine" in rapidgzip), and where the gzip trailer's size matches what it inflated (rapidgzip
+passes over non-gzip bytes after the data); otherwise the file is read again through ISA-L,
+whose verdict and error are the ones the user gets. rapidgzip's own messages on stderr are
+kept out of the log, and a reader is always closed (one left open at the interpreter's exit
+aborts the process).
 """
 
 from __future__ import annotations
@@ -73,9 +74,7 @@ def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
                 if counted.read(1):
                     raise Unsure("the caller stopped before the end")
                 _check_end(path, f, counted.n)
-                tmp = index_to.with_name(index_to.name + ".tmp")
-                f.export_index(str(tmp))
-                os.replace(tmp, index_to)
+                _export(f, index_to)
         except Unsure:
             raise
         except Exception as exc:  # rapidgzip's, or the caller's on its bytes
@@ -100,6 +99,17 @@ def reading_at(path: Path, index: Path) -> Iterator[IO[bytes]]:
                 return
         with rapidgzip.RapidgzipFile(str(path), parallelization=1) as f:
             yield f
+
+
+def _export(f: object, index_to: Path) -> None:
+    """The seek index to `index_to`, whole or not at all; where it cannot be written (a full
+    disk under the cache folder), the read stands and the second pass reads the file whole."""
+    tmp = index_to.with_name(index_to.name + ".tmp")
+    try:
+        f.export_index(str(tmp))  # type: ignore[attr-defined]
+        os.replace(tmp, index_to)
+    except Exception:  # rapidgzip reports a failed write as RuntimeError or OSError
+        tmp.unlink(missing_ok=True)
 
 
 def _check_end(path: Path, f: object, inflated: int) -> None:

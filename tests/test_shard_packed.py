@@ -457,3 +457,20 @@ def test_a_damaged_seek_index_still_gives_the_same_shards(make_sample, tmp_path,
         out = tmp_path / f"out{len(damage)}"
         shard_release(src, out, settings, workers=2, progress=False)
         assert (out / "SHA256SUMS").read_bytes() == (tmp_path / "ref" / "SHA256SUMS").read_bytes()
+
+
+@pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
+def test_an_index_that_cannot_be_written_keeps_the_read(make_sample, tmp_path, monkeypatch):
+    """The cache folder cannot take the seek index (here: gone): the first pass keeps what
+    it read (no second read through ISA-L), and no index, whole or part, is left."""
+    from shards import packed_scan
+
+    src, _ = make_sample("blurred-tar", **BIG)
+    reads = []
+    scan = packed_scan._scan
+    monkeypatch.setattr(packed_scan, "_scan", lambda *a: reads.append(a[-1]) or scan(*a))
+    index = tmp_path / "gone" / "train.gzindex"
+    out = packed_scan.scan_file("blurred", src / "train_blurred.tar.gz", "train",
+                                ShardSettings(), threads=2, index_to=str(index))
+    assert len(out.names) == 160 and len(reads) == 1 and reads[0] is not None  # rapidgzip's
+    assert not (tmp_path / "gone").exists()
