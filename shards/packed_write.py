@@ -248,21 +248,21 @@ def write_range(path: Path, index: Path, entries: list[Entry],
     first one's offset through the file's seek index `index`."""
     fds = _Descriptors(partials)
     shared = WorkerProgress(progress, slot)
-    written = 0
+    written, name = 0, where[0][2] if where else ""
     try:
         with gzindex.reading_at(path, index) as f:
             for e, (offset, size, name) in zip(entries, where):
-                try:
-                    if f.tell() != offset:
-                        f.seek(offset)
-                    data = f.read(size)
-                except (RuntimeError, ValueError, OSError) as exc:  # rapidgzip's
-                    raise PrepError(f"{path}: cannot be read at member {name!r} any more "
-                                    f"({exc}); it changed since this run first read it: rerun "
-                                    "when the release is no longer being written") from exc
-                _put(fds, path, name, data, e, max_size, quality)
+                if f.tell() != offset:
+                    f.seek(offset)
+                _put(fds, path, name, f.read(size), e, max_size, quality)
                 written += 1
                 shared.set(written)
+    except (RuntimeError, ValueError, OSError) as exc:  # rapidgzip's (opening or reading)
+        if isinstance(exc, PrepError):
+            raise
+        raise PrepError(f"{path}: cannot be read at member {name!r} any more ({exc}); it "
+                        "changed since this run first read it: rerun when the release is no "
+                        "longer being written") from exc
     finally:
         shared.set(written, force=True)
         shared.close()

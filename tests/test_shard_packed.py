@@ -474,3 +474,28 @@ def test_an_index_that_cannot_be_written_keeps_the_read(make_sample, tmp_path, m
                                 ShardSettings(), threads=2, index_to=str(index))
     assert len(out.names) == 160 and len(reads) == 1 and reads[0] is not None  # rapidgzip's
     assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.skipif(not gzindex.available(), reason="rapidgzip is not installed")
+@pytest.mark.parametrize("how", ["garbage", "half"])
+def test_an_archive_that_changes_before_its_ranges_are_read_is_named(make_sample, tmp_path,
+                                                                     monkeypatch, how):
+    """The train archive replaced after the first pass (other bytes; cut in half): the
+    second pass's ranges, read through the old index, stop the run naming the archive and
+    a member, one PrepError (no worker's traceback), and leave no partial."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    src, _ = make_sample("blurred-tar", **BIG)
+    settings = ShardSettings(num_shards=3)
+    inp = release_input(src, settings, progress=False, workers=2)
+    assert inp.packed.indexes["train"][0] is not None
+    archive = src / "train_blurred.tar.gz"
+    raw = archive.read_bytes()
+    archive.write_bytes(os.urandom(len(raw)) if how == "garbage" else raw[: len(raw) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PrepError, match=r"train_blurred.tar.gz: (cannot be read at )?member "
+                                        r"'train_blurred/n\d+/n\d+_\d+\.jpg' .*changed since "
+                                        r"this run first read it"):
+        _shard_input(inp, out, settings, workers=2, shard_range=(0, 1), force=False,
+                     finalize_only=False, progress=False, t0=0.0)
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tar"))
