@@ -26,6 +26,7 @@ aborts the process).
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +39,13 @@ def spacing(size: int, threads: int) -> int:
     ISA-L on 2 threads; an index of ~0.1% of the archive), less for a file of fewer than 4
     chunks per thread (too few to share), at least 1 MiB."""
     return min(32 << 20, max(1 << 20, size // (4 * threads)))
+
+
+def reason(exc: BaseException) -> str:
+    """rapidgzip's error in a few words: its first sentence, without the `[Wrapper][Thread
+    N]` tags (`Decoding failed with error code -3: Invalid lookback distance found`)."""
+    text = re.sub(r"^(\[[^\]]*\])+\s*", "", str(exc)).strip()
+    return re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".!") or type(exc).__name__
 
 
 class Unsure(Exception):

@@ -260,9 +260,9 @@ def write_range(path: Path, index: Path, entries: list[Entry],
     except (RuntimeError, ValueError, OSError) as exc:  # rapidgzip's (opening or reading)
         if isinstance(exc, PrepError):
             raise
-        raise PrepError(f"{path}: cannot be read at member {name!r} any more ({exc}); it "
-                        "changed since this run first read it: rerun when the release is no "
-                        "longer being written") from exc
+        raise PrepError(f"{path}: cannot be read at member {name!r} any more "
+                        f"({gzindex.reason(exc)}); it changed since this run first read it: "
+                        "rerun when the release is no longer being written") from exc
     finally:
         shared.set(written, force=True)
         shared.close()
