@@ -1,13 +1,14 @@
 #!/usr/bin/env python
-"""One gzip archive read whole by ISA-L (what `prep shard --src` and the extraction use) and
-by rapidgzip on 1 and 2 threads, alternating trials, medians, ratios to ISA-L; then
+"""One gzip archive read whole by ISA-L (what the extraction and `prep shard --src` use for
+most files) and by rapidgzip on 1 and 2 threads (what `--src` uses for a file with more than
+one worker's share, shards/gzindex.py), alternating trials, medians, ratios to ISA-L; then
 rapidgzip's seek index at three spacings and a read of the second half from the middle
-through it. rapidgzip is not a dependency of the toolkit: install it beside it first,
+through it.
 
-    .venv/bin/pip install --no-deps --target /tmp/rgt rapidgzip
-    PYTHONPATH=/tmp/rgt .venv/bin/python scripts/bench_gzip_index.py ARCHIVE.tar.gz
+    .venv/bin/python scripts/bench_gzip_index.py ARCHIVE.tar.gz
 
-(docs/benchmarks.md, "One gzip archive, several readers").
+(docs/benchmarks.md, "One gzip archive, several readers"; run there before rapidgzip was a
+dependency, from a folder on PYTHONPATH).
 """
 
 from __future__ import annotations
