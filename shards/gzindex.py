@@ -77,11 +77,10 @@ def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
         try:
             with rapidgzip.RapidgzipFile(str(path), parallelization=threads, chunk_size=spacing(
                     os.path.getsize(path), threads)) as f:
-                counted = _Counted(f)
-                yield counted
-                if counted.read(1):
+                yield f
+                if f.read(1):
                     raise Unsure("the caller stopped before the end")
-                _check_end(path, f, counted.n)
+                _check_end(path, f, f.tell())
                 _export(f, index_to)
         except Unsure:
             raise
@@ -132,27 +131,6 @@ def _check_end(path: Path, f: object, inflated: int) -> None:
         (isize,) = struct.unpack("<I", raw.read(4))
     if isize != inflated % (1 << 32):
         raise Unsure("the gzip trailer does not match what was read")
-
-
-class _Counted:
-    """A read-only stream over `f` that counts the bytes read through it."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.n = f, 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.f.read(size)
-        self.n += len(data)
-        return data
-
-    def peek(self, size: int = 0) -> bytes:
-        return self.f.peek(size)  # type: ignore[attr-defined]
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
 
 
 @contextmanager

@@ -111,17 +111,16 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
     many threads, its seek index written to `index_to` (shards.gzindex), where rapidgzip is
     installed. The bytes read so far go to slot `slot` of the SharedProgress at
     `progress`."""
-    read = _BytesRead(path, progress, slot)
+    read, out = _BytesRead(path, progress, slot), None
     if index_to and threads > 1 and kind != "hf-parquet" and gzindex.available() and \
             gzindex.is_gzip(path):
         try:
             with gzindex.reading(path, threads, Path(index_to)) as inflated:
                 out = _scan(kind, path, split, settings, threads, read, inflated)
-            read.close()
-            return out
-        except gzindex.Unsure:
-            read.n = 0  # read again through ISA-L: its verdict is the one given
-    out = _scan(kind, path, split, settings, threads, read, None)
+        except gzindex.Unsure:  # also raised after the read (its end, its trailer)
+            out, read.n = None, 0  # read again through ISA-L: its verdict is the one given
+    if out is None:
+        out = _scan(kind, path, split, settings, threads, read, None)
     read.close()
     return out
 

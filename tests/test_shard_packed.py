@@ -415,6 +415,13 @@ def test_a_damaged_train_archive_gets_the_verdict_of_one_reader(make_sample, tmp
             shard_release_at(src, tmp_path / f"out{workers}", workers, tmp_path / f"c{workers}")
         errors.append(str(got.value))
     assert errors[0] == errors[1] and f"{name}: truncated or corrupt" in errors[0]
+    from shards.packed_scan import scan_file  # the first pass itself, not a later one
+
+    with pytest.raises(PrepError) as first:
+        scan_file({"blurred-tar": "blurred"}.get(layout, layout), archive, "train",
+                  ShardSettings(), threads=2,
+                  index_to=str(tmp_path / "index"))
+    assert str(first.value) == errors[0] and not (tmp_path / "index").exists()
     err = capfd.readouterr().err
     assert "rapidgzip" not in err.lower() and "Unexpected end" not in err, err
     assert not list((tmp_path / f"c{many}").rglob(f"*{name}*.gzindex"))  # none of it
