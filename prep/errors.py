@@ -41,6 +41,11 @@ class PrepError(Exception):
     expected and what to do; the CLI prints it without a traceback and exits 1."""
 
 
+class WriteError(PrepError):
+    """An output that cannot be written (prep.errors.write_error): the output's fault, not
+    the input's, so no other reader of the input changes it."""
+
+
 class SettingError(PrepError, ValueError):
     """A wrong setting, flag or recipe (also a ValueError, as the settings code raised)."""
 
@@ -290,14 +295,14 @@ def os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
-def write_error(path: str | os.PathLike, exc: OSError) -> PrepError:
+def write_error(path: str | os.PathLike, exc: OSError) -> WriteError:
     """An output that cannot be written: the disk or the folder's permissions, not the
     source."""
     what = ("the disk is full: free space (or choose another output) and rerun; what was "
             "written whole is kept" if exc.errno in (errno.ENOSPC, errno.EDQUOT)
             else "the file system is read-only: choose another output" if exc.errno == errno.EROFS
             else "check the folder's permissions")
-    return PrepError(f"{path}: cannot write it ({exc.strerror or exc}); {what}")
+    return WriteError(f"{path}: cannot write it ({exc.strerror or exc}); {what}")
 
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")

@@ -65,13 +65,15 @@ def corrupt(archive: Path | str, exc: BaseException) -> PrepError:
                      "(the work already done is kept)")
 
 
-def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int) -> None:
+def write_member(path: Path, data_or_src: bytes | IO[bytes], size: int,
+                 again: bool = False) -> None:
     """Write one image (bytes, or a member's file object) under a temp name and rename it;
-    skip it when a run from the same inputs wrote it whole (claim_split checked that). One
-    read, one write, one rename: the open of a new file is most of the cost, as for `tar -x`.
-    A failed write (full disk, no permission) leaves no temp file and names the cause."""
+    skip it when a run from the same inputs wrote it whole (claim_split checked that), unless
+    `again`. One read, one write, one rename: the open of a new file is most of the cost, as
+    for `tar -x`. A failed write (full disk, no permission) leaves no temp file and names
+    the cause."""
     try:
-        if os.stat(path).st_size == size:
+        if not again and os.stat(path).st_size == size:
             return  # written whole by an earlier run from the same inputs
     except FileNotFoundError:
         pass
@@ -297,32 +299,6 @@ def _class_member(archive: str, m: tarfile.TarInfo) -> tuple[str, str] | None:
         raise PrepError(f"{archive}: member {m.name!r} is not <class folder>/<file> "
                         "(nXXXXXXXX/name); refusing to extract")
     return parts[0], parts[1]
-
-
-def extract_class_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """A .tar(.gz) of class folders (`train_blurred/nXXXXXXXX/*.jpg`) -> `dest/nXXXXXXXX/`.
-    Streamed (gzip is read once, front to back); built as `.NAME.partial` and renamed when
-    complete; a rerun after a kill skips the files already written whole."""
-    partial = claim_split(dest, [archive])
-    if partial is None:
-        return dest
-    bar = progress_bar(total=archive.stat().st_size, unit="B", desc=f"extract {archive.name}",
-                       disable=not progress)
-    made: set[str] = set()
-    names = OutputNames()
-    try:
-        with open(archive, "rb") as raw:
-            for m, rel, data in class_archive_members(archive, raw, names):
-                wnid = rel.split("/", 1)[0]
-                if wnid not in made:
-                    (partial / wnid).mkdir(exist_ok=True)
-                    made.add(wnid)
-                write_member(partial / rel, data, m.size)
-                bar.update(raw.tell() - bar.n)
-    finally:
-        bar.close()
-    finish_split(dest, partial, [archive], len(names.origin))
-    return dest
 
 
 def class_archive_members(archive: Path, raw: IO[bytes], names: OutputNames

@@ -1,11 +1,11 @@
-"""A seek index over a large gzip archive, so that `prep shard --src` reads it on several
-cores in both passes.
+"""A large gzip archive read on several cores: by `prep imagenet --extract-to`, and in
+both passes of `prep shard --src`.
 
 The face-blurred release holds its whole train split (~140 GB) in one train_blurred.tar.gz.
-Read by one process with ISA-L, both passes of `--src` were bound by that one inflate
-stream: ~2x the extraction's time on any number of cores. Instead, the first pass over a
-gzip file that has more than one core's share of the work reads it through rapidgzip on
-that many threads and exports rapidgzip's seek index (a point every 32 MiB of the archive,
+Read by one process with ISA-L, its extraction and both passes of `--src` were bound by that
+one inflate stream, however many cores. Instead, a gzip file that has more than one core's
+share of the work is read through rapidgzip on that many threads (prep.packed). The first
+pass of `--src` also exports rapidgzip's seek index (a point every 32 MiB of the archive,
 `spacing`; ~0.1% of its size) beside the kept first pass; the second pass splits the file's
 members into as many ranges, and each worker imports the index and starts at its first
 member's offset (recorded by the first pass).
@@ -13,8 +13,8 @@ member's offset (recorded by the first pass).
 rapidgzip (PyPI), because it inflates on several threads and exports and imports a seek
 index, maintained, with manylinux wheels (indexed_gzip's zran also indexes, but inflates on
 one thread through zlib, ~1.7x slower than ISA-L here). It is optional: without it (the GPU
-machine has no package index), both passes read the file whole through ISA-L, as before.
-It only speeds up: the first pass keeps its read only where it read the whole file without
+machine has no package index), every reader reads the file whole through ISA-L, as before.
+It only speeds up: a read is kept only where rapidgzip read the whole file without
 an error, to the end of the compressed data (a file cut at the end of a deflate block reads
 "fine" in rapidgzip), and where the gzip trailer's size matches what it inflated (rapidgzip
 passes over non-gzip bytes after the data); otherwise the file is read again through ISA-L,
@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from prep.errors import WriteError
 
 
 def spacing(size: int, threads: int) -> int:
@@ -66,11 +68,13 @@ def is_gzip(path: Path) -> bool:
 
 
 @contextmanager
-def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
+def reading(path: Path, threads: int, index_to: Path | None = None) -> Iterator[IO[bytes]]:
     """The inflated bytes of gzip file `path` on `threads` threads, read front to back by
-    the caller; once the caller has read them all, the seek index goes to `index_to`.
-    Raises Unsure (for any error inside too, the caller's own included) where the read
-    cannot be trusted: the caller then reads the file through ISA-L."""
+    the caller; once the caller has read them all, the seek index goes to `index_to` (if
+    given). Raises Unsure (for any error inside too, the caller's own included: what it made
+    of bytes rapidgzip may have got wrong) where the read cannot be trusted: the caller then
+    reads the file through ISA-L. An output that cannot be written (WriteError) is raised as
+    it is."""
     import rapidgzip
 
     with _quiet_stderr():
@@ -81,8 +85,9 @@ def reading(path: Path, threads: int, index_to: Path) -> Iterator[IO[bytes]]:
                 if f.read(1):
                     raise Unsure("the caller stopped before the end")
                 _check_end(path, f, f.tell())
-                _export(f, index_to)
-        except Unsure:
+                if index_to is not None:
+                    _export(f, index_to)
+        except (Unsure, WriteError):
             raise
         except Exception as exc:  # rapidgzip's, or the caller's on its bytes
             raise Unsure(str(exc)) from exc

@@ -13,10 +13,10 @@ back to the original ILSVRC file names.
 Both are extracted into `--extract-to` as `train/<wnid>/<stem>.JPEG`, flat `val/` and
 `test/`, with the suffix stripped; val's suffix labels become a label source cross-checked
 against the real val labels the package ships. Archives (and Parquet files) are extracted
-in parallel, one process each; every file is written under a temp name and renamed, a
-rerun from the same inputs skips files already whole, and each split folder is renamed
-from `.NAME.partial` only when all of its archives are done (records and reuse rules:
-prep.extract). A partial download (`-00000-of-00002` without `-00001`, `train_images_1`
+in parallel, one process each (prep.packed); every file is written under a temp name and
+renamed, a rerun from the same inputs skips files already whole, and each split folder is
+renamed from `.NAME.partial` only when all of its archives are done (records and reuse
+rules: prep.extract). A partial download (`-00000-of-00002` without `-00001`, `train_images_1`
 without `_0`) is refused before anything is written.
 """
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -33,18 +32,11 @@ from prep.classes import is_wnid, reference_words
 from prep.errors import PrepError
 from prep.extract import (
     CORRUPT,
-    OutputNames,
-    claim_split,
     corrupt,
-    finish_split,
     member_origin,
     open_tar_stream,
     read_member,
-    read_record,
-    write_member,
 )
-from prep.progress import progress_bar
-from prep.workers import process_pool
 
 _SUFFIXED = re.compile(r"(?P<stem>[A-Za-z0-9_.\-]+)_(?P<wnid>n\d{8})\.(?P<ext>JPEG|jpeg|jpg)")
 _PLAIN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*\.(JPEG|jpeg|jpg)")
@@ -124,36 +116,6 @@ def original_name(split: str, name: str, where: str) -> tuple[str, str | None]:
     return f"{stem}.JPEG", wnid
 
 
-@dataclass
-class Extracted:
-    files: int
-    labels: dict[str, str]  # val stem -> wnid from the suffixes (val only)
-    names: dict[str, str]  # output path -> the member or row it came from
-
-
-def _tar_job(archive: Path, split: str, partial: Path) -> Extracted:
-    return _extract(release_members("hf-tar", archive, split), split, partial)
-
-
-def _parquet_job(path: Path, split: str, partial: Path) -> Extracted:
-    return _extract(release_members("hf-parquet", path, split), split, partial)
-
-
-def _extract(members: Iterator[Member], split: str, partial: Path) -> Extracted:
-    labels: dict[str, str] = {}
-    made: set[str] = set()
-    names = OutputNames()
-    for m in members:
-        names.add(m.rel, m.origin)
-        if split == "train" and m.wnid not in made:
-            (partial / m.wnid).mkdir(exist_ok=True)
-            made.add(m.wnid)
-        write_member(partial / m.rel, m.data, len(m.data))
-        if split == "val":
-            labels[m.rel.rsplit(".", 1)[0]] = m.wnid
-    return Extracted(len(names.origin), labels, names.origin)
-
-
 class Member(NamedTuple):
     """One image of a release file: `name` as the release names it (the member, or the
     row's `path`), `rel` its path once extracted, `wnid` its label from the name (None on
@@ -174,7 +136,7 @@ def release_members(kind: str, path: Path, split: str, inflated: IO[bytes] | Non
     back, judged as the extraction judges them: a member that is not a flat regular file, a
     name without its WNID suffix, a label column that disagrees with it, a row without
     bytes: refused, naming the file and member or row. A damaged file is named.
-    `inflated`: a tar.gz's tar, inflated already (shards.gzindex)."""
+    `inflated`: a tar.gz's tar, inflated already (prep.gzindex)."""
     if kind == "hf-tar":
         return _tar_members(path, split, inflated)
     return _parquet_rows(path, split)
@@ -270,47 +232,3 @@ def _check_schema(path: Path, schema: object) -> None:
         have = ", ".join(f"{f.name}: {f.type}" for f in schema)
         raise PrepError(f"{path}: schema {have}; the Hugging Face release has image: "
                         "struct<bytes: binary, path: string>, label: int64")
-
-
-def extract_release(kind: str, files: dict[str, list[Path]], dest: Path, workers: int,
-                    progress: bool = True) -> tuple[dict[str, Path], dict[str, str]]:
-    """Extract every split into `dest/<split>` in parallel; ({split: dir}, val labels)."""
-    job = _tar_job if kind == "hf-tar" else _parquet_job
-    dirs, labels, todo, partials = {}, {}, [], {}
-    for split, paths in files.items():
-        dirs[split] = dest / split
-        partial = claim_split(dest / split, paths)
-        if partial is None:  # finished earlier, from these very files
-            if split == "val":
-                labels |= _recorded_labels(dest / split)
-            continue
-        partials[split] = partial
-        todo += [(p, split, partial) for p in paths]
-    total = sum(p.stat().st_size for p, _, _ in todo)
-    bar = progress_bar(total=total, unit="B", desc=f"extract {kind}", disable=not progress)
-    done: dict[str, list[Extracted]] = {}
-    with process_pool(min(workers, len(todo) or 1)) as pool:
-        futures = {pool.submit(job, p, split, partial): (p, split) for p, split, partial in todo}
-        for f, (p, split) in futures.items():
-            done.setdefault(split, []).append(f.result())
-            bar.update(p.stat().st_size)
-    bar.close()
-    for split, partial in partials.items():
-        names = OutputNames()  # one name from two archives or Parquet files: refused
-        for e in done[split]:
-            names.merge(e.names)
-        split_labels = {k: v for e in done[split] for k, v in e.labels.items()}
-        finish_split(dest / split, partial, files[split], len(names.origin),
-                     {"labels": split_labels} if split == "val" else None)
-        labels |= split_labels
-    return dirs, labels
-
-
-def _recorded_labels(val: Path) -> dict[str, str]:
-    rec = read_record(val) or {}
-    labels = rec.get("labels")
-    if not isinstance(labels, dict) or not labels or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-        raise PrepError(f"{val}: its record holds no val labels; remove {val} and rerun to "
-                        "extract val again")
-    return labels

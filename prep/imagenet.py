@@ -25,9 +25,8 @@ from prep.classes import (
     reference_val_labels,
 )
 from prep.errors import PrepError
-from prep.extract import extract_class_archive, extract_flat_archive, extract_train_archive
+from prep.extract import extract_flat_archive, extract_train_archive
 from prep.formats import VIEW, stamp
-from prep.hf import extract_release
 from prep.labels import (
     LabelSource,
     check_official,
@@ -39,6 +38,7 @@ from prep.labels import (
 )
 from prep.layout import Layout, detect_layout, require_splits
 from prep.link import SRC_VAL, Changes, Outputs, apply_outputs, check_link_dir
+from prep.packed import extract_packed, packed_files
 from prep.scan import (
     Problems,
     check_images,
@@ -84,17 +84,13 @@ def _extract(lay: Layout, extract_to: Path | None, progress: bool, workers: int)
                         "...); pass --extract-to DIR (outside the source, ~150 GB free) to "
                         "unpack them")
     dest = check_link_dir(extract_to, lay.src)  # same rule: never inside the source
-    if lay.hf_files:  # Hugging Face: suffixed names back to the original ones
-        dirs, lay.suffix_labels = extract_release(lay.name, lay.hf_files, dest, workers,
-                                                  progress)
+    if lay.hf_files or lay.name == "blurred":  # Hugging Face's files (suffixed names back
+        # to the original ones), the face-blurred tar.gz files of class folders
+        dirs, labels = extract_packed(lay.name, packed_files(lay), dest, workers, progress)
+        if lay.hf_files:
+            lay.suffix_labels = labels
         lay.train_dir, lay.val_dir, lay.test_dir = (dirs.get(s) for s in
                                                     ("train", "val", "test"))
-        require_splits(lay)
-        return lay
-    if lay.name == "blurred":  # tar.gz files of class folders
-        for split, archive in lay.archives.items():
-            setattr(lay, f"{split}_dir",
-                    extract_class_archive(archive, dest / split, progress))
         require_splits(lay)
         return lay
     lay.train_dir = extract_train_archive(lay.archives["train"], dest / "train", progress)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One gzip archive read whole by ISA-L (what the extraction and `prep shard --src` use for
 most files) and by rapidgzip on 1 and 2 threads (what `--src` uses for a file with more than
-one worker's share, shards/gzindex.py), alternating trials, medians, ratios to ISA-L; then
+one worker's share, prep/gzindex.py), alternating trials, medians, ratios to ISA-L; then
 rapidgzip's seek index at three spacings and a read of the second half from the middle
 through it.
 

@@ -5,8 +5,8 @@ A gzip stream or a Parquet column cannot be read at an offset, and a train shard
 seeded permutation of the whole split, so no shard could be finished before the last
 file is read. So each file is read twice, one process per file, never unpacked to disk:
 
-1. here: every member is judged by the extraction's own rules (prep.extract,
-   prep.hf.release_members), checked and measured as the shard writer would store it
+1. here: every member is judged by the extraction's own rules (prep.packed.members),
+   checked and measured as the shard writer would store it
    (shards.image.encode_image: the strict check, repairs, --max-size): its stored size,
    CRC-32, dimensions, or why it cannot be stored. From the names the release is listed
    and checked exactly as `prep imagenet` lists and checks the extracted folders
@@ -22,7 +22,7 @@ another OUT, another shard count) reads each file once, not twice.
 
 A gzip file with more than one core's share of the work (the face-blurred train archive)
 is read on that many threads where rapidgzip is installed, and its seek index is kept beside
-its first pass: the second pass then splits it over as many workers (shards/gzindex.py).
+its first pass: the second pass then splits it over as many workers (prep/gzindex.py).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import os
 import pickle
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -42,14 +42,13 @@ from prep.atomic import write_atomic
 from prep.checked import identity
 from prep.crc import crc32
 from prep.errors import PrepError
-from prep.extract import OutputNames, class_archive_members, member_origin
-from prep.hf import release_members, row_origin
+from prep.extract import OutputNames, member_origin
+from prep.hf import Member, row_origin
 from prep.imagenet import SourceScan, listed_scan
 from prep.layout import Layout
-from prep.progress import SharedProgress, WorkerProgress, progress_bar
+from prep.packed import FileProgress, cores_per_file, in_workers, inflated_once
+from prep.packed import members as packed_members
 from prep.scan import IMAGE_EXTS, Problems
-from prep.workers import interrupt_at_checks, process_pool
-from shards import gzindex
 from shards.image import UndecodableImage, encode_image
 from shards.settings import ShardSettings
 
@@ -57,25 +56,13 @@ FORMAT = 3  # of the kept first passes: bump when FileScan or what it measures c
 
 
 def members(kind: str, path: Path, split: str, names: OutputNames,
-            inflated: IO[bytes] | None = None
-            ) -> Iterator[tuple[str, str, str | None, int, bytes]]:
-    """(name in the release, path once extracted, WNID from the name or folder, offset of
-    its bytes in the inflated tar (-1: not known), bytes) of each image of one file of a
-    compressed release, in file order, judged as the extraction judges them; each path is
-    added to `names` (one path twice: refused, naming both). `inflated`: a tar.gz file's
-    tar, already inflated (shards.gzindex.reading)."""
-    if kind == "blurred":
-        if inflated is not None:
-            for m, rel, data in class_archive_members(path, inflated, names):
-                yield m.name, rel, rel.split("/", 1)[0], m.offset_data, data
-            return
-        with open(path, "rb") as raw:
-            for m, rel, data in class_archive_members(path, raw, names):
-                yield m.name, rel, rel.split("/", 1)[0], m.offset_data, data
-        return
-    for m in release_members(kind, path, split, inflated):
+            inflated: IO[bytes] | None = None) -> Iterator[Member]:
+    """Each image of one file of a compressed release, in file order, judged as the
+    extraction judges them (prep.packed.members); each path is added to `names` (one path
+    twice: refused, naming both). `inflated`: a tar.gz file's tar, already inflated."""
+    for m in packed_members(kind, path, split, inflated):
         names.add(m.rel, m.origin)
-        yield m.name, m.rel, m.wnid, m.offset, m.data
+        yield m
 
 
 @dataclass
@@ -103,44 +90,42 @@ class FileScan:
 
 
 def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, threads: int = 1,
-              progress: str = "", slot: int = 0, index_to: str = "") -> FileScan:
+              index_to: str = "", progress: str = "", slot: int = 0) -> FileScan:
     """Worker task: the first pass over one file (see the module docstring). `threads` > 1:
     the members are checked on that many threads while this one reads on (the C check
     releases the GIL), for a file too large to be read while the others are (the
     face-blurred train archive holds the whole split); a tar.gz file is then inflated on as
-    many threads, its seek index written to `index_to` (shards.gzindex), where rapidgzip is
+    many threads, its seek index written to `index_to` (prep.gzindex), where rapidgzip is
     installed. The bytes read so far go to slot `slot` of the SharedProgress at
     `progress`."""
-    read, out = _BytesRead(path, progress, slot), None
-    if index_to and threads > 1 and kind != "hf-parquet" and gzindex.available() and \
-            gzindex.is_gzip(path):
-        try:
-            with gzindex.reading(path, threads, Path(index_to)) as inflated:
-                out = _scan(kind, path, split, settings, threads, read, inflated)
-        except gzindex.Unsure:  # also raised after the read (its end, its trailer)
-            out, read.n = None, 0  # read again through ISA-L: its verdict is the one given
-    if out is None:
-        out = _scan(kind, path, split, settings, threads, read, None)
-    read.close()
-    return out
+    read = FileProgress(path, progress, slot)
+    try:
+        return inflated_once(
+            path, threads if index_to and kind != "hf-parquet" else 1,
+            lambda inflated, _again: _scan(kind, path, split, settings, threads, read,
+                                           inflated),
+            Path(index_to) if index_to else None)
+    finally:
+        read.close()
 
 
 def _scan(kind: str, path: Path, split: str, settings: ShardSettings, threads: int,
-          read: _BytesRead, inflated: IO[bytes] | None) -> FileScan:
+          read: FileProgress, inflated: IO[bytes] | None) -> FileScan:
     out, names = FileScan(), OutputNames()
+    read.n = 0
     if threads <= 1:
-        for name, rel, wnid, offset, data in members(kind, path, split, names, inflated):
-            _listed(out, name, rel, wnid, offset, data)
-            read.add(len(data))
-            _row(out, _measure(rel, data, settings))
+        for m in members(kind, path, split, names, inflated):
+            _listed(out, m)
+            read.add(len(m.data))
+            _row(out, _measure(m.rel, m.data, settings))
     else:
         with ThreadPoolExecutor(threads) as pool:
             pending: deque[Future] = deque()
             batch: list[tuple[str, bytes]] = []
-            for name, rel, wnid, offset, data in members(kind, path, split, names, inflated):
-                _listed(out, name, rel, wnid, offset, data)
-                read.add(len(data))
-                batch.append((rel, data))
+            for m in members(kind, path, split, names, inflated):
+                _listed(out, m)
+                read.add(len(m.data))
+                batch.append((m.rel, m.data))
                 if len(batch) == BATCH:
                     pending.append(pool.submit(_measure_batch, batch, settings))
                     batch = []
@@ -152,33 +137,15 @@ def _scan(kind: str, path: Path, split: str, settings: ShardSettings, threads: i
     return out
 
 
-class _BytesRead:
-    """A file's progress: the bytes of its members read (and a header each), at most its
-    size (a gzip archive of JPEGs is about as large as its contents)."""
-
-    def __init__(self, path: Path, progress: str, slot: int) -> None:
-        self.size, self.n = os.stat(path).st_size, 0
-        self.shared = WorkerProgress(progress, slot)
-
-    def add(self, nbytes: int) -> None:
-        self.n += nbytes + 512
-        self.shared.set(min(self.n, self.size))
-
-    def close(self) -> None:
-        self.shared.set(self.size, force=True)
-        self.shared.close()
-
-
 BATCH = 16  # members per task of the checking threads
 
 
-def _listed(out: FileScan, name: str, rel: str, wnid: str | None, offset: int,
-            data: bytes) -> None:
-    out.names.append(name)
-    out.rels.append(rel)
-    out.wnids.append(wnid)
-    out.offsets.append(offset)
-    out.sizes.append(len(data))
+def _listed(out: FileScan, m: Member) -> None:
+    out.names.append(m.name)
+    out.rels.append(m.rel)
+    out.wnids.append(m.wnid)
+    out.offsets.append(m.offset)
+    out.sizes.append(len(m.data))
 
 
 def _measure(rel: str, data: bytes, settings: ShardSettings) -> tuple:
@@ -217,7 +184,7 @@ def _kept_path(folder: Path, path: Path, settings: ShardSettings) -> Path:
 
 
 def index_path(folder: Path | None, path: Path, settings: ShardSettings) -> Path | None:
-    """Where the seek index of `path` is kept (shards.gzindex), beside its first pass."""
+    """Where the seek index of `path` is kept (prep.gzindex), beside its first pass."""
     if folder is None:
         return None
     kept = _kept_path(folder, path, settings)
@@ -258,7 +225,7 @@ class PackedRelease:
     files: dict[str, list[Path]]
     scans: dict[str, list[FileScan]]
     reused: int = 0  # files whose first pass was kept from an earlier run
-    # per split, each file's seek index (shards.gzindex) where its first pass made one
+    # per split, each file's seek index (prep.gzindex) where its first pass made one
     indexes: dict[str, list[Path | None]] = field(default_factory=dict)
 
 
@@ -280,34 +247,19 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
     todo = [(split, i, p) for split, paths in files.items() for i, p in enumerate(paths)
             if scans[split][i] is None]
     reused = sum(len(paths) for paths in files.values()) - len(todo)
-    total = sum(p.stat().st_size for _, _, p in todo)
     # a file's share of the cores checks its members on threads, and inflates it too where
     # it can (the face-blurred release holds its whole train split in one file)
-    threads = {p: max(1, round(workers * p.stat().st_size / max(total, 1)))
-               for _, _, p in todo}
-    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="read release (1/2)",
-                       disable=not progress or not todo)
-    shared = SharedProgress(len(todo))
-    try:
-        if todo:
-            with process_pool(min(workers, len(todo))) as pool, \
-                    interrupt_at_checks() as check:
-                futures = {pool.submit(scan_file, kind, p, split, settings, threads[p],
-                                       shared.path, slot,
-                                       str(index_path(keep, p, settings) or "")): (split, i, p)
-                           for slot, (split, i, p) in enumerate(todo)}
-                pending = set(futures)
-                while pending:
-                    done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-                    check()
-                    for f in done:
-                        split, i, p = futures[f]
-                        scans[split][i] = f.result()
-                        _keep(keep, p, settings, scans[split][i])
-                    bar.update(min(shared.total(), total) - bar.n)
-    finally:
-        bar.close()
-        shared.close()
+    cores = cores_per_file([p for _, _, p in todo], workers)
+
+    def done(task: int, scan: FileScan) -> None:
+        split, i, p = todo[task]
+        scans[split][i] = scan
+        _keep(keep, p, settings, scan)
+
+    in_workers(scan_file, [(p, (kind, p, split, settings, cores[p],
+                                str(index_path(keep, p, settings) or "")))
+                           for split, _, p in todo],
+               workers, "read release (1/2)", progress, done)
     indexes = {split: [ix if ix is not None and ix.is_file() else None
                        for ix in (index_path(keep, p, settings) for p in paths)]
                for split, paths in files.items()}
@@ -366,10 +318,3 @@ def _one_file_per_path(packed: PackedRelease, split: str) -> None:
                     path, name = packed.files[split][f2], scans[f2].names[o2]
                     names.add(rel, row_origin(path, o2, name) if packed.kind == "hf-parquet"
                               else member_origin(path, name, o2))
-
-
-def packed_files(lay: Layout) -> dict[str, list[Path]]:
-    """{split: its files} of a compressed release, in the order the extraction reads them."""
-    if lay.hf_files:
-        return {split: list(paths) for split, paths in lay.hf_files.items()}
-    return {split: [archive] for split, archive in lay.archives.items()}

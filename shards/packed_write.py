@@ -11,7 +11,7 @@ naming the member). When every file is done, each shard is fsynced, hashed, rena
 given its DALI index, as shards/write.py finishes a shard. A kill leaves only partials,
 which a rerun writes again (the first pass is kept).
 
-A file whose first pass left a seek index (shards/gzindex.py: the face-blurred train
+A file whose first pass left a seek index (prep/gzindex.py: the face-blurred train
 archive, with rapidgzip) and that has more than one worker's share of the work is split
 into as many ranges of members, each read by its own worker from its first member's offset.
 
@@ -27,12 +27,12 @@ from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 from typing import Any
 
+from prep import gzindex
 from prep.crc import crc32
 from prep.errors import PrepError, write_error
 from prep.extract import OutputNames
 from prep.progress import SharedProgress, WorkerProgress, progress_bar
 from prep.workers import interrupt_at_checks, process_pool, thread_map
-from shards import gzindex
 from shards.dali_index import write_dali_index
 from shards.image import encode_image
 from shards.packed_scan import FileScan, PackedRelease, file_and_member, members
@@ -221,11 +221,11 @@ def write_file(kind: str, path: Path, split: str, entries: list[Entry], partials
     shared = WorkerProgress(progress, slot)
     written = 0
     try:
-        for o, (name, _, _, _, data) in enumerate(members(kind, path, split, OutputNames())):
+        for o, m in enumerate(members(kind, path, split, OutputNames())):
             e = todo.pop(o, None)
             if e is None:
                 continue
-            _put(fds, path, name, data, e, max_size, quality)
+            _put(fds, path, m.name, m.data, e, max_size, quality)
             written += 1
             shared.set(written)
             if not todo:

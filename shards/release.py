@@ -24,11 +24,11 @@ from prep.errors import PrepError
 from prep.gcpause import gc_paused
 from prep.imagenet import meta_files, scan_archives, val_view_path, validate_scan
 from prep.layout import detect_layout
+from prep.packed import packed_files
 from shards.packed_scan import (
     PackedRelease,
     file_and_member,
     first_pass,
-    packed_files,
     packed_scan,
 )
 from shards.plan import ShardInput, assign, shard_count

@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from prep import gzindex
 from prep.cli import main
 from prep.errors import PrepError
-from shards import gzindex
 from shards.build import ShardSettings, _shard_input, shard_release
 from shards.release import release_input
 from tests.conftest import sigkill_with_workers, tree_hash
