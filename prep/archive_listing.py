@@ -141,20 +141,7 @@ def _list_train(archive: Path, where: dict[str, Where], probs: Problems, bar: An
     """{wnid: sorted names} of the class tars inside the train tar, each walked where it
     lies (so its members' offsets are offsets in the outer archive), 25 class tars per task
     of `pool` (in this process without one, or when there is only one task)."""
-    classes = OutputNames()
-    buf = _map(archive)
-    try:
-        tars = list(_members(buf, str(archive), 0, len(buf)))
-    finally:
-        buf.close()
-    jobs = []
-    for name, offset, size in tars:
-        wnid = name[:-4] if name.endswith(".tar") else ""
-        if not is_wnid(wnid):
-            raise PrepError(f"{archive}: member {name!r} is not a class tar "
-                            "(expected nXXXXXXXX.tar)")
-        classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
-        jobs.append((wnid, offset, size))
+    jobs = class_tars(archive)
     train: dict[str, list[str]] = {}
     chunks = [(str(archive), jobs[i : i + 25]) for i in range(0, len(jobs), 25)]
     for part in run_chunks(pool if len(chunks) > 1 else None, _list_classes, chunks):
@@ -164,6 +151,26 @@ def _list_train(archive: Path, where: dict[str, Where], probs: Problems, bar: An
             probs.merge(p)
             bar.update(size + 512)
     return dict(sorted(train.items()))
+
+
+def class_tars(archive: Path) -> list[tuple[str, int, int]]:
+    """(wnid, offset, size) of each class tar (`nXXXXXXXX.tar`) of the ILSVRC2012 train tar,
+    from its headers: any other member, a class tar twice, or a file cut short is refused,
+    named as the extraction names it."""
+    buf = _map(archive)
+    try:
+        tars = list(_members(buf, str(archive), 0, len(buf)))
+    finally:
+        buf.close()
+    classes, jobs = OutputNames(), []
+    for name, offset, size in tars:
+        wnid = name[:-4] if name.endswith(".tar") else ""
+        if not is_wnid(wnid):
+            raise PrepError(f"{archive}: member {name!r} is not a class tar "
+                            "(expected nXXXXXXXX.tar)")
+        classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
+        jobs.append((wnid, offset, size))
+    return jobs
 
 
 def _list_classes(chunk: tuple[str, list[tuple[str, int, int]]]) -> list[tuple]:

@@ -24,13 +24,12 @@ import re
 import shutil
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from prep.classes import is_wnid
 from prep.errors import PrepError, write_error
-from prep.progress import progress_bar
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 
@@ -206,82 +205,18 @@ def _changes(old: list[list], new: list[list]) -> str:
     return "other inputs"
 
 
-def _extract_flat(tar: tarfile.TarFile, archive: str, target: Path, bar: Any) -> int:
-    """Extract a stream of flat members into `target`; skip files already complete."""
+def extract_flat(tar: tarfile.TarFile, archive: str, target: Path,
+                 read: Callable[[int], None] | None = None) -> int:
+    """Extract a stream of flat members into `target`, skipping files already complete; how
+    many there are. `read(nbytes)` after each member. `archive` names them in errors."""
     names = OutputNames()
     for m in tar:
         name = _check_member(archive, m)
         names.add(name, f"{archive}: member {m.name!r} (#{len(names.origin) + 1})")
         write_member(target / name, tar.extractfile(m), m.size)
-        bar.update(m.size)
+        if read is not None:
+            read(m.size)
     return len(names.origin)
-
-
-def _open(archive: Path, mode: str = "r:") -> tarfile.TarFile:
-    try:
-        return open_tar(archive, mode)
-    except (tarfile.TarError, OSError) as exc:
-        raise PrepError(f"{archive}: cannot open as a tar archive ({exc})") from exc
-
-
-def extract_flat_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """Val or test tar -> `dest` (flat); built as `.NAME.partial` and renamed when complete."""
-    partial = claim_split(dest, [archive])
-    if partial is None:
-        return dest  # finished by an earlier run from this very archive
-    bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
-                       desc=f"extract {archive.name}", disable=not progress)
-    try:
-        with _open(archive) as tar:
-            files = _extract_flat(tar, str(archive), partial, bar)
-    except (tarfile.TarError, EOFError) as exc:
-        raise corrupt(archive, exc) from exc
-    finally:
-        bar.close()
-    finish_split(dest, partial, [archive], files)
-    return dest
-
-
-def extract_train_archive(archive: Path, dest: Path, progress: bool = True) -> Path:
-    """`ILSVRC2012_img_train.tar` (1000 inner `nXXXXXXXX.tar`) -> `dest/nXXXXXXXX/*.JPEG`;
-    each class is built as `.nXXXXXXXX.partial` inside the split's partial folder."""
-    partial = claim_split(dest, [archive])
-    if partial is None:
-        return dest
-    bar = progress_bar(total=archive.stat().st_size, unit="B", unit_scale=True,
-                       desc=f"extract {archive.name}", disable=not progress)
-    files, classes = 0, OutputNames()
-    try:
-        with _open(archive) as outer:
-            for m in outer:
-                name = _check_member(str(archive), m)
-                wnid = name[:-4] if name.endswith(".tar") else ""
-                if not is_wnid(wnid):
-                    raise PrepError(f"{archive}: member {name!r} is not a class tar "
-                                    "(expected nXXXXXXXX.tar)")
-                classes.add(wnid, f"{archive}: member {name!r} (#{len(classes.origin) + 1})")
-                if (partial / wnid).is_dir():
-                    files += sum(1 for _ in os.scandir(partial / wnid))
-                    bar.update(m.size)  # finished by an interrupted run of these inputs
-                    continue
-                inner_partial = partial / f".{wnid}.partial"
-                inner_partial.mkdir(exist_ok=True)
-                with open_tar(fileobj=outer.extractfile(m), mode="r|") as inner:
-                    files += _extract_flat(inner, f"{archive}:{name}", inner_partial,
-                                           _NullBar())
-                os.replace(inner_partial, partial / wnid)
-                bar.update(m.size)
-    except (tarfile.TarError, EOFError) as exc:
-        raise corrupt(archive, exc) from exc
-    finally:
-        bar.close()
-    finish_split(dest, partial, [archive], files)
-    return dest
-
-
-class _NullBar:
-    def update(self, n: int) -> None:
-        pass
 
 
 def _class_member(archive: str, m: tarfile.TarInfo) -> tuple[str, str] | None:

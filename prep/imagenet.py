@@ -25,7 +25,6 @@ from prep.classes import (
     reference_val_labels,
 )
 from prep.errors import PrepError
-from prep.extract import extract_flat_archive, extract_train_archive
 from prep.formats import VIEW, stamp
 from prep.labels import (
     LabelSource,
@@ -47,6 +46,7 @@ from prep.scan import (
     list_images,
     scan_class_split,
 )
+from prep.tar_extract import extract_ilsvrc2012
 from prep.workers import process_pool
 
 SHIPPED = "real ILSVRC2012 val labels (shipped)"
@@ -93,10 +93,8 @@ def _extract(lay: Layout, extract_to: Path | None, progress: bool, workers: int)
                                                     ("train", "val", "test"))
         require_splits(lay)
         return lay
-    lay.train_dir = extract_train_archive(lay.archives["train"], dest / "train", progress)
-    lay.val_dir = extract_flat_archive(lay.archives["val"], dest / "val", progress)
-    if "test" in lay.archives:
-        lay.test_dir = extract_flat_archive(lay.archives["test"], dest / "test", progress)
+    dirs = extract_ilsvrc2012(lay.archives, dest, workers, progress)
+    lay.train_dir, lay.val_dir, lay.test_dir = (dirs.get(s) for s in ("train", "val", "test"))
     require_splits(lay)
     lay.name = "ilsvrc2012-tar"
     return lay

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +32,8 @@ from prep.extract import (
 )
 from prep.hf import Member, release_members
 from prep.layout import Layout
-from prep.progress import SharedProgress, WorkerProgress, progress_bar
-from prep.workers import interrupt_at_checks, process_pool
+from prep.progress import FileProgress
+from prep.workers import in_workers
 
 T = TypeVar("T")
 
@@ -82,53 +81,6 @@ def inflated_once(path: Path, threads: int, read: Callable[[IO[bytes] | None, bo
     return read(None, False)
 
 
-class FileProgress:
-    """A file's progress, for a worker's slot of a SharedProgress: the bytes of its members
-    read (and a header each), at most its size (a gzip archive of JPEGs is about as large
-    as its contents)."""
-
-    def __init__(self, path: Path, progress: str, slot: int) -> None:
-        self.size, self.n = os.stat(path).st_size, 0
-        self.shared = WorkerProgress(progress, slot)
-
-    def add(self, nbytes: int) -> None:
-        self.n += nbytes + 512
-        self.shared.set(min(self.n, self.size))
-
-    def close(self) -> None:
-        self.shared.set(self.size, force=True)
-        self.shared.close()
-
-
-def in_workers(job: Callable[..., T], tasks: list[tuple[Path, tuple]], workers: int,
-               desc: str, progress: bool, done: Callable[[int, T], None]) -> None:
-    """job(*args, progress_path, slot) for each (file, args) of `tasks`, one worker process
-    per file, at most `workers` at once; done(task number, result) here as each ends (the
-    first error raises). A bar of the files' bytes read, which each job reports through a
-    FileProgress on (progress_path, slot)."""
-    total = sum(p.stat().st_size for p, _ in tasks)
-    bar = progress_bar(total=total, unit="B", unit_scale=True, desc=desc,
-                       disable=not progress or not tasks)
-    shared = SharedProgress(len(tasks))
-    try:
-        if tasks:
-            with process_pool(min(workers, len(tasks))) as pool, \
-                    interrupt_at_checks() as check:
-                futures = {pool.submit(job, *args, shared.path, slot): slot
-                           for slot, (_, args) in enumerate(tasks)}
-                pending = set(futures)
-                while pending:
-                    finished, pending = wait(pending, timeout=0.2,
-                                             return_when=FIRST_COMPLETED)
-                    check()
-                    for f in finished:
-                        done(futures[f], f.result())
-                    bar.update(min(shared.total(), total) - bar.n)
-    finally:
-        bar.close()
-        shared.close()
-
-
 @dataclass
 class Extracted:
     files: int
@@ -154,7 +106,7 @@ def extract_packed(kind: str, files: dict[str, list[Path]], dest: Path, workers:
         todo += [(p, split, partial) for p in paths]
     cores = cores_per_file([p for p, _, _ in todo], workers)
     results: dict[int, Extracted] = {}
-    in_workers(_extract_file, [(p, (kind, p, split, partial, cores[p]))
+    in_workers(_extract_file, [(p.stat().st_size, (kind, p, split, partial, cores[p]))
                                for p, split, partial in todo],
                workers, f"extract {kind}", progress, results.__setitem__)
     for split, partial in partials.items():
@@ -174,7 +126,7 @@ def _extract_file(kind: str, path: Path, split: str, partial: Path, threads: int
                   progress: str = "", slot: int = 0) -> Extracted:
     """Worker task: one file into the split's partial folder. Read again through ISA-L
     after a read of rapidgzip's that cannot be trusted, every file is written again."""
-    read = FileProgress(path, progress, slot)
+    read = FileProgress(os.stat(path).st_size, progress, slot)
     try:
         return inflated_once(path, threads, lambda inflated, again: _write(
             members(kind, path, split, inflated), kind, split, partial, read, again))

@@ -124,7 +124,10 @@ class SharedProgress:
         os.ftruncate(self.fd, 8 * self.slots)
 
     def total(self) -> int:
-        return sum(struct.unpack(f"{self.slots}q", os.pread(self.fd, 8 * self.slots, 0)))
+        return sum(self.values())
+
+    def values(self) -> tuple[int, ...]:
+        return struct.unpack(f"{self.slots}q", os.pread(self.fd, 8 * self.slots, 0))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -166,3 +169,21 @@ class WorkerProgress:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class FileProgress:
+    """An archive's progress (or a part's of `size` bytes), for a worker's slot of a
+    SharedProgress: the bytes of its members read (and a header each), at most its size (a
+    gzip archive of JPEGs is about as large as its contents)."""
+
+    def __init__(self, size: int, progress: str, slot: int) -> None:
+        self.size, self.n = size, 0
+        self.shared = WorkerProgress(progress, slot)
+
+    def add(self, nbytes: int) -> None:
+        self.n += nbytes + 512
+        self.shared.set(min(self.n, self.size))
+
+    def close(self) -> None:
+        self.shared.set(self.size, force=True)
+        self.shared.close()

@@ -25,7 +25,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    FIRST_EXCEPTION,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from contextlib import contextmanager
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
@@ -143,6 +149,41 @@ def interrupt_at_checks() -> Iterator[Callable[[], None]]:
     finally:
         signal.signal(signal.SIGINT, previous)
     check()
+
+
+def in_workers(job: Callable[..., T], tasks: list[tuple[int, tuple]], workers: int,
+               desc: str, progress: bool, done: Callable[[int, T], None]) -> None:
+    """job(*args, progress_path, slot) for each (bytes, args) of `tasks` in a process pool
+    of at most `workers`; done(task number, result) here as each ends (the first error
+    raises). A bar of bytes: a task that has ended counts its bytes, one still running what
+    it wrote to its slot of the SharedProgress at progress_path (prep.progress.FileProgress;
+    nothing where it writes none)."""
+    from prep.progress import SharedProgress, progress_bar
+
+    total = sum(size for size, _ in tasks)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc=desc,
+                       disable=not progress or not tasks)
+    shared = SharedProgress(len(tasks))
+    try:
+        if tasks:
+            with process_pool(min(workers, len(tasks))) as pool, \
+                    interrupt_at_checks() as check:
+                futures = {pool.submit(job, *args, shared.path, slot): slot
+                           for slot, (_, args) in enumerate(tasks)}
+                pending, ended = set(futures), 0
+                while pending:
+                    finished, pending = wait(pending, timeout=0.2,
+                                             return_when=FIRST_COMPLETED)
+                    check()
+                    for f in finished:
+                        done(futures[f], f.result())
+                        ended += tasks[futures[f]][0]
+                    running = shared.values()
+                    bar.update(min(ended + sum(running[futures[f]] for f in pending), total)
+                               - bar.n)
+    finally:
+        bar.close()
+        shared.close()
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T], threads: int) -> list[R]:

@@ -46,9 +46,11 @@ from prep.extract import OutputNames, member_origin
 from prep.hf import Member, row_origin
 from prep.imagenet import SourceScan, listed_scan
 from prep.layout import Layout
-from prep.packed import FileProgress, cores_per_file, in_workers, inflated_once
+from prep.packed import cores_per_file, inflated_once
 from prep.packed import members as packed_members
+from prep.progress import FileProgress
 from prep.scan import IMAGE_EXTS, Problems
+from prep.workers import in_workers
 from shards.image import UndecodableImage, encode_image
 from shards.settings import ShardSettings
 
@@ -98,7 +100,7 @@ def scan_file(kind: str, path: Path, split: str, settings: ShardSettings, thread
     many threads, its seek index written to `index_to` (prep.gzindex), where rapidgzip is
     installed. The bytes read so far go to slot `slot` of the SharedProgress at
     `progress`."""
-    read = FileProgress(path, progress, slot)
+    read = FileProgress(os.stat(path).st_size, progress, slot)
     try:
         return inflated_once(
             path, threads if index_to and kind != "hf-parquet" else 1,
@@ -256,8 +258,8 @@ def first_pass(kind: str, files: dict[str, list[Path]], settings: ShardSettings,
         scans[split][i] = scan
         _keep(keep, p, settings, scan)
 
-    in_workers(scan_file, [(p, (kind, p, split, settings, cores[p],
-                                str(index_path(keep, p, settings) or "")))
+    in_workers(scan_file, [(p.stat().st_size, (kind, p, split, settings, cores[p],
+                                              str(index_path(keep, p, settings) or "")))
                            for split, _, p in todo],
                workers, "read release (1/2)", progress, done)
     indexes = {split: [ix if ix is not None and ix.is_file() else None
