@@ -118,7 +118,7 @@ def sample(out: Path, layout: str, **opts) -> None:
                    "every train file for zero-byte files; full: also decode every image.")
 @click.option("--force", is_flag=True,
               help="Replace links and meta files prep made earlier that now differ.")
-@workers_option("scanning and checks (default: CPU count, at most 8)")
+@workers_option("extraction, scanning and checks (default: CPU count, at most 8)")
 @quiet_option
 def imagenet(src: Path, link_dir: Path, extract_to: Path | None, check: str, force: bool,
              workers: int | None, quiet: bool) -> None:
