@@ -7,6 +7,7 @@ finished-looking output file equals the reference's, rerun to completion, compar
 output tree with the reference: names, types, link targets, contents; mtimes excluded).
 
     .venv/bin/python scripts/fault_kill.py [--trials 20] [--root /tmp/fault-kill]
+        [--only TEXT]   (the commands whose name holds TEXT, e.g. "extract-to")
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--root", type=Path, default=Path("/tmp/fault-kill"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", default="", help="only the commands whose name holds this")
     a = ap.parse_args()
     prep = str(Path(sys.executable).with_name("prep"))
     root, rng = a.root, random.Random(a.seed)
@@ -110,19 +112,25 @@ def main() -> None:
     data = root / "data"
     subprocess.run([prep, "imagenet", "-q", "--src", str(root / "src"), "--link", str(data)],
                    check=True, stdout=subprocess.DEVNULL)
-    results = [
-        trials("prep shard (2 workers, 32 shards)",
-               [prep, "shard", "-q", "--data", str(data / "imagenet"), "--out",
-                str(root / "shards"), "--workers", "2", "--num-shards", "16"],
-               [root / "shards"], a.trials, rng),
-        trials("prep imagenet (1000 classes, 50,000 val links)",
-               [prep, "imagenet", "-q", "--src", str(root / "big"), "--link",
-                str(root / "view")], [root / "view"], a.trials, rng),
-        trials("prep imagenet --extract-to (ILSVRC2012 archives)",
-               [prep, "imagenet", "-q", "--src", str(root / "tars"), "--link",
-                str(root / "tview"), "--extract-to", str(root / "x")],
-               [root / "tview", root / "x"], a.trials, rng),
+    subprocess.run([*sample, str(root / "blurred"), "--layout", "blurred-tar"], check=True,
+                   stdout=subprocess.DEVNULL)
+    commands = [
+        ("prep shard (2 workers, 32 shards)",
+         [prep, "shard", "-q", "--data", str(data / "imagenet"), "--out",
+          str(root / "shards"), "--workers", "2", "--num-shards", "16"], [root / "shards"]),
+        ("prep imagenet (1000 classes, 50,000 val links)",
+         [prep, "imagenet", "-q", "--src", str(root / "big"), "--link", str(root / "view")],
+         [root / "view"]),
+        ("prep imagenet --extract-to (ILSVRC2012 archives)",
+         [prep, "imagenet", "-q", "--src", str(root / "tars"), "--link", str(root / "tview"),
+          "--extract-to", str(root / "x")], [root / "tview", root / "x"]),
+        ("prep imagenet --extract-to (face-blurred tar.gz)",
+         [prep, "imagenet", "-q", "--src", str(root / "blurred"), "--link",
+          str(root / "bview"), "--extract-to", str(root / "bx")],
+         [root / "bview", root / "bx"]),
     ]
+    results = [trials(name, cmd, outs, a.trials, rng) for name, cmd, outs in commands
+               if a.only in name]
     print(f"\n{a.trials} trials each, seed {a.seed}, {time.strftime('%Y-%m-%d')}\n")
     print("| command | clean run s | killed mid-run | finished-looking files wrong | "
           "rerun differs | trials OK | work done at kill (min..max) |")
