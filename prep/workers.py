@@ -38,6 +38,7 @@ from multiprocessing.context import BaseContext
 from typing import TypeVar
 
 from prep.errors import ignore_sigint, note_interrupt
+from prep.progress import SharedProgress, progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -158,8 +159,6 @@ def in_workers(job: Callable[..., T], tasks: list[tuple[int, tuple]], workers: i
     raises). A bar of bytes: a task that has ended counts its bytes, one still running what
     it wrote to its slot of the SharedProgress at progress_path (prep.progress.FileProgress;
     nothing where it writes none)."""
-    from prep.progress import SharedProgress, progress_bar
-
     total = sum(size for size, _ in tasks)
     bar = progress_bar(total=total, unit="B", unit_scale=True, desc=desc,
                        disable=not progress or not tasks)
