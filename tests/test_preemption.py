@@ -198,13 +198,28 @@ def test_sigterm_to_the_whole_job_checkpoints_within_the_grace_time(shards, refe
     receipts_exact(out, shards)
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["direct", "shell-wrapper"])
 def test_kill_9_of_torchrun_stops_its_ranks_with_a_step_checkpoint(shards, reference,
-                                                                   tmp_path):
+                                                                   tmp_path, wrapped):
     """torchrun's agent killed alone (kill -9, the OOM killer): its ranks used to train on
     to the end with no agent. Each rank now notices, and they stop together as if
-    preempted: one step checkpoint, then exit; the resumed run matches the reference."""
+    preempted: one step checkpoint, then exit; the resumed run matches the reference. Also
+    where a shell script stands between torchrun and the rank (`torchrun --no-python
+    run.sh`): the script outlives the agent, so the rank watches the agent, not its
+    parent."""
     out = tmp_path / "run"
-    proc = start(shards, out, 2, 2)
+    if wrapped:
+        script = tmp_path / "run.sh"  # no exec: the shell stays the rank's parent
+        script.write_text(f'#!/bin/sh\n"{sys.executable}" "{ROOT / "train/main.py"}" "$@"\n'
+                          'status=$?\nexit $status\n')
+        script.chmod(0o755)
+        args = command(shards, out, 2, 2)
+        at = args.index(str(ROOT / "train/main.py"))
+        proc = subprocess.Popen([*args[:at], "--no-python", str(script), *args[at + 1:]],
+                                cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    else:
+        proc = start(shards, out, 2, 2)
     wait_for_step(out, 3, proc)
     ranks = rank_pids(out, 0) + rank_pids(out, 1)
     assert len(ranks) == 2

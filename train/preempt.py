@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ def stop_with_torchrun(rank: int) -> None:
     its ranks before it exits."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    agent = os.getppid()
+    agent = torchrun_agent()
 
     def agent_gone() -> None:
         sys.stderr.write(f"rank {rank}: torchrun (pid {agent}) has ended and left this rank "
@@ -54,6 +55,28 @@ def stop_with_torchrun(rank: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     when_exits(agent, agent_gone)
+
+
+AGENT_ARGS = (b"torch.distributed.run", b"torch.distributed.launch")
+
+
+def torchrun_agent() -> int:
+    """The pid of the torchrun agent that started this rank: the nearest ancestor that runs
+    torchrun (`torchrun ...`, `python -m torch.distributed.run ...`); a shell script or
+    other wrapper may stand between them (`torchrun --no-python ./run.sh`), and it lives on
+    when the agent is killed. The parent where no ancestor runs torchrun (another launcher
+    that sets TORCHELASTIC_RUN_ID)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if any(a in AGENT_ARGS or a.rsplit(b"/", 1)[-1] == b"torchrun" for a in argv[:4]):
+            return pid
+        pid = ppid
+    return os.getppid()
 
 
 class Preempted(Exception):
