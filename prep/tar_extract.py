@@ -37,7 +37,7 @@ def extract_ilsvrc2012(archives: dict[str, Path], dest: Path, workers: int = 1,
                        progress: bool = True) -> dict[str, Path]:
     """{split: tar} ("train": ILSVRC2012_img_train.tar; "val", "test": flat tars) into
     `dest/<split>` ({split: folder}); a split finished earlier from the same tar is reused."""
-    tasks: list[tuple[int, tuple]] = []  # (bytes, (archive, where, offset, size, into, wnid))
+    tasks: list[tuple[int, str, tuple]] = []  # (bytes, split, extract_part's arguments)
     partials: dict[str, Path] = {}
     files: dict[str, int] = {}
     for split, archive in archives.items():
@@ -47,22 +47,22 @@ def extract_ilsvrc2012(archives: dict[str, Path], dest: Path, workers: int = 1,
         partials[split], files[split] = partial, 0
         if split != "train":
             size = archive.stat().st_size
-            tasks.append((size, (str(archive), str(archive), 0, size, str(partial), "")))
+            tasks.append((size, split, (str(archive), str(archive), 0, size, str(partial),
+                                        "")))
             continue
         for wnid, offset, size in class_tars(archive):
             if (partial / wnid).is_dir():  # finished by an interrupted run of this tar
                 files[split] += sum(1 for _ in os.scandir(partial / wnid))
                 continue
-            tasks.append((size, (str(archive), f"{archive}:{wnid}.tar", offset, size,
-                                 str(partial), wnid)))
-    order = sorted(range(len(tasks)), key=lambda i: -tasks[i][0])  # largest first
-    split_of = {str(archives[s]): s for s in partials}
+            tasks.append((size, split, (str(archive), f"{archive}:{wnid}.tar", offset,
+                                        size, str(partial), wnid)))
+    tasks.sort(key=lambda t: -t[0])  # largest first
 
     def done(i: int, n: int) -> None:
-        files[split_of[tasks[order[i]][1][0]]] += n
+        files[tasks[i][1]] += n
 
-    in_workers(extract_part, [tasks[i] for i in order], workers, "extract archives",
-               progress, done)
+    in_workers(extract_part, [(size, args) for size, _, args in tasks], workers,
+               "extract archives", progress, done)
     for split, partial in partials.items():
         finish_split(dest / split, partial, [archives[split]], files[split])
     return {split: dest / split for split in archives}
